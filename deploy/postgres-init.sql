@@ -1,0 +1,1 @@
+CREATE DATABASE orch_app OWNER orch;

@@ -1,0 +1,188 @@
+"""`orch`: the command line for people running orch_project.
+
+    orch demo                 seed the inbox with the shipped samples and run the support loop
+    orch submit FILE...       put messages in the inbox (.eml/.json files; .jsonl into the inbox table)
+    orch status [--json]      where every received message is now (received == sum of states)
+    orch dlq list [--json]    the dead-letter queue
+    orch audit ITEM           the audit trail of one item
+    orch schemas export DIR   JSON Schemas of the contracts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from .lib.settings import REPO_DIR, SAMPLES_DIR, Settings
+
+FLOW = "support"
+
+
+def _settings() -> Settings:
+    s = Settings.from_env().ensure_dirs()
+    os.environ.setdefault("ORCH_HOME", str(s.home))
+    return s
+
+
+def _dagster_home(s: Settings) -> Path:
+    """DAGSTER_HOME (default ORCH_HOME/dagster) with the project's dagster.yaml in it."""
+    home = Path(os.environ.get("DAGSTER_HOME") or s.home / "dagster")
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    source = REPO_DIR / "dagster.yaml"
+    if not target.exists() and source.exists():
+        shutil.copyfile(source, target)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _db(s: Settings):
+    from .lib.store import Database
+
+    return Database(s.database_url)
+
+
+def _out(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(help=__doc__)
+def main() -> None:
+    pass
+
+
+@main.command(help="Create ORCH_HOME, DAGSTER_HOME and the app database schema.")
+def init() -> None:
+    s = _settings()
+    home = _dagster_home(s)
+    _db(s)
+    click.echo(f"ORCH_HOME={s.home}\nDAGSTER_HOME={home}\napp database: {s.database_url}")
+
+
+def submit_paths(s: Settings, paths: list[Path]) -> dict[str, int]:
+    """.eml/.json files are dropped atomically into the inbox folder; .jsonl lines go to the inbox table."""
+    from .lib.intake import drop_file, submit_to_table
+
+    counts = {"files_added": 0, "files_already_there": 0, "table_rows_added": 0, "table_rows_already_there": 0}
+    for p in paths:
+        if p.is_dir():
+            sub = submit_paths(s, sorted(x for x in p.iterdir() if x.suffix in (".eml", ".json", ".jsonl")))
+            for k, v in sub.items():
+                counts[k] += v
+        elif p.suffix == ".jsonl":
+            msgs = []
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        msgs.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise click.ClickException(f"{p}:{n}: not JSON ({exc.msg}); fix the line and submit again")
+            added = submit_to_table(_db(s), FLOW, msgs, submitted_by=f"cli:{p.name}")
+            counts["table_rows_added"] += added
+            counts["table_rows_already_there"] += len(msgs) - added
+        elif p.suffix in (".eml", ".json"):
+            if drop_file(s.inbox_dir, p.name, p.read_bytes()):
+                counts["files_added"] += 1
+            else:
+                counts["files_already_there"] += 1
+        else:
+            raise click.ClickException(f"{p}: expected .eml, .json, .jsonl or a folder of them")
+    return counts
+
+
+@main.command(help="Put messages in the inbox: .eml/.json files into the inbox folder, .jsonl lines into the "
+                   "inbox table. Submitting the same file twice adds nothing.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def submit(paths: tuple[Path, ...]) -> None:
+    s = _settings()
+    _out(submit_paths(s, list(paths)))
+
+
+@main.command(help="Counts by state. Exit code 1 if any received message is unaccounted for.")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(as_json: bool) -> None:
+    from .defs.support.logic import status_counts
+
+    st = status_counts(_db(_settings()))
+    if as_json:
+        _out(st)
+    else:
+        click.echo(f"received {st['received']}  " + "  ".join(f"{k} {v}" for k, v in st["states"].items()))
+        click.echo(f"escalated {st['escalated']}  open dead letters {st['dlq_open']}  unaccounted {st['lost']}")
+    sys.exit(1 if st["lost"] else 0)
+
+
+@main.group(help="The dead-letter queue.")
+def dlq() -> None:
+    pass
+
+
+@dlq.command("list", help="Dead letters, newest first.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--status", "state", default="open", show_default=True, help="open | replayed | discarded | all")
+def dlq_list(as_json: bool, state: str) -> None:
+    import sqlalchemy as sa
+
+    from .lib.store import dlq as dlq_table
+
+    db = _db(_settings())
+    q = sa.select(dlq_table).order_by(dlq_table.c.id.desc())
+    if state != "all":
+        q = q.where(dlq_table.c.status == state)
+    with db.begin() as conn:
+        rows = [dict(r) for r in conn.execute(q).mappings()]
+    if as_json:
+        _out(rows)
+        return
+    if not rows:
+        click.echo("dead-letter queue is empty")
+    for r in rows:
+        click.echo(f"#{r['id']:<5} {r['stage']:<10} {r['error_type']:<12} {r['item_id'] or r['source_key']}: {r['reason']}")
+
+
+@main.command(help="The audit trail of one item.")
+@click.argument("item_id")
+def audit(item_id: str) -> None:
+    from .defs.support.logic import audit_for
+
+    rows = audit_for(_db(_settings()), item_id)
+    if not rows:
+        raise click.ClickException(f"no audit entries for {item_id!r}; check the id with `orch status` / the items table")
+    _out(rows)
+
+
+@main.group(help="Contract schemas.")
+def schemas() -> None:
+    pass
+
+
+@schemas.command("export", help="Write one JSON Schema file per contract into DIR.")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def schemas_export(directory: Path) -> None:
+    from .lib.contracts import json_schemas
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (directory / f"{name}.schema.json").write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        click.echo(directory / f"{name}.schema.json")
+
+
+@main.command(help="Run the support loop on the embedded default: seed the inbox with the shipped samples, "
+                   "train the triage model if none is promoted, let the intake sensor micro-batch new messages "
+                   "into day partitions, run them, fold in survey answers, and write the KPI report. "
+                   "Idempotent: a second run adds nothing.")
+@click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path), default=SAMPLES_DIR,
+              show_default=True)
+def demo(samples: Path) -> None:
+    from .demo import run_demo
+
+    sys.exit(run_demo(_settings(), _dagster_home, samples, submit_paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Blocking guardrail checks on each batch (partition) of the support loop. An ERROR failure
+stops downstream assets of the same run; results show on each asset's Checks tab."""
+
+
+import dagster as dg
+import sqlalchemy as sa
+
+from ...lib.guardrails.pii import find_unmasked
+from ...lib.store import dlq, intake, items
+from ..resources import AppDatabase, Connectors
+from . import logic
+from .assets import daily, support_actions, support_inbound, support_triage
+
+
+def _days(context) -> list[str]:
+    return list(context.partition_keys)
+
+
+@dg.asset_check(asset=support_inbound, blocking=True, partitions_def=daily,
+                description="Nothing lost at intake: every source read is an item, a duplicate, or a dead letter "
+                            "with a reason.")
+def inbound_nothing_lost(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
+    days = _days(context)
+    db = app_db.database()
+    with db.begin() as conn:
+        accepted = conn.execute(sa.select(intake.c.item_id).where(
+            intake.c.flow == logic.FLOW, intake.c.day.in_(days), intake.c.outcome == "accepted")).scalars().all()
+        stored = set(conn.execute(sa.select(items.c.item_id).where(
+            items.c.flow == logic.FLOW, items.c.day.in_(days))).scalars())
+        dead_sources = set(conn.execute(sa.select(intake.c.source_key).where(
+            intake.c.flow == logic.FLOW, intake.c.day.in_(days), intake.c.outcome == "dead_lettered")).scalars())
+        in_dlq = set(conn.execute(sa.select(dlq.c.source_key).where(
+            dlq.c.flow == logic.FLOW, dlq.c.stage == "intake")).scalars())
+    missing_items = [i for i in accepted if i not in stored]
+    missing_dlq = sorted(dead_sources - in_dlq)
+    return dg.AssetCheckResult(
+        passed=not missing_items and not missing_dlq,
+        metadata={"accepted": len(accepted), "missing_items": len(missing_items), "dead_letters": len(dead_sources),
+                  "dead_letters_without_dlq_entry": len(missing_dlq)},
+    )
+
+
+@dg.asset_check(asset=support_inbound, blocking=True, partitions_def=daily,
+                description="No unmasked e-mail, SSN, card number or IBAN in stored item text.")
+def inbound_pii_masked(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
+    db = app_db.database()
+    with db.begin() as conn:
+        rows = conn.execute(sa.select(items.c.item_id, items.c.data).where(
+            items.c.flow == logic.FLOW, items.c.day.in_(_days(context)))).all()
+    leaks = {}
+    for item_id, data in rows:
+        hit = find_unmasked(f"{data.get('subject') or ''}\n{data.get('body') or ''}")
+        if hit:
+            leaks[item_id] = hit
+    return dg.AssetCheckResult(passed=not leaks, metadata={"items_scanned": len(rows), "items_with_pii": len(leaks),
+                                                           "examples": dg.MetadataValue.json(dict(list(leaks.items())[:5]))})
+
+
+@dg.asset_check(asset=support_triage, blocking=True, partitions_def=daily,
+                description="Triage labels are in the taxonomy, confidences in [0, 1], priorities and queues set.")
+def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
+    cfg = logic.SupportConfig()
+    db = app_db.database()
+    with db.begin() as conn:
+        rows = conn.execute(sa.select(items.c.item_id, items.c.data, items.c.due_at).where(
+            items.c.flow == logic.FLOW, items.c.day.in_(_days(context)),
+            items.c.status.notin_(("received", "dead_lettered")))).all()
+    bad = []
+    for item_id, d, due in rows:
+        ok = (d.get("intent") in cfg.taxonomy and 0.0 <= float(d.get("confidence", -1)) <= 1.0
+              and d.get("priority") in ("low", "medium", "high") and d.get("queue") and due is not None)
+        if not ok:
+            bad.append(item_id)
+    return dg.AssetCheckResult(passed=not bad, metadata={"items_checked": len(rows), "invalid": len(bad),
+                                                         "examples": dg.MetadataValue.json(bad[:5])})
+
+
+@dg.asset_check(asset=support_actions, blocking=True,
+                description="Exactly-once side effects: no item has two tickets, two replies or two CRM logs.")
+def actions_no_duplicate_effects(connectors: Connectors) -> dg.AssetCheckResult:
+    dups = connectors.client().duplicates()
+    return dg.AssetCheckResult(passed=not any(dups.values()), metadata={k: int(v) for k, v in dups.items()})

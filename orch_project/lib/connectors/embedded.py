@@ -1,0 +1,167 @@
+"""Embedded connectors: CRM, ticketing and messaging as tables in their own SQLite database
+(``ORCH_CONNECTORS_URL``), so a user can open them and see exactly what the flows did.
+
+They stand in for external systems and behave like good ones: every write carries an
+idempotency key and a repeated key returns the original record instead of a duplicate.
+Text they receive is masked; recipients are vault tokens, resolved only by a real sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..store import Database, chunked, make_engine, utcnow
+
+cmeta = sa.MetaData()
+TS = sa.DateTime(timezone=True)
+
+tickets = sa.Table(
+    "tickets", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+    sa.Column("item_id", sa.String(255), nullable=False),
+    sa.Column("trace_id", sa.String(32)),
+    sa.Column("queue", sa.String(32)),
+    sa.Column("priority", sa.String(16)),
+    sa.Column("assignee", sa.String(64)),
+    sa.Column("intent", sa.String(64)),
+    sa.Column("subject", sa.Text),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+crm_activities = sa.Table(
+    "crm_activities", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+    sa.Column("customer_ref", sa.String(64), nullable=False),
+    sa.Column("item_id", sa.String(255), nullable=False),
+    sa.Column("trace_id", sa.String(32)),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+messages = sa.Table(
+    "messages", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+    sa.Column("item_id", sa.String(255)),
+    sa.Column("trace_id", sa.String(32)),
+    sa.Column("kind", sa.String(32), nullable=False, doc="reply | survey | alert"),
+    sa.Column("recipient", sa.String(128), nullable=False, doc="vault token or channel name"),
+    sa.Column("subject", sa.Text),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("sent_at", TS, nullable=False),
+)
+survey_responses = sa.Table(
+    "survey_responses", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("item_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("score", sa.Integer, nullable=False),
+    sa.Column("comment", sa.Text),
+    sa.Column("responded_at", TS, nullable=False),
+    sa.Column("recorded_at", TS, nullable=False),
+)
+
+_TABLE_FOR = {"ticketing": tickets, "crm": crm_activities, "messaging": messages}
+
+
+@dataclass
+class Effect:
+    """One side effect as the outbox hands it to a connector."""
+
+    idempotency_key: str
+    connector: str
+    action: str
+    item_id: str
+    trace_id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Delivery:
+    idempotency_key: str
+    ok: bool
+    external_ref: str | None = None
+    error: str | None = None
+
+
+class EmbeddedConnectors:
+    """All three embedded connectors over one database; ``deliver`` routes by connector name."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.db = Database(url, auto_migrate=False)
+        cmeta.create_all(make_engine(url))
+
+    def deliver(self, connector: str, effects: Sequence[Effect]) -> list[Delivery]:
+        table = _TABLE_FOR[connector]
+        now = utcnow()
+        rows = [self._row(connector, e, now) for e in effects]
+        keys = [e.idempotency_key for e in effects]
+        refs: dict[str, int] = {}
+        with self.db.begin() as conn:
+            self.db.insert_ignore(conn, table, rows, ["idempotency_key"])
+            for chunk in chunked(keys, 900):
+                q = sa.select(table.c.idempotency_key, table.c.id).where(table.c.idempotency_key.in_(chunk))
+                refs.update(dict(conn.execute(q).all()))
+        return [
+            Delivery(k, k in refs, f"{connector}:{refs[k]}" if k in refs else None,
+                     None if k in refs else "not recorded")
+            for k in keys
+        ]
+
+    @staticmethod
+    def _row(connector: str, e: Effect, now) -> dict[str, Any]:
+        p = e.payload
+        base = {"idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id}
+        if connector == "ticketing":
+            return {**base, "queue": p.get("queue"), "priority": p.get("priority"), "assignee": p.get("assignee"),
+                    "intent": p.get("intent"), "subject": p.get("subject"), "status": p.get("status", "open"),
+                    "created_at": now}
+        if connector == "crm":
+            return {**base, "customer_ref": p["customer_ref"], "kind": e.action, "summary": p.get("summary", ""),
+                    "created_at": now}
+        return {**base, "kind": p.get("kind", e.action), "recipient": p["recipient"], "subject": p.get("subject"),
+                "body": p.get("body", ""), "sent_at": now}
+
+    # -- survey answers come back through the messaging system ---------------------------
+    def record_survey_responses(self, responses: Sequence[dict[str, Any]]) -> int:
+        now = utcnow()
+        rows = [{**r, "recorded_at": now} for r in responses]
+        with self.db.begin() as conn:
+            before = conn.execute(sa.select(sa.func.count()).select_from(survey_responses)).scalar_one()
+            self.db.insert_ignore(conn, survey_responses, rows, ["item_id"])
+            after = conn.execute(sa.select(sa.func.count()).select_from(survey_responses)).scalar_one()
+        return after - before
+
+    def survey_responses_for(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        with self.db.begin() as conn:
+            for chunk in chunked(list(item_ids), 900):
+                q = sa.select(survey_responses).where(survey_responses.c.item_id.in_(chunk))
+                for r in conn.execute(q).mappings():
+                    out[r["item_id"]] = dict(r)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        with self.db.begin() as conn:
+            return {
+                name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                for name, t in (("tickets", tickets), ("crm_activities", crm_activities),
+                                ("messages", messages), ("survey_responses", survey_responses))
+            }
+
+    def duplicates(self) -> dict[str, int]:
+        """Items with more than one record of the same kind: must always be zero."""
+        out = {}
+        with self.db.begin() as conn:
+            for name, t, cols in (("tickets", tickets, [tickets.c.item_id]),
+                                  ("crm_activities", crm_activities, [crm_activities.c.item_id, crm_activities.c.kind]),
+                                  ("messages", messages, [messages.c.item_id, messages.c.kind])):
+                sub = sa.select(*cols).group_by(*cols).having(sa.func.count() > 1).subquery()
+                out[name] = conn.execute(sa.select(sa.func.count()).select_from(sub)).scalar_one()
+        return out

@@ -1,0 +1,138 @@
+"""Flow-agnostic stage mechanics: load a partition's items at a status, apply a stage's
+decisions in ONE transaction (item state, stage timings, dead letters, outbox effects,
+approvals, audit), and report counts. Because each stage commits atomically and selects work by
+status, a run that dies half-way is re-executed from failure without losing or repeating work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from .connectors.embedded import Effect
+from .outbox import enqueue
+from .store import Database, approvals, as_utc, chunked, dlq, item_stages, items, utcnow
+from .telemetry import log_event
+
+ITEM_COLUMNS = (items.c.item_id, items.c.trace_id, items.c.day, items.c.channel, items.c.status, items.c.stage,
+                items.c.received_at, items.c.ingested_at, items.c.due_at, items.c.data)
+
+
+@dataclass
+class StageEnv:
+    """Where a stage runs: which flow and partition days, in which run and attempt."""
+
+    db: Database
+    flow: str
+    days: list[str]
+    run_id: str | None = None
+    attempt: int = 1
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("orch"))
+
+
+@dataclass
+class ItemUpdate:
+    item_id: str
+    status: str
+    data: dict[str, Any]
+    outcome: str = "ok"  # ok | routed | dead_lettered | waiting
+    columns: dict[str, Any] = field(default_factory=dict)  # due_at, resolved_at, escalated_at, ...
+    dead_letter: tuple[str, str] | None = None  # (error_type, reason)
+
+
+@dataclass
+class StageReport:
+    stage: str
+    n_in: int
+    outcomes: Counter
+    duration_ms: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.outcomes.get("dead_lettered", 0)
+
+    def as_metadata(self) -> dict[str, Any]:
+        md = {"items_in": self.n_in, "stage_ms": round(self.duration_ms, 1),
+              "items_per_s": round(self.n_in / (self.duration_ms / 1000.0), 1) if self.duration_ms > 0 else 0.0}
+        for k in ("ok", "routed", "dead_lettered", "waiting"):
+            md[f"items_{k}"] = int(self.outcomes.get(k, 0))
+        md.update(self.metadata)
+        return md
+
+
+def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None = None) -> list[dict[str, Any]]:
+    statuses = [status] if isinstance(status, str) else list(status)
+    q = sa.select(*ITEM_COLUMNS).where(items.c.flow == env.flow, items.c.status.in_(statuses))
+    if env.days:
+        q = q.where(items.c.day.in_(env.days))
+    if stage is not None:
+        q = q.where(items.c.stage == stage)
+    with env.db.begin() as conn:
+        rows = [dict(r) for r in conn.execute(q.order_by(items.c.received_at, items.c.item_id)).mappings()]
+    for r in rows:
+        for col in ("received_at", "ingested_at", "due_at"):
+            r[col] = as_utc(r[col])
+    return rows
+
+
+def commit_stage(
+    env: StageEnv,
+    stage: str,
+    started_at: datetime,
+    updates: Sequence[ItemUpdate],
+    *,
+    trace_ids: dict[str, str],
+    effects: Sequence[Effect] = (),
+    approval_rows: Sequence[dict[str, Any]] = (),
+    audit_rows: Sequence[dict[str, Any]] = (),
+    metadata: dict[str, Any] | None = None,
+    n_in: int | None = None,
+    set_stage: bool = True,
+) -> StageReport:
+    finished = utcnow()
+    duration_ms = (finished - started_at).total_seconds() * 1000.0
+    outcomes = Counter(u.outcome for u in updates)
+    db = env.db
+    with db.begin() as conn:
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+        for u in updates:
+            groups[tuple(sorted(u.columns))].append(
+                {"k_item": u.item_id, "status": u.status, "data": u.data, **u.columns})
+        for cols, rows in groups.items():
+            values = {"status": sa.bindparam("status"), "data": sa.bindparam("data", type_=items.c.data.type),
+                      "updated_at": finished}
+            if set_stage:
+                values["stage"] = stage
+            values.update({c: sa.bindparam(c) for c in cols})
+            stmt = items.update().where(items.c.item_id == sa.bindparam("k_item")).values(**values)
+            for chunk in chunked(rows, 5000):
+                conn.execute(stmt, list(chunk))
+        timing = [{"item_id": u.item_id, "flow": env.flow, "stage": stage, "run_id": env.run_id,
+                   "started_at": started_at, "finished_at": finished, "duration_ms": duration_ms,
+                   "attempt": env.attempt, "outcome": u.outcome} for u in updates]
+        if timing:
+            conn.execute(item_stages.insert(), timing)
+        dead = [{"flow": env.flow, "item_id": u.item_id, "source_key": u.data.get("source_key"), "stage": stage,
+                 "error_type": u.dead_letter[0], "reason": u.dead_letter[1], "trace_id": trace_ids.get(u.item_id),
+                 "replay": {"item_id": u.item_id, "stage": stage, "source_key": u.data.get("source_key")},
+                 "status": "open", "run_id": env.run_id, "created_at": finished}
+                for u in updates if u.dead_letter]
+        if dead:
+            conn.execute(dlq.insert(), dead)
+        if effects:
+            enqueue(db, conn, env.flow, effects)
+        if approval_rows:
+            db.insert_ignore(conn, approvals, list(approval_rows), ["item_id"])
+        if audit_rows:
+            db.audit(conn, audit_rows)
+    report = StageReport(stage, len(updates) if n_in is None else n_in, outcomes, duration_ms, metadata or {})
+    log_event(env.logger, "stage_done", flow=env.flow, stage=stage, run_id=env.run_id, days=env.days,
+              items=report.n_in, outcomes=dict(outcomes), ms=round(duration_ms, 1))
+    return report
