@@ -39,7 +39,7 @@ def run_demo(s: Settings, dagster_home, samples: Path, submit_paths) -> int:
 
     if promoted_model_path(db, "triage")[0] is None:
         _step("training the triage model (first run only, ~15 s)")
-        res = defs.get_job_def("train_triage_model_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
+        res = defs.resolve_job_def("train_triage_model_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
         if not res.success:
             click.echo("training failed; see the run in the Dagster UI (make dev)", err=True)
             return 2
@@ -53,7 +53,7 @@ def run_demo(s: Settings, dagster_home, samples: Path, submit_paths) -> int:
     requests = result.run_requests or []
     if not requests:
         click.echo(f"    no new messages ({result.skip_message or 'nothing to do'})")
-    job = defs.get_job_def("support_flow_job")
+    job = defs.resolve_job_def("support_flow_job")
     failed = 0
     for n, req in enumerate(requests, 1):
         _step(f"[{n}/{len(requests)}] support_flow_job partition {req.partition_key} "
@@ -74,7 +74,7 @@ def run_demo(s: Settings, dagster_home, samples: Path, submit_paths) -> int:
         click.echo(f"    {recorded} new answers recorded by the messaging connector")
 
     _step("support_ops_job: CSAT fold-back, SLA escalation, insights, KPI report")
-    ops = defs.get_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
+    ops = defs.resolve_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
     if not ops.success:
         failed += 1
 

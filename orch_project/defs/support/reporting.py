@@ -131,6 +131,7 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
             lat[stage] = {"p50_ms": float(d.quantile(0.5)), "p95_ms": float(d.quantile(0.95)),
                           "mean_ms": float(d.mean()), "items": int(len(g))}
             retries[stage] = float((g["attempt"] - 1).clip(lower=0).mean())
+        branch["intake"] = (intake_dead / received) if received else None  # rejects never become items
         if "approval_gate" in st["stage"].values:
             g = st[st["stage"] == "approval_gate"]
             k["approval_branch_share"] = float((g["outcome"] == "routed").mean())

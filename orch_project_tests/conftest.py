@@ -1,0 +1,122 @@
+"""Shared fixtures: an isolated ORCH_HOME per test, a triage model trained once per session,
+a Dagster test instance, and the shipped sample corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore")
+
+from orch_project.lib.settings import SAMPLES_DIR  # noqa: E402
+
+SAMPLE_TABLE = SAMPLES_DIR / "inbox_table.jsonl"
+MALFORMED = SAMPLES_DIR / "malformed"
+
+
+def require_services() -> bool:
+    return os.environ.get("ORCH_REQUIRE_SERVICES") == "1"
+
+
+def _reset_process_caches() -> None:
+    from orch_project.defs import resources
+    from orch_project.lib.store import dispose_engines
+
+    dispose_engines()
+    resources._embedded.cache_clear()
+    resources._local_provider.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """Train the triage model once per session (about 10 s) and reuse the file everywhere."""
+    import csv
+
+    from orch_project.lib.llm import triage_model as tm
+    from orch_project.lib.settings import BANKING77_DIR
+
+    with open(BANKING77_DIR / "train.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    model = tm.train([r["text"] for r in rows], [r["category"] for r in rows])
+    path = model.save(tmp_path_factory.mktemp("models"))
+    return {"path": path, "version": model.version, "metrics": model.metrics}
+
+
+@pytest.fixture
+def orch_home(tmp_path, monkeypatch):
+    """An empty ORCH_HOME with its own app and connector databases, DAGSTER_HOME and inbox."""
+    home = tmp_path / "orch"
+    monkeypatch.setenv("ORCH_HOME", str(home))
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{home / 'app.sqlite'}")
+    monkeypatch.setenv("ORCH_CONNECTORS_URL", f"sqlite:///{home / 'connectors.sqlite'}")
+    monkeypatch.setenv("ORCH_INBOX_DIR", str(home / "inbox"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    _reset_process_caches()
+    from orch_project.lib.settings import Settings
+
+    yield Settings.from_env().ensure_dirs()
+    _reset_process_caches()
+
+
+@pytest.fixture
+def db(orch_home):
+    from orch_project.lib.store import Database
+
+    return Database(orch_home.database_url)
+
+
+@pytest.fixture
+def with_model(db, trained_model):
+    """The session's trained model registered and promoted in this test's app database."""
+    from orch_project.lib.llm import registry
+
+    registry.register(db, task="triage", version=trained_model["version"], path=trained_model["path"],
+                      train_data_hash=trained_model["metrics"]["train_data_hash"],
+                      code_version=trained_model["metrics"]["code_version"], metrics=trained_model["metrics"],
+                      promote=True)
+    return trained_model
+
+
+@pytest.fixture
+def instance():
+    import dagster as dg
+
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def defs():
+    from orch_project.definitions import defs as d
+
+    return d
+
+
+def sample_messages(day: str | None = None) -> list[dict]:
+    msgs = [json.loads(line) for line in SAMPLE_TABLE.read_text().splitlines() if line.strip()]
+    return [m for m in msgs if day is None or m["received_at"].startswith(day)]
+
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+def run_flow(defs, instance, day: str):
+    return defs.resolve_job_def("support_flow_job").execute_in_process(
+        instance=instance, partition_key=day, run_config=QUIET, raise_on_error=False)
+
+
+def run_ops(defs, instance):
+    return defs.resolve_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET,
+                                                                  raise_on_error=False)
+
+
+def write_file(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    p.write_bytes(data)
+    return p
