@@ -186,8 +186,13 @@ def run_dagster(instance, day: str, cold_model: bool, profile: bool) -> tuple[fl
 
         say("\n--- cProfile of the Dagster run: top 25 by cumulative time ---")
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+        say("--- the same, orch_project functions only ---")
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats("orch_project", 25)
         say("--- top 25 by own (tottime) time ---")
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        out = Path(os.environ["ORCH_HOME"]) / "dagster_run.prof"
+        prof.dump_stats(str(out))
+        say(f"--- raw profile: {out} (python -m pstats) ---")
     return seconds, steps
 
 

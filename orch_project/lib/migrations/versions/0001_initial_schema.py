@@ -28,7 +28,7 @@ def upgrade() -> None:
     sa.Column('decided_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('decided_by', sa.String(length=128), nullable=True),
     sa.Column('decision_reason', sa.Text(), nullable=True),
-    sa.Column('edited', sa.Boolean(), server_default=sa.text('0'), nullable=False),
+    sa.Column('edited', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('item_id')
     )
@@ -165,7 +165,7 @@ def upgrade() -> None:
     sa.Column('input_tokens', sa.Integer(), server_default='0', nullable=False),
     sa.Column('output_tokens', sa.Integer(), server_default='0', nullable=False),
     sa.Column('latency_ms', sa.Float(), server_default='0', nullable=False),
-    sa.Column('cached', sa.Boolean(), server_default=sa.text('0'), nullable=False),
+    sa.Column('cached', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.Column('ok', sa.Boolean(), nullable=False),
     sa.Column('error', sa.String(length=64), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
