@@ -25,11 +25,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def get_logger(logs_dir: Path | None = None) -> logging.Logger:
-    """The project logger; with ``logs_dir`` it also appends JSON lines to logs_dir/orch.jsonl."""
+    """The project logger; with ``logs_dir`` it appends JSON lines to logs_dir/orch.jsonl. One file
+    handler at a time: a process that switches ORCH_HOME writes to the new home only."""
     logger = logging.getLogger(_LOGGER_NAME)
     if logs_dir is not None:
         path = str(Path(logs_dir) / "orch.jsonl")
-        if not any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
+        files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+        if not any(h.baseFilename == path for h in files):
+            for h in files:
+                logger.removeHandler(h)
+                h.close()
             Path(logs_dir).mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(path, encoding="utf-8")
             handler.setFormatter(JsonFormatter())

@@ -28,7 +28,7 @@ from ...lib.intake import Parsed, pending_sources
 from ...lib.outbox import delivered_keys, dispatch, idempotency_key
 from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items
 from ...lib.store import Database, approvals, as_utc, audit, dlq, intake, items, utcnow, vault
-from ...lib.telemetry import new_trace_id
+from ...lib.telemetry import log_event, new_trace_id
 
 FLOW = "support"
 FOLDER = Path(__file__).parent
@@ -181,6 +181,8 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
     md.update({f"pii_{k.lower()}": v for k, v in sorted(pii_total.items())})
     if dead:
         md["dead_letter_reasons"] = Counter(d["error_type"] for d in dead).most_common()
+    log_event(env.logger, "stage_done", flow=FLOW, stage="intake", run_id=env.run_id, days=env.days,
+              items=len(intake_rows), outcomes=dict(outcomes), ms=round(ms, 1))
     return StageReport("intake", len(intake_rows), outcomes, ms, md)
 
 
