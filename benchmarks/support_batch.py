@@ -40,7 +40,6 @@ TARGET_RATIO = 1.15
 WARMUP_TICKETS = 50
 WARMUP_DAY = "2026-11-19"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-STAGES = ("intake", "triage", "assignment", "knowledge", "draft", "approval_gate", "actions", "survey")
 
 
 def say(msg: str) -> None:
@@ -51,11 +50,9 @@ def say(msg: str) -> None:
 
 def use_home(home: Path) -> dict[str, str]:
     """Point every resource at a fresh home: app DB, connectors DB, empty inbox folder."""
-    from orch_project.defs import resources
-    from orch_project.lib.store import dispose_engines
+    from orch_project.defs.resources import reset_process_caches
 
-    dispose_engines()
-    resources._embedded.cache_clear()
+    reset_process_caches(keep_models=True)  # the loaded model stays warm for both paths
     home.mkdir(parents=True, exist_ok=True)
     (home / "inbox").mkdir(exist_ok=True)
     env = {
@@ -79,7 +76,7 @@ def train_model(work: Path, instance) -> list[dict]:
 
     env = use_home(work / "train")
     t0 = time.perf_counter()
-    res = defs.get_job_def("train_triage_model_job").execute_in_process(
+    res = defs.resolve_job_def("train_triage_model_job").execute_in_process(
         instance=instance, run_config=QUIET, raise_on_error=False)
     if not res.success:
         raise SystemExit("training the triage model failed")
@@ -121,7 +118,7 @@ def run_bare(day: str, cold_model: bool) -> tuple[float, dict[str, float]]:
     from orch_project.defs import resources
     from orch_project.defs.resources import AppDatabase, Connectors, LLMGateway
     from orch_project.defs.support import logic
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.assets import CFG, flow_gateway
     from orch_project.lib.pipeline import StageEnv
     from orch_project.lib.settings import Settings
     from orch_project.lib.telemetry import get_logger
@@ -142,15 +139,11 @@ def run_bare(day: str, cold_model: bool) -> tuple[float, dict[str, float]]:
     db = AppDatabase().database()
     env = StageEnv(db, logic.FLOW, [day], run_id="bare", attempt=1, logger=get_logger(s.logs_dir))
 
-    def gateway():
-        return llm.gateway(db, flow=logic.FLOW, run_id="bare", prompts_dir=CFG.prompts_dir,
-                           prompt_versions=CFG.prompt_versions)
-
     timed("intake", logic.intake_stage, env, CFG, s.inbox_dir, s.pii_salt)
-    timed("triage", lambda: logic.triage_stage(env, CFG, gateway()))
+    timed("triage", lambda: logic.triage_stage(env, CFG, flow_gateway(llm, env)))
     timed("assignment", logic.assign_stage, env, CFG)
     timed("knowledge", logic.knowledge_stage, env, CFG)
-    timed("draft", lambda: logic.draft_stage(env, CFG, gateway()))
+    timed("draft", lambda: logic.draft_stage(env, CFG, flow_gateway(llm, env)))
     timed("approval_gate", logic.approval_gate_stage, env, CFG)
     timed("actions", lambda: logic.actions_stage(env, CFG, Connectors().client()))
     timed("survey", lambda: logic.survey_stage(env, CFG, Connectors().client()))
@@ -163,7 +156,7 @@ def run_dagster(instance, day: str, cold_model: bool, profile: bool) -> tuple[fl
 
     if cold_model:
         resources._local_provider.cache_clear()
-    job = defs.get_job_def("support_flow_job")
+    job = defs.resolve_job_def("support_flow_job")
     prof = None
     if profile:
         import cProfile
@@ -303,9 +296,11 @@ def run(args, work: Path) -> int:
     say(f"dagster: {dag_s:.3f} s ({args.tickets / dag_s:.0f} tickets/s)")
 
     say("per stage (s):        bare   dagster step")
-    step_names = ["support_inbound", "support_triage", "support_assignment", "support_knowledge",
-                  "support_drafts", "support_approval_gate", "support_actions", "support_surveys"]
-    for stage, step in zip(STAGES, step_names):
+    from orch_project.defs.support.assets import FLOW_ASSETS
+    from orch_project.defs.support.logic import FLOW_STAGES
+
+    step_names = [a.key.to_user_string() for a in FLOW_ASSETS]
+    for stage, step in zip(FLOW_STAGES, step_names):
         d = steps.get(step)
         say(f"    {stage:14s} {bare_stages.get(stage, float('nan')):8.3f} {d if d is not None else float('nan'):8.3f}")
     say(f"    {'sum':14s} {sum(bare_stages.values()):8.3f} {sum(steps.values()):8.3f}"

@@ -22,15 +22,6 @@ def require_services() -> bool:
     return os.environ.get("ORCH_REQUIRE_SERVICES") == "1"
 
 
-def _reset_process_caches() -> None:
-    from orch_project.defs import resources
-    from orch_project.lib.store import dispose_engines
-
-    dispose_engines()
-    resources._embedded.cache_clear()
-    resources._local_provider.cache_clear()
-
-
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """Train the triage model once per session (about 10 s) and reuse the file everywhere."""
@@ -56,11 +47,12 @@ def orch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_INBOX_DIR", str(home / "inbox"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
-    _reset_process_caches()
+    from orch_project.defs.resources import reset_process_caches
     from orch_project.lib.settings import Settings
 
+    reset_process_caches()
     yield Settings.from_env().ensure_dirs()
-    _reset_process_caches()
+    reset_process_caches()
 
 
 @pytest.fixture

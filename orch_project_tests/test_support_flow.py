@@ -105,11 +105,9 @@ def test_malformed_inbound_goes_to_dlq_while_the_batch_succeeds(orch_home, db, w
             b"MARK", b"\xff\xfe\xfa"),
         "missing_fields.json": json.dumps({"id": "bad-missing", "channel": "email"}).encode(),
         "huge_body.json": json.dumps(dict(template, body="x" * (10 * 1024 * 1024))).encode(),
-        "huge_in_table": None,
     }
     for name, data in bad.items():
-        if data is not None:
-            write_file(inbox, name, data)
+        write_file(inbox, name, data)
     # a 10 MB body through the inbox table too (no file-size guard there: the contract catches it)
     submit_to_table(db, "support", [dict(template, id="bad-big-table", body="y" * (10 * 1024 * 1024))], "test")
     for p in MALFORMED.iterdir():  # the shipped malformed corpus as well

@@ -81,6 +81,17 @@ def _local_provider(model_path: str | None, prompts_dir: str):
     return LocalProvider.from_files(Path(model_path) if model_path else None, Path(prompts_dir))
 
 
+def reset_process_caches(*, keep_models: bool = False) -> None:
+    """Forget database engines and cached clients, for a process that switches ORCH_HOME or database
+    URLs (tests, benchmarks). ``keep_models`` keeps the loaded triage model warm."""
+    from ..lib.store import dispose_engines
+
+    dispose_engines()
+    _embedded.cache_clear()
+    if not keep_models:
+        _local_provider.cache_clear()
+
+
 def default_resources() -> dict[str, Any]:
     import os
 

@@ -32,8 +32,9 @@ def _env(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Work
                     attempt=context.retry_number + 1, logger=get_logger(workspace.settings().logs_dir))
 
 
-def _gateway(context, llm: LLMGateway, env: StageEnv):
-    return llm.gateway(env.db, flow=logic.FLOW, run_id=context.run_id, prompts_dir=CFG.prompts_dir,
+def flow_gateway(llm: LLMGateway, env: StageEnv):
+    """The gateway the flow's model steps use (benchmarks/support_batch.py builds it the same way)."""
+    return llm.gateway(env.db, flow=logic.FLOW, run_id=env.run_id, prompts_dir=CFG.prompts_dir,
                        prompt_versions=CFG.prompt_versions)
 
 
@@ -68,7 +69,7 @@ def support_inbound(context: dg.AssetExecutionContext, app_db: AppDatabase, work
           description="Intent (model via the LLM gateway), priority and queue (taxonomy + urgency), SLA due date.")
 def support_triage(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace, llm: LLMGateway):
     env = _env(context, app_db, workspace)
-    return _result(context, logic.triage_stage(env, CFG, _gateway(context, llm, env)))
+    return _result(context, logic.triage_stage(env, CFG, flow_gateway(llm, env)))
 
 
 @dg.asset(**COMMON, deps=[support_triage],
@@ -88,7 +89,7 @@ def support_knowledge(context: dg.AssetExecutionContext, app_db: AppDatabase, wo
           description="Draft reply grounded in the retrieved article (through the LLM gateway), with citation.")
 def support_drafts(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace, llm: LLMGateway):
     env = _env(context, app_db, workspace)
-    return _result(context, logic.draft_stage(env, CFG, _gateway(context, llm, env)))
+    return _result(context, logic.draft_stage(env, CFG, flow_gateway(llm, env)))
 
 
 @dg.asset(**COMMON, deps=[support_drafts],

@@ -9,7 +9,7 @@ from ...lib.guardrails.pii import find_unmasked
 from ...lib.store import dlq, intake, items
 from ..resources import AppDatabase, Connectors
 from . import logic
-from .assets import daily, support_actions, support_inbound, support_triage
+from .assets import CFG, daily, support_actions, support_inbound, support_triage
 
 
 def _days(context) -> list[str]:
@@ -59,7 +59,6 @@ def inbound_pii_masked(context: dg.AssetCheckExecutionContext, app_db: AppDataba
 @dg.asset_check(asset=support_triage, blocking=True, partitions_def=daily,
                 description="Triage labels are in the taxonomy, confidences in [0, 1], priorities and queues set.")
 def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
-    cfg = logic.SupportConfig()
     db = app_db.database()
     with db.begin() as conn:
         rows = conn.execute(sa.select(items.c.item_id, items.c.data, items.c.due_at).where(
@@ -67,7 +66,7 @@ def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatab
             items.c.status.notin_(("received", "dead_lettered")))).all()
     bad = []
     for item_id, d, due in rows:
-        ok = (d.get("intent") in cfg.taxonomy and 0.0 <= float(d.get("confidence", -1)) <= 1.0
+        ok = (d.get("intent") in CFG.taxonomy and 0.0 <= float(d.get("confidence", -1)) <= 1.0
               and d.get("priority") in ("low", "medium", "high") and d.get("queue") and due is not None)
         if not ok:
             bad.append(item_id)

@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -20,14 +20,16 @@ from typing import Any
 
 import sqlalchemy as sa
 import yaml
+from pydantic import Field
 
 from ...lib.connectors.embedded import Effect
 from ...lib.contracts import DesignBrief, InboundMessage, LLMOutput, LLMStepRequest, describe_validation_error
 from ...lib.guardrails import pii
 from ...lib.intake import Parsed, pending_sources
-from ...lib.outbox import delivered_keys, dispatch, idempotency_key
+from ...lib.outbox import delivered_keys, dispatch, enqueue, idempotency_key
 from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items
-from ...lib.store import Database, approvals, as_utc, audit, dlq, intake, items, utcnow, vault
+from ...lib.store import (Database, approvals, as_utc, audit, chunked, dlq, intake, item_stages, items, utcnow,
+                          vault)
 from ...lib.telemetry import log_event, new_trace_id
 
 FLOW = "support"
@@ -44,7 +46,7 @@ class TriageOutput(LLMOutput):
 
 class DraftOutput(LLMOutput):
     text: str
-    citations: list[str] = field(default_factory=list)
+    citations: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -99,7 +101,6 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
     intake_rows: list[dict[str, Any]] = []
     dead: list[dict[str, Any]] = []
     vault_rows: list[dict[str, Any]] = []
-    timings: list[dict[str, Any]] = []
     pii_total: Counter = Counter()
     seen_ids: set[str] = set()
     parsed_batch: list[tuple[Parsed, str]] = []
@@ -163,8 +164,6 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
     timings = [{"item_id": a["item_id"], "flow": FLOW, "stage": "intake", "run_id": env.run_id,
                 "started_at": started, "finished_at": finished, "duration_ms": ms, "attempt": env.attempt,
                 "outcome": "ok"} for a in accepted]
-    from ...lib.store import item_stages
-
     with env.db.begin() as conn:
         # The intake log is the idempotency guard: a source key is ingested exactly once.
         env.db.insert_ignore(conn, intake, intake_rows, ["source_key"])
@@ -187,8 +186,6 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
 
 
 def _existing_item_ids(db: Database, ids: list[str]) -> set[str]:
-    from ...lib.store import chunked
-
     out: set[str] = set()
     with db.begin() as conn:
         for chunk in chunked(ids, 900):
@@ -403,8 +400,6 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
     rows = load_items(env, "approved")
     effects = [e for r in rows for e in _action_effects(r)]
     with env.db.begin() as conn:
-        from ...lib.outbox import enqueue
-
         enqueue(env.db, conn, FLOW, effects)
     sent = dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows]) if rows else {"delivered": 0, "failed": 0}
     done = delivered_keys(env.db, [e.idempotency_key for e in effects])
@@ -432,8 +427,6 @@ def survey_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
                                       "body": "Please rate your support experience from 1 (poor) to 5 (great)."})
                for r in rows]
     with env.db.begin() as conn:
-        from ...lib.outbox import enqueue
-
         enqueue(env.db, conn, FLOW, effects)
     sent = dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows]) if rows else {"delivered": 0, "failed": 0}
     done = delivered_keys(env.db, [e.idempotency_key for e in effects])

@@ -121,17 +121,18 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
         "dlq_open": int((dl["status"] == "open").sum()) if not dl.empty else 0,
     }
     # branch-specific failure rates: dead letters per stage over items that entered the stage
+    # intake rejects never become items, so intake's rate comes from the intake log
     branch: dict[str, float | None] = {"intake": (intake_dead / received) if received else None}
     lat: dict[str, dict[str, float]] = {}
     retries: dict[str, float] = {}
     if not st.empty:
         for stage, g in st.groupby("stage"):
-            branch[stage] = float((g["outcome"] == "dead_lettered").mean())
+            if stage != "intake":
+                branch[stage] = float((g["outcome"] == "dead_lettered").mean())
             d = g["duration_ms"]
             lat[stage] = {"p50_ms": float(d.quantile(0.5)), "p95_ms": float(d.quantile(0.95)),
                           "mean_ms": float(d.mean()), "items": int(len(g))}
             retries[stage] = float((g["attempt"] - 1).clip(lower=0).mean())
-        branch["intake"] = (intake_dead / received) if received else None  # rejects never become items
         if "approval_gate" in st["stage"].values:
             g = st[st["stage"] == "approval_gate"]
             k["approval_branch_share"] = float((g["outcome"] == "routed").mean())

@@ -101,7 +101,6 @@ class Gateway:
             if leaked:
                 responses[i] = LLMStepResponse(ok=False, error="schema_mismatch",
                                                reason=f"refused: unmasked {', '.join(leaked)} in model input")
-                stats.errors += 1
             else:
                 todo.append(i)
 
