@@ -54,24 +54,61 @@ class Workspace(dg.ConfigurableResource):
 
 
 class LLMGateway(dg.ConfigurableResource):
-    """The single entry point to models. ``local`` (default) is the embedded offline provider:
-    the promoted triage model from the registry, and retrieval-grounded templates for drafts."""
+    """The single entry point to models. ``provider`` (ORCH_LLM_PROVIDER) picks the default:
+    ``local`` is the embedded offline provider (the promoted triage model from the registry and
+    retrieval-grounded templates for drafts); ``openai`` is any OpenAI-compatible server through the
+    official SDK, with the embedded provider as the last fallback. Routing, caches, budgets and the
+    circuit breaker are configured per flow in its routing.yaml."""
 
-    provider: str = Field(default="local", description="Default provider (ORCH_LLM_PROVIDER): local")
+    provider: str = Field(default="local", description="Default provider: local | openai (ORCH_LLM_PROVIDER)")
+    openai_base_url: str | None = Field(default=None, description="OPENAI_BASE_URL; default: the SDK's")
+    openai_api_key: str | None = Field(default=None, description="OPENAI_API_KEY (set through an EnvVar)")
+    openai_models: str | None = Field(default=None, description="Per-task model names, 'triage=m1,draft_reply=m2' "
+                                                                "(ORCH_OPENAI_MODELS)")
+    concurrency: int | None = Field(default=None, description="Override routing.yaml's concurrency "
+                                                              "(ORCH_LLM_CONCURRENCY)")
 
-    def gateway(self, db, *, flow: str, run_id: str | None, prompts_dir: Path, prompt_versions: dict[str, str]):
-        from ..lib.llm.gateway import Candidate, Gateway, TaskPolicy
+    def gateway(self, db, *, flow: str, run_id: str | None, routing_path: Path, prompts_dir: Path,
+                prompt_versions: dict[str, str], budget=None):
+        from ..lib.llm.gateway import Gateway
         from ..lib.llm.registry import promoted_model_path
+        from ..lib.llm.routing import RoutingConfig
 
-        if self.provider != "local":
-            raise dg.Failure(f"LLM provider {self.provider!r} is not available in this build; use 'local'")
+        if self.provider not in ("local", "openai"):
+            raise dg.Failure(f"ORCH_LLM_PROVIDER={self.provider!r} is not a provider; use 'local' or 'openai'")
         model_path, version = promoted_model_path(db, "triage")
-        provider = _local_provider(str(model_path) if model_path else None, str(prompts_dir))
-        policies: dict[str, Any] = {
-            "triage": TaskPolicy([Candidate("local", f"triage-{version}")], prompt_versions.get("triage", "none")),
-            "draft_reply": TaskPolicy([Candidate("local", "draft-template")], prompt_versions.get("draft_reply", "none")),
-        }
-        return Gateway(db, {"local": provider}, policies, flow=flow, run_id=run_id)
+        routing = RoutingConfig.load(routing_path).for_provider(
+            self.provider, openai_models=parse_models(self.openai_models),
+            local_models={"triage": f"triage-{version}"})
+        if self.concurrency:
+            routing = routing.model_copy(update={"concurrency": self.concurrency})
+        providers: dict[str, Any] = {"local": _local_provider(str(model_path) if model_path else None,
+                                                              str(prompts_dir))}
+        if self.provider == "openai":
+            if not self.openai_api_key:
+                raise dg.Failure("ORCH_LLM_PROVIDER=openai needs OPENAI_API_KEY (any value for a local "
+                                 "OpenAI-compatible server) and usually OPENAI_BASE_URL")
+            from ..lib.llm.openai_provider import OpenAIProvider
+
+            providers["openai"] = OpenAIProvider(api_key=self.openai_api_key, base_url=self.openai_base_url,
+                                                 max_retries=routing.max_retries, timeout_s=routing.timeout_s)
+        prompts = {p.name.removesuffix(".txt"): p.read_text(encoding="utf-8")
+                   for p in Path(prompts_dir).glob("*.txt") if not p.name.endswith(".local.txt")}
+        return Gateway(db, providers, routing, flow=flow, run_id=run_id, default_provider=self.provider,
+                       prompts=prompts, prompt_versions=prompt_versions, budget=budget)
+
+
+def parse_models(spec: str | None) -> dict[str, str]:
+    """'triage=gpt-4o-mini, draft_reply=gpt-4.1' -> {task: model}."""
+    out = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        task, sep, model = part.partition("=")
+        if not sep or not task.strip() or not model.strip():
+            raise dg.Failure(f"ORCH_OPENAI_MODELS entry {part!r} is not task=model")
+        out[task.strip()] = model.strip()
+    return out
 
 
 @lru_cache(maxsize=4)
@@ -88,18 +125,34 @@ def reset_process_caches(*, keep_models: bool = False) -> None:
 
     dispose_engines()
     _embedded.cache_clear()
+    from ..lib.llm.openai_provider import reset_clients
+
+    reset_clients()
     if not keep_models:
         _local_provider.cache_clear()
 
 
-def default_resources() -> dict[str, Any]:
+def llm_from_env() -> LLMGateway:
+    """The gateway as configured by the environment. Secrets and URLs are passed as dg.EnvVar so the
+    UI and the event log show the variable's name, never its value."""
     import os
 
+    kw: dict[str, Any] = {"provider": os.environ.get("ORCH_LLM_PROVIDER", "local").strip() or "local"}
+    for field, var in (("openai_base_url", "OPENAI_BASE_URL"), ("openai_api_key", "OPENAI_API_KEY"),
+                       ("openai_models", "ORCH_OPENAI_MODELS")):
+        if os.environ.get(var):
+            kw[field] = dg.EnvVar(var)
+    if os.environ.get("ORCH_LLM_CONCURRENCY"):
+        kw["concurrency"] = dg.EnvVar.int("ORCH_LLM_CONCURRENCY")
+    return LLMGateway(**kw)
+
+
+def default_resources() -> dict[str, Any]:
     return {
         "app_db": AppDatabase(),
         "connectors": Connectors(),
         "workspace": Workspace(),
-        "llm": LLMGateway(provider=os.environ.get("ORCH_LLM_PROVIDER", "local")),
+        "llm": llm_from_env(),
     }
 
 

@@ -41,7 +41,7 @@ class ItemUpdate:
     item_id: str
     status: str
     data: dict[str, Any]
-    outcome: str = "ok"  # ok | routed | dead_lettered | waiting
+    outcome: str = "ok"  # ok | routed | dead_lettered | waiting | deferred (stage left unchanged)
     columns: dict[str, Any] = field(default_factory=dict)  # due_at, resolved_at, escalated_at, ...
     dead_letter: tuple[str, str] | None = None  # (error_type, reason)
 
@@ -61,19 +61,25 @@ class StageReport:
     def as_metadata(self) -> dict[str, Any]:
         md = {"items_in": self.n_in, "stage_ms": round(self.duration_ms, 1),
               "items_per_s": round(self.n_in / (self.duration_ms / 1000.0), 1) if self.duration_ms > 0 else 0.0}
-        for k in ("ok", "routed", "dead_lettered", "waiting"):
+        for k in ("ok", "routed", "dead_lettered", "waiting", "deferred"):
             md[f"items_{k}"] = int(self.outcomes.get(k, 0))
         md.update(self.metadata)
         return md
 
 
-def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None = None) -> list[dict[str, Any]]:
+def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None = None,
+               deferred_after: str | None = None) -> list[dict[str, Any]]:
+    """Items of the partition days at ``status``; with ``deferred_after``, also the items a stage
+    deferred (status ``deferred``) whose last completed stage is that one."""
     statuses = [status] if isinstance(status, str) else list(status)
-    q = sa.select(*ITEM_COLUMNS).where(items.c.flow == env.flow, items.c.status.in_(statuses))
+    cond = items.c.status.in_(statuses)
+    if stage is not None:
+        cond = sa.and_(cond, items.c.stage == stage)
+    if deferred_after is not None:
+        cond = sa.or_(cond, sa.and_(items.c.status == "deferred", items.c.stage == deferred_after))
+    q = sa.select(*ITEM_COLUMNS).where(items.c.flow == env.flow, cond)
     if env.days:
         q = q.where(items.c.day.in_(env.days))
-    if stage is not None:
-        q = q.where(items.c.stage == stage)
     with env.db.begin() as conn:
         rows = [dict(r) for r in conn.execute(q.order_by(items.c.received_at, items.c.item_id)).mappings()]
     for r in rows:
@@ -103,12 +109,13 @@ def commit_stage(
     with db.begin() as conn:
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         for u in updates:
-            groups[tuple(sorted(u.columns))].append(
+            moves = set_stage and u.outcome != "deferred"  # a deferred item stays after its last completed stage
+            groups[(moves, *sorted(u.columns))].append(
                 {"k_item": u.item_id, "status": u.status, "data": u.data, **u.columns})
-        for cols, rows in groups.items():
+        for (moves, *cols), rows in groups.items():
             values = {"status": sa.bindparam("status"), "data": sa.bindparam("data", type_=items.c.data.type),
                       "updated_at": finished}
-            if set_stage:
+            if moves:
                 values["stage"] = stage
             values.update({c: sa.bindparam(c) for c in cols})
             stmt = items.update().where(items.c.item_id == sa.bindparam("k_item")).values(**values)

@@ -1,5 +1,6 @@
 """The app database: per-item state, stage timings, intake log, outbox, dead-letter queue,
-approvals, audit log, PII vault, LLM call ledger and cache, backlog, model registry.
+approvals, audit log, PII vault, LLM call ledger and cache, circuit breakers, token budgets,
+backlog, model registry.
 
 SQLAlchemy 2 Core on any URL (SQLite file by default, PostgreSQL in production); the schema
 is owned by Alembic migrations in ``orch_project/lib/migrations`` and applied by ``Database.migrate``.
@@ -189,7 +190,17 @@ llm_calls = sa.Table(
     sa.Column("ok", sa.Boolean, nullable=False),
     sa.Column("error", sa.String(64)),
     sa.Column("created_at", TS, nullable=False),
+    sa.Column("cache_kind", sa.String(16), doc="exact | semantic when answered from the cache"),
+    sa.Column("route_rank", sa.Integer, nullable=False, server_default="0",
+              doc="0 = the router's first choice for the item, 1 = first fallback, ..."),
+    sa.Column("route_reason", sa.String(255), doc="why this candidate was called (or skipped)"),
+    sa.Column("repair", sa.Boolean, nullable=False, server_default=sa.false(),
+              doc="a repair attempt with the validation error fed back"),
+    sa.Column("reserved_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cost_usd", sa.Float, nullable=False, server_default="0"),
+    sa.Column("day", sa.String(10), doc="UTC day the call was charged to"),
     sa.Index("ix_llm_calls_run", "run_id"),
+    sa.Index("ix_llm_calls_model_created", "provider", "model", "created_at"),
 )
 
 llm_cache = sa.Table(
@@ -201,6 +212,32 @@ llm_cache = sa.Table(
     sa.Column("prompt_version", sa.String(64)),
     sa.Column("output", sa.JSON, nullable=False),
     sa.Column("created_at", TS, nullable=False),
+    sa.Column("input_text", sa.Text, doc="masked input, kept only for tasks with the semantic cache on"),
+    sa.Index("ix_llm_cache_task_model", "task", "model", "prompt_version"),
+)
+
+circuit_breakers = sa.Table(
+    "circuit_breakers",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True, doc="provider:model"),
+    sa.Column("state", sa.String(16), nullable=False, doc="closed | open | half_open"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0", doc="consecutive failures"),
+    sa.Column("probes", sa.Integer, nullable=False, server_default="0", doc="calls let through while half-open"),
+    sa.Column("opened_at", TS),
+    sa.Column("last_error", sa.String(255)),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+token_budgets = sa.Table(
+    "token_budgets",
+    metadata,
+    sa.Column("scope", sa.String(128), primary_key=True, doc="run:<run_id> or day:<flow>:<YYYY-MM-DD>"),
+    sa.Column("cap", sa.Integer, nullable=False),
+    sa.Column("used", sa.Integer, nullable=False, server_default="0", doc="tokens reported by providers"),
+    sa.Column("reserved", sa.Integer, nullable=False, server_default="0", doc="estimates of calls in flight"),
+    sa.Column("refused", sa.Integer, nullable=False, server_default="0", doc="reservations refused"),
+    sa.Column("cost_usd", sa.Float, nullable=False, server_default="0"),
+    sa.Column("updated_at", TS, nullable=False),
 )
 
 backlog = sa.Table(

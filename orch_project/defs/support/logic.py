@@ -35,7 +35,10 @@ from ...lib.telemetry import log_event, new_trace_id
 FLOW = "support"
 FOLDER = Path(__file__).parent
 FIRST_DAY = date(2026, 1, 1)  # first daily partition
-OPEN_STATUSES = ("received", "triaged", "assigned", "grounded", "drafted", "awaiting_approval", "approved")
+OPEN_STATUSES = ("received", "deferred", "triaged", "assigned", "grounded", "drafted", "awaiting_approval",
+                 "approved")
+# Gateway errors that say "not now" rather than "bad item": the item waits for the next run.
+DEFER_ERRORS = {"quota_exceeded", "circuit_open"}
 URGENT = re.compile(r"\b(urgent|urgently|asap|immediately|right now|emergency|fraud|stolen)\b", re.I)
 PRIORITY_UP = {"low": "medium", "medium": "high", "high": "high"}
 
@@ -72,6 +75,10 @@ class SupportConfig:
         from ...lib.connectors.knowledge import KnowledgeBase
 
         return KnowledgeBase.load(self.folder / "knowledge")
+
+    @property
+    def routing_path(self) -> Path:
+        return self.folder / "routing.yaml"
 
     @property
     def prompts_dir(self) -> Path:
@@ -202,20 +209,36 @@ def _dead(row: dict[str, Any], error: str, reason: str) -> ItemUpdate:
     return ItemUpdate(row["item_id"], "dead_lettered", row["data"], "dead_lettered", dead_letter=(error, reason))
 
 
+def _failed(row: dict[str, Any], stage: str, resp) -> ItemUpdate:
+    """A failed model step: deferred to the next run when the provider said "not now" (budget,
+    open circuit), dead-lettered with the gateway's reason otherwise."""
+    error = resp.error or "provider_error"
+    if error in DEFER_ERRORS:
+        note = {"stage": stage, "error": error, "reason": resp.reason, "at": utcnow().isoformat()}
+        return ItemUpdate(row["item_id"], "deferred", {**row["data"], "deferred": note}, "deferred")
+    return _dead(row, error, f"{stage} failed: {resp.reason}")
+
+
+def _fresh(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "deferred"}
+
+
 # --- triage ---------------------------------------------------------------------------
 
 def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     """Intent from the model (through the gateway); priority and queue from the taxonomy,
     raised one level for urgent wording; the first-response due date from the brief's SLA."""
     started = utcnow()
-    rows = load_items(env, "received")
+    rows = load_items(env, "received", deferred_after="intake")
     reqs = [LLMStepRequest(id=r["item_id"], inputs={"text": _text(r), "context": {"channel": r["channel"]}})
             for r in rows]
-    responses, stats = gateway.run("triage", reqs, TriageOutput) if reqs else ([], None)
+    intents = sorted(cfg.taxonomy)
+    responses, stats = gateway.run("triage", reqs, TriageOutput, label_choices=intents,
+                                   prompt_vars={"allowed_intents": ", ".join(intents)}) if reqs else ([], None)
     updates = []
     for row, resp in zip(rows, responses):
         if not resp.ok:
-            updates.append(_dead(row, resp.error or "provider_error", f"triage failed: {resp.reason}"))
+            updates.append(_failed(row, "triage", resp))
             continue
         intent = resp.output.label
         tax = cfg.taxonomy.get(intent)
@@ -225,7 +248,7 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
         priority = tax["priority"]
         if URGENT.search(_text(row)):
             priority = PRIORITY_UP[priority]
-        data = {**row["data"], "intent": intent, "confidence": round(resp.output.confidence, 4),
+        data = {**_fresh(row["data"]), "intent": intent, "confidence": round(resp.output.confidence, 4),
                 "priority": priority, "queue": tax["queue"],
                 "model_version": (resp.output.model_extra or {}).get("model_version")}
         due = (row["received_at"] or row["ingested_at"]) + timedelta(hours=cfg.brief.sla_hours[priority])
@@ -304,7 +327,7 @@ def knowledge_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
 def draft_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     """A reply grounded in the retrieved article; the article id is kept as its citation."""
     started = utcnow()
-    rows = load_items(env, "grounded")
+    rows = load_items(env, "grounded", deferred_after="knowledge")
     names = {p["id"]: p["name"].split()[0] for p in cfg.roster}
     reqs = []
     for r in rows:
@@ -320,10 +343,10 @@ def draft_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     updates = []
     for row, resp in zip(rows, responses):
         if not resp.ok:
-            updates.append(_dead(row, resp.error or "provider_error", f"draft failed: {resp.reason}"))
+            updates.append(_failed(row, "draft", resp))
             continue
         out: DraftOutput = resp.output
-        updates.append(ItemUpdate(row["item_id"], "drafted", {**row["data"], "draft": out.text,
+        updates.append(ItemUpdate(row["item_id"], "drafted", {**_fresh(row["data"]), "draft": out.text,
                                                               "citations": out.citations}))
     md = stats.as_metadata("draft") if stats else {}
     return commit_stage(env, "draft", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},

@@ -15,6 +15,7 @@ from .triage_model import TriageModel
 
 class LocalProvider:
     name = "local"
+    batch = True  # answers a whole batch in-process
 
     def __init__(self, triage_model: TriageModel | None, templates: dict[str, str]):
         self.triage_model = triage_model
@@ -27,7 +28,8 @@ class LocalProvider:
                      for p in Path(templates_dir).glob("*.local.txt")}
         return cls(model, templates)
 
-    def run(self, task: str, model: str, requests: Sequence[LLMStepRequest]) -> list[ProviderResult]:
+    def run(self, task: str, model: str, requests: Sequence[LLMStepRequest],
+            prompt_vars: dict | None = None) -> list[ProviderResult]:
         if task == "triage":
             return self._triage(requests)
         if task in self.templates:
