@@ -1,7 +1,13 @@
-"""The orch_project code location: every Dagster object under orch_project/defs, loaded by folder."""
+"""The code location: every definition under orch_project/defs, found by Dagster's loader."""
+
+from pathlib import Path
 
 import dagster as dg
 
-from orch_project import defs as _defs_root
 
-defs = dg.load_defs(defs_root=_defs_root)
+def build_defs() -> dg.Definitions:
+    """Load the definitions; resources read the environment at this moment (ORCH_*, OPENAI_*)."""
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+
+
+defs = build_defs()

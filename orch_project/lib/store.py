@@ -291,6 +291,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 _ENGINES: dict[str, Engine] = {}
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
 _MIGRATED: set[str] = set()
 _LOCK = threading.Lock()
 
@@ -368,6 +369,20 @@ class Database:
     def begin(self) -> Iterator[Connection]:
         with self.engine.begin() as conn:
             yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A short read-modify-write transaction that many threads of this process may run at once.
+        SQLite allows one writer: threads queue on a process lock instead of SQLite's sleeping busy
+        handler (and a read that upgrades to a write cannot hit SQLITE_BUSY). PostgreSQL's row
+        locks need no help."""
+        if self.dialect != "sqlite":
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with _WRITE_LOCKS.setdefault(self.url, threading.Lock()):
+            with self.engine.begin() as conn:
+                yield conn
 
     # -- generic helpers -------------------------------------------------------------
     def insert_ignore(self, conn: Connection, table: sa.Table, rows: Sequence[dict], index: list[str]) -> None:

@@ -63,7 +63,8 @@ def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatab
     with db.begin() as conn:
         rows = conn.execute(sa.select(items.c.item_id, items.c.data, items.c.due_at).where(
             items.c.flow == logic.FLOW, items.c.day.in_(_days(context)),
-            items.c.status.notin_(("received", "dead_lettered")))).all()
+            items.c.status.notin_(("received", "dead_lettered")),
+            ~sa.and_(items.c.status == "deferred", items.c.stage == "intake"))).all()  # not triaged yet
     bad = []
     for item_id, d, due in rows:
         ok = (d.get("intent") in CFG.taxonomy and 0.0 <= float(d.get("confidence", -1)) <= 1.0

@@ -10,6 +10,8 @@ every run, every worker and every process sees the same picture:
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,9 +25,28 @@ HEALTH_ERRORS = {"provider_error", "timeout", "rate_limited"}
 
 
 class CircuitBreaker:
-    def __init__(self, db: Database, policy: BreakerPolicy):
+    """State lives in the app database. A process remembers "closed, no failures" for up to
+    ``refresh_s`` so the healthy path costs no database round trip per call; a circuit opened by
+    another process is therefore seen within that many seconds, one opened here at once."""
+
+    def __init__(self, db: Database, policy: BreakerPolicy, *, refresh_s: float = 1.0):
         self.db = db
         self.policy = policy
+        self.refresh_s = refresh_s
+        self._healthy: dict[str, float] = {}  # key -> monotonic time it was last seen closed with 0 failures
+        self._lock = threading.Lock()
+
+    def _known_healthy(self, key: str) -> bool:
+        with self._lock:
+            seen = self._healthy.get(key)
+            return seen is not None and time.monotonic() - seen < self.refresh_s
+
+    def _mark(self, key: str, healthy: bool) -> None:
+        with self._lock:
+            if healthy:
+                self._healthy[key] = time.monotonic()
+            else:
+                self._healthy.pop(key, None)
 
     def open_keys(self, keys: list[str]) -> set[str]:
         """Keys whose circuit is open and still cooling down (for the router's ranking)."""
@@ -45,8 +66,15 @@ class CircuitBreaker:
     def allow(self, key: str) -> bool:
         """May a call go to ``key`` now? Open -> refused until the cool-down ends, then half-open
         lets ``half_open_probes`` calls through (claimed atomically across workers)."""
+        if self._known_healthy(key):
+            return True
         t = circuit_breakers.c
         with self.db.begin() as conn:
+            row = conn.execute(sa.select(t.state, t.failures).where(t.key == key)).first()
+        if row is None or row.state == "closed":
+            self._mark(key, row is None or row.failures == 0)
+            return True
+        with self.db.write() as conn:
             row = conn.execute(sa.select(t.state, t.opened_at).where(t.key == key)).first()
             if row is None or row.state == "closed":
                 return True
@@ -66,13 +94,17 @@ class CircuitBreaker:
         """Feed one call's outcome back; returns the state after it."""
         t = circuit_breakers.c
         healthy = error is None or error not in HEALTH_ERRORS
+        if healthy and self._known_healthy(key):
+            return "closed"
         now = utcnow()
-        with self.db.begin() as conn:
+        self._mark(key, False)
+        with self.db.write() as conn:
             row = conn.execute(sa.select(t.state, t.failures).where(t.key == key)).first()
             if healthy:
                 if row is not None and (row.state != "closed" or row.failures):
                     conn.execute(circuit_breakers.update().where(t.key == key).values(
                         state="closed", failures=0, probes=0, opened_at=None, updated_at=now))
+                self._mark(key, True)
                 return "closed"
             if row is None:
                 self.db.insert_ignore(conn, circuit_breakers, [{"key": key, "state": "closed", "failures": 0,
@@ -130,7 +162,7 @@ class TokenBudget:
         """Reserve ``tokens`` in every scope or in none; raises BudgetRefused naming the scope."""
         t = token_budgets.c
         try:
-            with self.db.begin() as conn:
+            with self.db.write() as conn:
                 for scope in self.caps:
                     res = conn.execute(token_budgets.update().where(
                         t.scope == scope, t.used + t.reserved + tokens <= t.cap)
@@ -138,7 +170,7 @@ class TokenBudget:
                     if res.rowcount != 1:
                         raise BudgetRefused(scope, self.caps[scope])
         except BudgetRefused as refused:
-            with self.db.begin() as conn:
+            with self.db.write() as conn:
                 conn.execute(token_budgets.update().where(t.scope == refused.scope)
                              .values(refused=t.refused + 1, updated_at=utcnow()))
             raise

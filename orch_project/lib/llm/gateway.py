@@ -197,6 +197,7 @@ class _Call:
         self.day = self.now.date().isoformat()
         self.to_cache: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._schema_cache: dict[str, Any] | None = None
 
     # -- the batch -------------------------------------------------------------------
     def execute(self, requests: list[LLMStepRequest]) -> tuple[list[LLMStepResponse], GatewayStats]:
@@ -394,7 +395,7 @@ class _Call:
         self.stats.add_call(res, cost)
         row = self._row(i, cand, ranked.rank, res, why, cost=cost, repair=repair,
                         reserved=reservation.tokens if reservation else 0)
-        with self.gw.db.begin() as conn:  # ledger row and budget settlement commit together
+        with self.gw.db.write() as conn:  # ledger row and budget settlement commit together
             conn.execute(llm_calls.insert(), [row])
             if reservation is not None:
                 self.gw.budget().settle(conn, reservation, res.input_tokens + res.output_tokens, cost)
@@ -412,10 +413,12 @@ class _Call:
         return string.Template(tpl).safe_substitute(values)
 
     def _schema(self) -> dict[str, Any]:
-        schema = self.output_model.model_json_schema()
-        if self.label_choices:
-            schema.setdefault("properties", {}).setdefault("label", {})["enum"] = self.label_choices
-        return schema
+        if self._schema_cache is None:  # building a JSON Schema is slow: once per batch
+            schema = self.output_model.model_json_schema()
+            if self.label_choices:
+                schema.setdefault("properties", {}).setdefault("label", {})["enum"] = self.label_choices
+            self._schema_cache = schema
+        return self._schema_cache
 
     def _validate(self, output) -> tuple[LLMOutput | None, str]:
         try:
@@ -452,6 +455,6 @@ class _Call:
         }
 
     def _write(self, row: dict[str, Any]) -> None:
-        with self.gw.db.begin() as conn:
+        with self.gw.db.write() as conn:
             conn.execute(llm_calls.insert(), [row])
 

@@ -1,0 +1,143 @@
+"""LLM-bound throughput: the support flow's two model steps (triage, draft) for N items through the
+LLM gateway and the real openai SDK against the fake OpenAI server (a separate process) answering
+every call after a fixed latency. With latency L and the gateway's concurrency limit C the
+provider-side ceiling is C / L calls per second; the benchmark reports the fraction reached.
+
+    .venv/bin/python benchmarks/llm_concurrency.py [--items N] [--latency-ms 200] [--concurrency 16]
+
+Caches are switched off for the measurement (every item makes one HTTP call per step). Progress
+goes to stderr; the last line on stdout is one JSON object:
+
+    {"benchmark": "llm_concurrency", "calls", "latency_ms", "concurrency", "calls_per_s",
+     "limit_calls_per_s", "fraction_of_limit", "peak_in_flight", "triage_s", "draft_s"}
+
+Only the two model steps are timed; intake, assignment and knowledge lookup run untimed between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import yaml
+
+warnings.filterwarnings("ignore")
+REPO = Path(__file__).resolve().parents[1]
+DAY = "2026-11-20"
+TARGET_FRACTION = 0.90
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "orch_project_tests.fake_openai", "--port", "0",
+                             "--latency-ms", str(latency_ms)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise SystemExit(f"fake OpenAI server did not start: {line!r}")
+    return proc, line.removeprefix("listening on ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=600, help="items (default 600 -> 1,200 calls)")
+    ap.add_argument("--latency-ms", type=float, default=200.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.items <= 0 or args.concurrency <= 0 or args.latency_ms <= 0:
+        ap.error("--items, --concurrency and --latency-ms must be positive")
+
+    with tempfile.TemporaryDirectory(prefix="llm_concurrency_") as tmp:
+        work = Path(tmp)
+        os.environ.update({
+            "ORCH_HOME": str(work), "ORCH_DATABASE_URL": f"sqlite:///{work / 'app.sqlite'}",
+            "ORCH_CONNECTORS_URL": f"sqlite:///{work / 'connectors.sqlite'}", "ORCH_INBOX_DIR": str(work / "inbox"),
+        })
+        proc, base_url = start_server(args.latency_ms)
+        try:
+            return run(args, work, base_url)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def run(args, work: Path, base_url: str) -> int:
+    from orch_project.defs.resources import LLMGateway
+    from orch_project.defs.support import logic
+    from orch_project.defs.support.assets import CFG
+    from orch_project.lib.intake import submit_to_table
+    from orch_project.lib.llm.gateway import Budget
+    from orch_project.lib.pipeline import StageEnv
+    from orch_project.lib.sampledata import generate_messages
+    from orch_project.lib.settings import Settings
+    from orch_project.lib.store import Database, llm_calls
+
+    import sqlalchemy as sa
+
+    say(f"llm_concurrency: {args.items} items, latency {args.latency_ms:g} ms, concurrency {args.concurrency}, "
+        f"server {base_url}")
+    s = Settings.from_env().ensure_dirs()
+    db = Database(s.database_url)
+    msgs = generate_messages(args.items, seed=args.seed, days=[DAY])
+    submit_to_table(db, "support", msgs, "benchmark")
+
+    routing = yaml.safe_load(CFG.routing_path.read_text())
+    routing["concurrency"] = args.concurrency
+    for task in routing["tasks"].values():
+        task["cache"] = {"exact": False, "semantic": False}
+    routing_path = work / "routing.yaml"
+    routing_path.write_text(yaml.safe_dump(routing))
+
+    llm = LLMGateway(provider="openai", openai_base_url=base_url, openai_api_key="sk-benchmark")
+    env = StageEnv(db, logic.FLOW, [DAY], run_id="llm-concurrency")
+
+    def gateway():
+        return llm.gateway(db, flow=logic.FLOW, run_id=env.run_id, routing_path=routing_path,
+                           prompts_dir=CFG.prompts_dir, prompt_versions=CFG.prompt_versions,
+                           budget=Budget(max_tokens_per_run=10**9, daily_token_cap=10**9))
+
+    logic.intake_stage(env, CFG, s.inbox_dir, s.pii_salt)
+    say("triage ...")
+    t0 = time.perf_counter()
+    tri = logic.triage_stage(env, CFG, gateway())
+    triage_s = time.perf_counter() - t0
+    say(f"    {tri.n_in} items in {triage_s:.2f} s, outcomes {dict(tri.outcomes)}")
+    logic.assign_stage(env, CFG)
+    logic.knowledge_stage(env, CFG)
+    say("draft ...")
+    t0 = time.perf_counter()
+    dra = logic.draft_stage(env, CFG, gateway())
+    draft_s = time.perf_counter() - t0
+    say(f"    {dra.n_in} items in {draft_s:.2f} s, outcomes {dict(dra.outcomes)}")
+
+    with db.begin() as conn:
+        calls = conn.execute(sa.select(sa.func.count()).select_from(llm_calls).where(
+            llm_calls.c.run_id == env.run_id, llm_calls.c.provider == "openai")).scalar_one()
+    stats = json.load(urllib.request.urlopen(base_url.removesuffix("/v1") + "/_control/requests"))
+    if len(stats["requests"]) != calls:
+        raise SystemExit(f"ledger has {calls} calls but the server saw {len(stats['requests'])}")
+    limit = args.concurrency / (args.latency_ms / 1000.0)
+    rate = calls / (triage_s + draft_s)
+    result = {"benchmark": "llm_concurrency", "calls": calls, "latency_ms": args.latency_ms,
+              "concurrency": args.concurrency, "calls_per_s": round(rate, 1), "limit_calls_per_s": round(limit, 1),
+              "fraction_of_limit": round(rate / limit, 3), "peak_in_flight": stats["peak_in_flight"],
+              "triage_s": round(triage_s, 2), "draft_s": round(draft_s, 2),
+              "target_fraction": TARGET_FRACTION, "meets_target": rate / limit >= TARGET_FRACTION}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
