@@ -80,6 +80,18 @@ def test_flow_runs_through_the_sdk_without_leaking_pii_or_the_key(orch_home, db,
     ledger_tokens = sum(c["input_tokens"] + c["output_tokens"] for c in calls)
     assert budget.used == ledger_tokens and budget.reserved == 0
 
+    # the KPI report shows the router's record: first choices, wins, cost, cache hit rates
+    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.reporting import compute_kpis
+
+    k, _ = compute_kpis(db, CFG)
+    sel = {(m["task"], m["model"]): m for m in k["model_selection"]}
+    assert sel[("triage", "openai:gpt-4o-mini")]["first_choice"] == len(msgs)
+    assert sel[("triage", "openai:gpt-4o-mini")]["win_rate"] == 1.0
+    assert sel[("draft_reply", "openai:gpt-4.1-mini")]["wins"] == len(msgs)  # every item is drafted before the gate
+    assert k["cost_usd_total"] == pytest.approx(sum(c["cost_usd"] for c in calls)) and k["cost_usd_total"] > 0
+    assert k["llm_calls"] == len(reqs) and k["exact_cache_hit_rate"] == 0.0
+
 
 def test_malformed_answers_dead_letter_with_the_raw_reason(orch_home, db, with_model, openai_defs, srv, instance):
     msgs = sample_messages(DAY)[:5]

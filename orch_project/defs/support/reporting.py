@@ -27,8 +27,11 @@ def _frames(db: Database):
                                    item_stages.c.attempt, item_stages.c.outcome).where(item_stages.c.flow == FLOW), conn)
         ik = pd.read_sql(sa.select(intake.c.day, intake.c.outcome).where(intake.c.flow == FLOW), conn)
         dl = pd.read_sql(sa.select(dlq.c.stage, dlq.c.error_type, dlq.c.status).where(dlq.c.flow == FLOW), conn)
-        lc = pd.read_sql(sa.select(llm_calls.c.run_id, llm_calls.c.task, llm_calls.c.input_tokens,
-                                   llm_calls.c.output_tokens, llm_calls.c.cached, llm_calls.c.ok)
+        lc = pd.read_sql(sa.select(llm_calls.c.run_id, llm_calls.c.item_id, llm_calls.c.task,
+                                   llm_calls.c.provider, llm_calls.c.model, llm_calls.c.input_tokens,
+                                   llm_calls.c.output_tokens, llm_calls.c.cached, llm_calls.c.cache_kind,
+                                   llm_calls.c.ok, llm_calls.c.error, llm_calls.c.route_rank, llm_calls.c.repair,
+                                   llm_calls.c.cost_usd)
                          .where(llm_calls.c.flow == FLOW), conn)
         ap = pd.read_sql(sa.select(approvals.c.status, approvals.c.edited, approvals.c.reason)
                          .where(approvals.c.flow == FLOW), conn)
@@ -103,6 +106,42 @@ def _num(x: float | None, unit: str = "", digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}{unit}"
 
 
+def llm_kpis(lc) -> dict[str, Any]:
+    """Tokens, cost, cache hit rates and the router's model-selection record from the call ledger."""
+    if lc.empty:
+        return {"tokens_per_run_mean": None, "tokens_per_run_max": None, "tokens_total": 0, "cost_usd_total": 0.0,
+                "cost_per_run_mean": None, "cache_hit_rate": None, "exact_cache_hit_rate": None,
+                "semantic_cache_hit_rate": None, "llm_calls": 0, "llm_errors": {}, "model_selection": []}
+    run = lc["run_id"].fillna("none")
+    per_run = (lc["input_tokens"] + lc["output_tokens"]).groupby(run).sum()
+    cost_run = lc["cost_usd"].groupby(run).sum()
+    cached = lc["cached"].astype(bool)
+    # one request = one (run, item, task); a cache row answers it, otherwise one or more calls do
+    requests = max(1, len(lc[["run_id", "item_id", "task"]].drop_duplicates()))
+    calls = lc[~cached]
+    first = calls[(calls["route_rank"] == 0) & ~calls["repair"].astype(bool) & (calls["error"] != "circuit_open")]
+    selection = []
+    for (task, provider, model), g in first.groupby(["task", "provider", "model"]):
+        wins = int(g["ok"].astype(bool).sum())
+        selection.append({"task": task, "model": f"{provider}:{model}", "first_choice": int(len(g)), "wins": wins,
+                          "win_rate": wins / len(g)})
+    for (task, provider, model), g in calls[(calls["route_rank"] > 0) & calls["ok"].astype(bool)].groupby(
+            ["task", "provider", "model"]):
+        selection.append({"task": task, "model": f"{provider}:{model}", "first_choice": 0, "wins": 0,
+                          "win_rate": None, "fallback_answers": int(len(g))})
+    return {
+        "tokens_per_run_mean": float(per_run.mean()), "tokens_per_run_max": float(per_run.max()),
+        "tokens_total": int(per_run.sum()), "cost_usd_total": float(lc["cost_usd"].sum()),
+        "cost_per_run_mean": float(cost_run.mean()),
+        "cache_hit_rate": float(cached.sum() / requests),
+        "exact_cache_hit_rate": float((lc["cache_kind"] == "exact").sum() / requests),
+        "semantic_cache_hit_rate": float((lc["cache_kind"] == "semantic").sum() / requests),
+        "llm_calls": int(len(calls)),
+        "llm_errors": {str(e): int(n) for e, n in calls["error"].dropna().value_counts().items()},
+        "model_selection": selection,
+    }
+
+
 def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) -> tuple[dict[str, Any], Any]:
     now = now or utcnow()
     it, st, ik, dl, lc, ap = _frames(db)
@@ -116,7 +155,8 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
         "received": received, "resolved": resolved, "awaiting_approval": int(counts.get("awaiting_approval", 0)),
         "dead_lettered": dead, "duplicates": int((ik["outcome"] == "duplicate").sum()) if not ik.empty else 0,
         "in_progress": int(sum(counts.get(s, 0) for s in ("received", "triaged", "assigned", "grounded",
-                                                           "drafted", "approved"))),
+                                                           "drafted", "approved", "deferred"))),
+        "deferred": int(counts.get("deferred", 0)),
         "success_rate": (resolved / finished) if finished else None,
         "dlq_open": int((dl["status"] == "open").sum()) if not dl.empty else 0,
     }
@@ -142,15 +182,7 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
     decided = ap[ap["status"].isin(["approved", "rejected"])] if not ap.empty else ap
     k["override_rate"] = float(decided["edited"].mean()) if len(decided) else None
     k["approvals_pending"] = int((ap["status"] == "pending").sum()) if not ap.empty else 0
-    if not lc.empty:
-        per_run = (lc["input_tokens"] + lc["output_tokens"]).groupby(lc["run_id"].fillna("none")).sum()
-        k["tokens_per_run_mean"] = float(per_run.mean())
-        k["tokens_per_run_max"] = float(per_run.max())
-        k["tokens_total"] = int(per_run.sum())
-        k["cache_hit_rate"] = float(lc["cached"].astype(bool).mean())
-        k["llm_calls"] = int(len(lc))
-    else:
-        k.update(tokens_per_run_mean=None, tokens_per_run_max=None, tokens_total=0, cache_hit_rate=None, llm_calls=0)
+    k.update(llm_kpis(lc))
     res = it[it["status"] == "resolved"] if not it.empty else it
     if len(res):
         ttr_h = (res["resolved_at"] - res["received_at"]).dt.total_seconds() / 3600.0
@@ -188,7 +220,10 @@ def _markdown(k: dict[str, Any]) -> str:
         f"| in progress | {k['in_progress']} |", f"| flow success rate | {_pct(k['success_rate'])} |",
         f"| DLQ open | {k['dlq_open']} |", f"| override rate | {_pct(k['override_rate'])} |",
         f"| tokens per run (mean / max) | {_num(k['tokens_per_run_mean'], '', 0)} / {_num(k['tokens_per_run_max'], '', 0)} |",
-        f"| cache hit rate | {_pct(k['cache_hit_rate'])} |",
+        f"| LLM calls / cost | {k['llm_calls']} / ${k['cost_usd_total']:.4f} |",
+        f"| cache hit rate (exact / semantic) | {_pct(k['cache_hit_rate'])} ({_pct(k['exact_cache_hit_rate'])} / "
+        f"{_pct(k['semantic_cache_hit_rate'])}) |",
+        f"| deferred (budget / open circuit) | {k['deferred']} |",
         f"| CSAT mean (responses) | {_num(k['csat_mean'], '/5', 2)} ({k['csat_responses']}) |",
         f"| CSAT response rate | {_pct(k['csat_response_rate'])} |",
         f"| time to resolution p50 / p95 | {_num(k['time_to_resolution_p50_h'], ' h')} / {_num(k['time_to_resolution_p95_h'], ' h')} |",
@@ -201,6 +236,15 @@ def _markdown(k: dict[str, Any]) -> str:
         lat = k["latency_by_stage"].get(stage, {})
         lines.append(f"| {stage} | {lat.get('items', '')} | {_num(lat.get('p50_ms'))} | {_num(lat.get('p95_ms'))} | "
                      f"{_num(k['retries_per_step'].get(stage), '', 3)} | {_pct(k['branch_failure_rates'].get(stage))} |")
+    if k["model_selection"]:
+        lines += ["", "#### Model selection (router's first choice, and fallbacks that answered)", "",
+                  "| task | model | first choice | wins | win rate | fallback answers |", "|---|---|---|---|---|---|"]
+        for m in k["model_selection"]:
+            lines.append(f"| {m['task']} | {m['model']} | {m['first_choice']} | {m['wins']} | {_pct(m['win_rate'])} | "
+                         f"{m.get('fallback_answers', 0)} |")
+    if k["llm_errors"]:
+        lines.append("")
+        lines.append("LLM call errors: " + ", ".join(f"{e} {n}" for e, n in sorted(k["llm_errors"].items())))
     lines += ["", "#### Alerts from the brief", "", "| rule | observed | state |", "|---|---|---|"]
     for a in k["alerts"]:
         obs = "n/a" if a["observed"] is None else f"{a['observed']:.4g}"
