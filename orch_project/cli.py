@@ -6,6 +6,11 @@
     orch dlq list [--json]    the dead-letter queue
     orch audit ITEM           the audit trail of one item
     orch schemas export DIR   JSON Schemas of the contracts
+    orch model list|promote VERSION|rollback    the triage model registry (audited)
+    orch triage train|evaluate ...              the embedded intent model on your own labelled tickets
+    orch pii scan             PII spans in the text on stdin, as JSON (Presidio, offline)
+    orch pii scan --jsonl F   the same for each {"id", "text"} line of F, one JSON line each
+    orch pii redact           the text on stdin with PII replaced by <ENTITY_TYPE>
 """
 
 from __future__ import annotations
@@ -172,6 +177,83 @@ def schemas_export(directory: Path) -> None:
         click.echo(directory / f"{name}.schema.json")
 
 
+@main.group(help="PII detection with Presidio, offline (no NLP model, no network). Entity types: PERSON, "
+                 "EMAIL_ADDRESS, PHONE_NUMBER, CREDIT_CARD, IBAN_CODE, US_SSN, IP_ADDRESS, LOCATION.")
+def pii() -> None:
+    pass
+
+
+def _stdin_text() -> str:
+    data = click.get_binary_stream("stdin").read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"stdin is not UTF-8 text (byte {exc.start})")
+
+
+def _spans_json(spans) -> list[dict]:
+    return [{"entity_type": s.entity_type, "start": s.start, "end": s.end, "score": round(s.score, 2)} for s in spans]
+
+
+def _jsonl_record(raw: bytes) -> tuple[dict | None, str | None]:
+    """A {"id", "text"[, "known_names"]} line, or the reason it is not one."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg})"
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    if "id" not in rec:
+        return None, 'no "id"'
+    if not isinstance(rec.get("text"), str):
+        return None, '"text" missing or not a string'
+    names = rec.get("known_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None, '"known_names" is not a list of strings'
+    return rec, None
+
+
+@pii.command("scan", help="Print the PII spans in the text on stdin as a JSON list of {entity_type, start, end, "
+                          "score}; offsets count characters (code points). With --jsonl FILE ('-' for stdin), read "
+                          "lines {\"id\", \"text\"[, \"known_names\"]} and print one line {\"id\", \"spans\"} per "
+                          "line; a bad line is reported on stderr with its number, the others are still scanned, "
+                          "and the exit code is then 1.")
+@click.option("--jsonl", "jsonl_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="JSONL file of {id, text} lines")
+@click.option("--name", "names", multiple=True, help="a name the text is known to carry, e.g. the sender (repeatable)")
+def pii_scan(jsonl_path: str | None, names: tuple[str, ...]) -> None:
+    from .lib.guardrails import pii as detector
+
+    if jsonl_path is None:
+        click.echo(json.dumps(_spans_json(detector.detect(_stdin_text(), list(names)))))
+        return
+    bad = 0
+    with click.open_file(jsonl_path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            rec, reason = _jsonl_record(raw)
+            if rec is None:
+                bad += 1
+                click.echo(f"{jsonl_path}:{n}: {reason}; line skipped", err=True)
+                continue
+            spans = detector.detect(rec["text"], list(names) + rec.get("known_names", []))
+            click.echo(json.dumps({"id": rec["id"], "spans": _spans_json(spans)}, ensure_ascii=False))
+    if bad:
+        click.echo(f"{jsonl_path}: {bad} bad line(s)", err=True)
+        sys.exit(1)
+
+
+@pii.command("redact", help="Print the text on stdin with every PII span replaced by <ENTITY_TYPE>.")
+@click.option("--name", "names", multiple=True, help="a name the text is known to carry, e.g. the sender (repeatable)")
+def pii_redact(names: tuple[str, ...]) -> None:
+    from .lib.guardrails import pii as detector
+
+    click.echo(detector.mask(_stdin_text(), list(names)).text, nl=False)
+
+
 @main.command(help="Run the support loop on the embedded default: seed the inbox with the shipped samples, "
                    "train the triage model if none is promoted, let the intake sensor micro-batch new messages "
                    "into day partitions, run them, fold in survey answers, and write the KPI report. "
@@ -182,6 +264,17 @@ def demo(samples: Path) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(_settings(), _dagster_home, samples, submit_paths))
+
+
+
+def _register_groups() -> None:
+    from .cli_governance import model, triage
+
+    main.add_command(model)
+    main.add_command(triage)
+
+
+_register_groups()
 
 
 if __name__ == "__main__":

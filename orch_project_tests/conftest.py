@@ -62,15 +62,20 @@ def db(orch_home):
     return Database(orch_home.database_url)
 
 
+def register_promoted(db, model: dict) -> None:
+    """Register a trained model and promote it (what triage_model_promotion does after the gate)."""
+    from orch_project.lib.llm import registry
+
+    registry.register(db, task="triage", version=model["version"], path=model["path"],
+                      train_data_hash=model["metrics"]["train_data_hash"],
+                      code_version=model["metrics"]["code_version"], metrics=model["metrics"])
+    registry.promote(db, model["version"], actor="test", reason="fixture")
+
+
 @pytest.fixture
 def with_model(db, trained_model):
     """The session's trained model registered and promoted in this test's app database."""
-    from orch_project.lib.llm import registry
-
-    registry.register(db, task="triage", version=trained_model["version"], path=trained_model["path"],
-                      train_data_hash=trained_model["metrics"]["train_data_hash"],
-                      code_version=trained_model["metrics"]["code_version"], metrics=trained_model["metrics"],
-                      promote=True)
+    register_promoted(db, trained_model)
     return trained_model
 
 

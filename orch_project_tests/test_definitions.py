@@ -13,9 +13,10 @@ def test_definitions_load_with_expected_objects(defs):
     keys = {a.key.to_user_string() for a in defs.resolve_all_asset_specs()}
     assert {"support_inbound", "support_triage", "support_assignment", "support_knowledge", "support_drafts",
             "support_approval_gate", "support_actions", "support_surveys", "support_csat", "support_escalations",
-            "support_insights", "support_kpi_report", "triage_model"} <= keys
+            "support_insights", "support_kpi_report", "triage_model", "triage_model_evaluation",
+            "triage_model_promotion"} <= keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
-    assert {"support_flow_job", "support_ops_job", "train_triage_model_job"} <= jobs
+    assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
     assert {s.name for s in defs.sensors} == {"support_intake_sensor", "support_ops_after_flow"}
     assert {s.name for s in defs.schedules} == {"support_ops_job_schedule"}
     dg.Definitions.validate_loadable(defs)
@@ -25,7 +26,9 @@ def test_lineage_runs_intake_to_report(defs):
     graph = defs.resolve_asset_graph()
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
                for k in graph.get_all_asset_keys()}
-    assert parents["support_triage"] == {"support_inbound", "triage_model"}
+    assert parents["support_triage"] == {"support_inbound", "triage_model_promotion"}
+    assert parents["triage_model_promotion"] == {"triage_model_evaluation"}
+    assert parents["triage_model_evaluation"] == {"triage_model"}
     assert parents["support_drafts"] == {"support_knowledge"}
     assert parents["support_actions"] == {"support_approval_gate"}
     assert parents["support_csat"] == {"support_surveys"}

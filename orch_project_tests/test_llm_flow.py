@@ -88,7 +88,9 @@ def test_flow_runs_through_the_sdk_without_leaking_pii_or_the_key(orch_home, db,
     sel = {(m["task"], m["model"]): m for m in k["model_selection"]}
     assert sel[("triage", "openai:gpt-4o-mini")]["first_choice"] == len(msgs)
     assert sel[("triage", "openai:gpt-4o-mini")]["win_rate"] == 1.0
-    assert sel[("draft_reply", "openai:gpt-4.1-mini")]["wins"] == len(msgs)  # every item is drafted before the gate
+    # every item is drafted before the gate, in the A/B test's control arm or its prompt variant "b"
+    assert sel[("draft_reply", "openai:gpt-4.1-mini")]["wins"] + sel[("draft_reply.b", "openai:gpt-4.1-mini")]["wins"] \
+        == len(msgs)
     assert k["cost_usd_total"] == pytest.approx(sum(c["cost_usd"] for c in calls)) and k["cost_usd_total"] > 0
     assert k["llm_calls"] == len(reqs) and k["exact_cache_hit_rate"] == 0.0
 

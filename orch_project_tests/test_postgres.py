@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from .conftest import require_services, run_flow, sample_messages
+from .conftest import register_promoted, require_services, run_flow, sample_messages
 
 PG_HOST = os.environ.get("ORCH_TEST_PG_HOST", "127.0.0.1")
 PG_USER = os.environ.get("ORCH_TEST_PG_USER", "postgres")
@@ -50,17 +50,13 @@ def test_support_flow_on_postgres(pg_url, trained_model, defs, instance):
 
     from orch_project.defs.support.logic import status_counts
     from orch_project.lib.intake import submit_to_table
-    from orch_project.lib.llm import registry
     from orch_project.lib.store import Database
 
     db = Database(pg_url)
     assert db.dialect == "postgresql"
     tables = set(sa.inspect(db.engine).get_table_names())
     assert {"items", "outbox", "dlq", "audit", "approvals", "vault", "alembic_version"} <= tables
-    registry.register(db, task="triage", version=trained_model["version"], path=trained_model["path"],
-                      train_data_hash=trained_model["metrics"]["train_data_hash"],
-                      code_version=trained_model["metrics"]["code_version"], metrics=trained_model["metrics"],
-                      promote=True)
+    register_promoted(db, trained_model)
     msgs = sample_messages("2026-11-20")
     assert submit_to_table(db, "support", msgs, "test") == 50
     assert submit_to_table(db, "support", msgs, "test") == 0  # ON CONFLICT DO NOTHING on PostgreSQL too

@@ -264,9 +264,23 @@ models = sa.Table(
     sa.Column("train_data_hash", sa.String(64), nullable=False),
     sa.Column("code_version", sa.String(64), nullable=False),
     sa.Column("metrics", sa.JSON, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False, doc="candidate | promoted | retired | refused"),
+    sa.Column("status", sa.String(16), nullable=False,
+              doc="candidate | promoted | retired | refused | rolled_back"),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("promoted_at", TS),
+)
+
+evaluations = sa.Table(
+    "evaluations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task", sa.String(64), nullable=False),
+    sa.Column("model_version", sa.String(64), nullable=False),
+    sa.Column("prompt_version", sa.String(64), nullable=False),
+    sa.Column("dataset", sa.String(128), nullable=False, doc="validation | test | golden | ..."),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Index("ix_evaluations_model", "model_version"),
 )
 
 

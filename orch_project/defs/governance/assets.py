@@ -1,79 +1,212 @@
-"""Model governance: the triage intent model is an asset trained from shipped labelled data
-(BANKING77, CC BY 4.0), evaluated on held-out data and promoted only past a threshold."""
+"""Model governance for support triage, as assets with lineage:
 
+    triage_model (train a candidate on BANKING77 train.csv, CC BY 4.0)
+      -> triage_model_evaluation (held-out validation split + test.csv report, per model and prompt version)
+         [blocking check triage_model_gate: the candidate must reach the configured accuracy]
+      -> triage_model_promotion (the served version; its data version is the model id, so a promotion or
+         rollback marks the support flow's triage partitions stale and a backfill re-scores them)
+
+A candidate below the gate is refused and the promotion step does not run: the promoted version keeps
+serving. `orch model promote/rollback` and `model_admin_job` change the served version by hand.
+"""
 
 import time
 
 import dagster as dg
+from pydantic import Field
 
+from ...lib.llm.triage_model import CODE_VERSION as TRIAGE_CODE_VERSION
 from ...lib.settings import BANKING77_DIR
 from ..resources import AppDatabase, Workspace
 
-PROMOTION_MIN_ACCURACY = 0.85
+TASK = "triage"
+DEFAULT_MIN_ACCURACY = 0.90
 
 
 class TriageTrainingConfig(dg.Config):
-    min_validation_accuracy: float = PROMOTION_MIN_ACCURACY
+    min_validation_accuracy: float = Field(DEFAULT_MIN_ACCURACY, description="promotion gate on held-out accuracy")
+    train_limit: int | None = Field(None, description="train on a seeded random sample of N examples only "
+                                                      "(experiments, tests)")
 
 
-def _read_csv(path):
+def read_labelled(path, text_column: str = "text", label_column: str = "category"):
     import csv
 
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    return [r["text"] for r in rows], [r["category"] for r in rows]
+    return [r[text_column] for r in rows], [r[label_column] for r in rows]
+
+
+def _triage_prompt_version() -> str:
+    from ..support.assets import CFG
+
+    return CFG.prompt_versions.get("triage", "none")
 
 
 @dg.asset(
-    group_name="governance",
-    kinds={"scikitlearn"},
-    code_version="tfidf-wc-linsvc-v1",
-    description="Intent model for support triage: TF-IDF word+char n-grams with a linear SVM, trained on "
-                "BANKING77 train.csv; promoted to serving only if validation accuracy passes the gate.",
+    group_name="governance", kinds={"scikitlearn"},
+    code_version=TRIAGE_CODE_VERSION,
+    description="Candidate intent model for support triage, trained on CPU from BANKING77 train.csv minus a "
+                "held-out validation split; the out-of-scope threshold is calibrated on that split. Registered "
+                "as a candidate in the model registry.",
 )
 def triage_model(context: dg.AssetExecutionContext, config: TriageTrainingConfig, app_db: AppDatabase,
                  workspace: Workspace) -> dg.MaterializeResult:
     from ...lib.llm import registry, triage_model as tm
 
-    texts, labels = _read_csv(BANKING77_DIR / "train.csv")
+    texts, labels = read_labelled(BANKING77_DIR / "train.csv")
+    if config.train_limit and config.train_limit < len(texts):
+        import random
+
+        keep = sorted(random.Random(0).sample(range(len(texts)), config.train_limit))
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     sw = time.perf_counter()
     model = tm.train(texts, labels)
     train_s = time.perf_counter() - sw
-    test_texts, test_labels = _read_csv(BANKING77_DIR / "test.csv")
-    test = tm.evaluate(model, test_texts, test_labels)  # reported, never used for fitting or tuning
-    metrics = {**model.metrics, "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-               "train_seconds": round(train_s, 2)}
-    model.metrics = metrics
-    db = app_db.database()
+    model.metrics.update(train_seconds=round(train_s, 2), gate_min_accuracy=config.min_validation_accuracy)
     path = model.save(workspace.settings().models_dir)
-    passed = metrics["validation_accuracy"] >= config.min_validation_accuracy
-    status = registry.register(db, task="triage", version=model.version, path=path,
-                               train_data_hash=metrics["train_data_hash"], code_version=tm.CODE_VERSION,
-                               metrics=metrics, promote=passed)
-    context.log.info(f"triage model {model.version}: {status} (validation accuracy {metrics['validation_accuracy']})")
+    registry.register(app_db.database(), task=TASK, version=model.version, path=path,
+                      train_data_hash=model.metrics["train_data_hash"], code_version=tm.CODE_VERSION,
+                      metrics=model.metrics)
+    m = model.metrics
+    context.log.info(f"triage candidate {model.version}: validation accuracy {m['validation_accuracy']}, "
+                     f"{train_s:.1f} s")
     return dg.MaterializeResult(
-        metadata={
-            "version": model.version, "status": status,
-            "validation_accuracy": dg.FloatMetadataValue(metrics["validation_accuracy"]),
-            "test_accuracy": dg.FloatMetadataValue(metrics["test_accuracy"]),
-            "test_macro_f1": dg.FloatMetadataValue(metrics["test_macro_f1"]),
-            "train_seconds": dg.FloatMetadataValue(metrics["train_seconds"]),
-            "n_train": metrics["n_train"], "n_labels": metrics["n_labels"], "path": dg.MetadataValue.path(str(path)),
-        },
+        metadata={"version": model.version, "validation_accuracy": dg.FloatMetadataValue(m["validation_accuracy"]),
+                  "oos_threshold": dg.FloatMetadataValue(m["oos_threshold"]),
+                  "train_seconds": dg.FloatMetadataValue(m["train_seconds"]), "n_train": m["n_train"],
+                  "n_labels": m["n_labels"], "train_data_hash": m["train_data_hash"],
+                  "path": dg.MetadataValue.path(str(path))},
         data_version=dg.DataVersion(model.version),
     )
 
 
-@dg.asset_check(asset=triage_model, blocking=True, description="The promoted model must pass the accuracy gate.")
-def triage_model_promoted(app_db: AppDatabase) -> dg.AssetCheckResult:
-    from ...lib.llm.registry import promoted_model_path
+@dg.asset(
+    group_name="governance", kinds={"scikitlearn"}, deps=[triage_model],
+    description="Evaluation of the newest candidate: accuracy and macro-F1 on the held-out validation split "
+                "(the gate) and on BANKING77 test.csv (reported only, never used for fitting or tuning); "
+                "recorded per model and prompt version. A candidate below its gate is marked refused.",
+)
+def triage_model_evaluation(context: dg.AssetExecutionContext, app_db: AppDatabase) -> dg.MaterializeResult:
+    from ...lib.llm import registry, triage_model as tm
 
-    path, version = promoted_model_path(app_db.database(), "triage")
-    return dg.AssetCheckResult(passed=path is not None, metadata={"promoted_version": version},
-                               description=None if path else "no promoted triage model: the gate refused training")
+    db = app_db.database()
+    cand = registry.latest(db, TASK, "candidate")
+    if cand is None:
+        raise dg.Failure("no candidate triage model to evaluate: materialise triage_model first")
+    model = tm.TriageModel.load(cand["path"])
+    prompt_version = _triage_prompt_version()
+    test_texts, test_labels = read_labelled(BANKING77_DIR / "test.csv")
+    test = tm.evaluate(model, test_texts, test_labels)
+    val = {k: cand["metrics"][k] for k in ("validation_accuracy", "validation_macro_f1", "validation_coverage")
+           if k in cand["metrics"]}
+    registry.record_evaluation(db, task=TASK, model_version=cand["version"], prompt_version=prompt_version,
+                               dataset="validation", metrics=val)
+    registry.record_evaluation(db, task=TASK, model_version=cand["version"], prompt_version=prompt_version,
+                               dataset="banking77-test", metrics=test)
+    gate = float(cand["metrics"].get("gate_min_accuracy", DEFAULT_MIN_ACCURACY))
+    passed = val["validation_accuracy"] >= gate
+    if not passed:
+        registry.set_status(db, cand["version"], "refused", actor="system:gate",
+                            reason=f"validation accuracy {val['validation_accuracy']:.4f} < gate {gate:.4f}")
+    context.log.info(f"candidate {cand['version']}: validation {val['validation_accuracy']:.4f} "
+                     f"(gate {gate}), test top-1 {test['top1_accuracy']:.4f}")
+    return dg.MaterializeResult(metadata={
+        "version": cand["version"], "prompt_version": prompt_version, "gate_min_accuracy": dg.FloatMetadataValue(gate),
+        "gate_passed": passed, "validation_accuracy": dg.FloatMetadataValue(val["validation_accuracy"]),
+        "test_accuracy": dg.FloatMetadataValue(test["accuracy"]),
+        "test_top1_accuracy": dg.FloatMetadataValue(test["top1_accuracy"]),
+        "test_macro_f1": dg.FloatMetadataValue(test["macro_f1"]), "test_coverage": dg.FloatMetadataValue(test["coverage"]),
+    })
+
+
+@dg.asset_check(asset=triage_model_evaluation, blocking=True,
+                description="Promotion gate: the newest candidate's held-out accuracy must reach the configured "
+                            "threshold; otherwise promotion does not run and the promoted version keeps serving.")
+def triage_model_gate(app_db: AppDatabase) -> dg.AssetCheckResult:
+    from ...lib.llm import registry
+
+    db = app_db.database()
+    cand = registry.latest(db, TASK, "candidate")
+    refused = registry.latest(db, TASK, "refused")
+    newest = max([c for c in (cand, refused) if c], key=lambda c: c["created_at"], default=None)
+    if newest is None:
+        return dg.AssetCheckResult(passed=False, description="no candidate has been trained")
+    m = newest["metrics"]
+    ok = newest["status"] == "candidate" and m["validation_accuracy"] >= m.get("gate_min_accuracy", DEFAULT_MIN_ACCURACY)
+    return dg.AssetCheckResult(
+        passed=ok, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"version": newest["version"], "validation_accuracy": float(m["validation_accuracy"]),
+                  "gate_min_accuracy": float(m.get("gate_min_accuracy", DEFAULT_MIN_ACCURACY)),
+                  "serving": registry.promoted_model_path(db, TASK)[1]},
+        description=None if ok else f"candidate {newest['version']} refused: validation accuracy "
+                                    f"{m['validation_accuracy']:.4f} below the gate")
+
+
+@dg.asset(
+    group_name="governance", kinds={"python"}, deps=[triage_model_evaluation],
+    description="The triage model version that serves (registry status promoted). Runs only after the gate "
+                "passed; its data version is the model id, so a change marks the support flow's triage stale.",
+)
+def triage_model_promotion(context: dg.AssetExecutionContext, app_db: AppDatabase) -> dg.MaterializeResult:
+    from ...lib.llm import registry
+
+    db = app_db.database()
+    cand = registry.latest(db, TASK, "candidate")
+    if cand is None:
+        raise dg.Failure("no candidate passed evaluation; nothing to promote")
+    out = registry.promote(db, cand["version"], actor=f"dagster:run:{context.run_id}",
+                           reason=f"passed the gate: validation accuracy {cand['metrics']['validation_accuracy']}")
+    return promotion_result(out, cand["metrics"])
+
+
+def promotion_result(out: dict, metrics: dict) -> dg.MaterializeResult:
+    return dg.MaterializeResult(
+        metadata={"serving_version": out["promoted"], "previous_version": out["previous"] or "none",
+                  "validation_accuracy": dg.FloatMetadataValue(float(metrics.get("validation_accuracy", 0.0)))},
+        data_version=dg.DataVersion(out["promoted"]),
+    )
 
 
 train_triage_model_job = dg.define_asset_job(
-    "train_triage_model_job", selection=dg.AssetSelection.assets(triage_model),
-    executor_def=dg.in_process_executor, description="Train, evaluate and (if it passes the gate) promote the "
-    "triage model.")
+    "train_triage_model_job",
+    selection=dg.AssetSelection.assets(triage_model, triage_model_evaluation, triage_model_promotion),
+    executor_def=dg.in_process_executor,
+    description="Train a candidate, evaluate it, and promote it only if the gate passes.")
+
+
+class ModelAdminConfig(dg.Config):
+    action: str = Field(description="promote | rollback")
+    version: str | None = Field(None, description="the version to promote (promote only)")
+    actor: str = Field(description="who asks for it (recorded in the audit log)")
+    reason: str = Field("", description="why")
+
+
+@dg.op(description="Promote a registered triage model version, or roll back to the previous one (audited).")
+def change_served_triage_model(context: dg.OpExecutionContext, config: ModelAdminConfig, app_db: AppDatabase):
+    from ...lib.llm import registry
+
+    db = app_db.database()
+    try:
+        if config.action == "promote":
+            if not config.version:
+                raise registry.RegistryError("promote needs a version; see `orch model list`")
+            out = registry.promote(db, config.version, actor=config.actor, reason=config.reason)
+        elif config.action == "rollback":
+            out = registry.rollback(db, TASK, actor=config.actor, reason=config.reason)
+        else:
+            raise registry.RegistryError(f"action {config.action!r} is not promote or rollback")
+    except registry.RegistryError as exc:
+        raise dg.Failure(str(exc)) from exc
+    metrics = (registry.get(db, out["promoted"]) or {}).get("metrics", {})
+    res = promotion_result(out, metrics)
+    context.log_event(dg.AssetMaterialization(asset_key=triage_model_promotion.key, metadata=res.metadata,
+                                              tags={"dagster/data_version": out["promoted"]}))
+    context.log.info(f"triage model serving {out['promoted']} (was {out['previous']})")
+    return out
+
+
+@dg.job(description="Change the served triage model by hand: config {action: promote|rollback, version, actor, "
+                    "reason}. Records a materialisation of triage_model_promotion so downstream staleness shows.")
+def model_admin_job():
+    change_served_triage_model()

@@ -21,11 +21,6 @@ COMMON = dict(group_name="support", partitions_def=daily, backfill_policy=dg.Bac
               kinds={"python", "sqlite"})
 
 
-def _prompt_version(task: str) -> str:
-    # computed lazily so importing the module does no file I/O beyond the brief
-    return CFG.prompt_versions.get(task, "none")
-
-
 def _env(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace) -> StageEnv:
     days = list(context.partition_keys)
     return StageEnv(db=app_db.database(), flow=logic.FLOW, days=days, run_id=context.run_id,
@@ -68,8 +63,8 @@ def support_inbound(context: dg.AssetExecutionContext, app_db: AppDatabase, work
     return _result(context, logic.intake_stage(env, CFG, s.inbox_dir, s.pii_salt))
 
 
-@dg.asset(**COMMON, deps=[support_inbound, "triage_model"], pool="llm", retry_policy=EXTERNAL_RETRY,
-          code_version=f"triage-v1-{_prompt_version('triage')}",
+@dg.asset(**COMMON, deps=[support_inbound, "triage_model_promotion"], pool="llm", retry_policy=EXTERNAL_RETRY,
+          code_version=logic.step_code_version("triage", CFG),
           description="Intent (model via the LLM gateway), priority and queue (taxonomy + urgency), SLA due date.")
 def support_triage(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace, llm: LLMGateway):
     env = _env(context, app_db, workspace)
@@ -89,7 +84,7 @@ def support_knowledge(context: dg.AssetExecutionContext, app_db: AppDatabase, wo
 
 
 @dg.asset(**COMMON, deps=[support_knowledge], pool="llm", retry_policy=EXTERNAL_RETRY,
-          code_version=f"draft-v1-{_prompt_version('draft_reply')}",
+          code_version=logic.step_code_version("draft_reply", CFG),
           description="Draft reply grounded in the retrieved article (through the LLM gateway), with citation.")
 def support_drafts(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace, llm: LLMGateway):
     env = _env(context, app_db, workspace)

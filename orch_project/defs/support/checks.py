@@ -67,7 +67,8 @@ def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatab
             ~sa.and_(items.c.status == "deferred", items.c.stage == "intake"))).all()  # not triaged yet
     bad = []
     for item_id, d, due in rows:
-        ok = (d.get("intent") in CFG.taxonomy and 0.0 <= float(d.get("confidence", -1)) <= 1.0
+        ok = ((d.get("intent") in CFG.taxonomy or d.get("intent") == logic.UNKNOWN_INTENT)
+              and 0.0 <= float(d.get("confidence", -1)) <= 1.0
               and d.get("priority") in ("low", "medium", "high") and d.get("queue") and due is not None)
         if not ok:
             bad.append(item_id)

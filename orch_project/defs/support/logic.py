@@ -37,6 +37,10 @@ FOLDER = Path(__file__).parent
 FIRST_DAY = date(2026, 1, 1)  # first daily partition
 OPEN_STATUSES = ("received", "deferred", "triaged", "assigned", "grounded", "drafted", "awaiting_approval",
                  "approved")
+# The model's answer when a message fits no intent (below the calibrated out-of-scope threshold):
+# a human triages it, from the general account queue.
+UNKNOWN_INTENT = "unknown"
+OUT_OF_SCOPE = {"queue": "account", "priority": "medium", "article": None}
 # Gateway errors that say "not now" rather than "bad item": the item waits for the next run.
 DEFER_ERRORS = {"quota_exceeded", "circuit_open"}
 URGENT = re.compile(r"\b(urgent|urgently|asap|immediately|right now|emergency|fraud|stolen)\b", re.I)
@@ -76,6 +80,12 @@ class SupportConfig:
 
         return KnowledgeBase.load(self.folder / "knowledge")
 
+    @cached_property
+    def experiments(self):
+        from ...lib.experiments import load_experiments
+
+        return load_experiments(self.folder / "experiments.yaml")
+
     @property
     def routing_path(self) -> Path:
         return self.folder / "routing.yaml"
@@ -86,13 +96,26 @@ class SupportConfig:
 
     @cached_property
     def prompt_versions(self) -> dict[str, str]:
-        """Content hash per prompt: part of cache keys and of the assets' code versions."""
-        out = {}
+        """The prompt registry: prompts are versioned files, one id per prompt (``triage``,
+        ``draft_reply``, an A/B variant ``draft_reply.b``), the content hash of its OpenAI and
+        embedded (``.local.txt``) files. Part of cache keys, evaluation records and the code versions
+        of the assets that use them."""
+        out: dict[str, str] = {}
         for p in sorted(self.prompts_dir.glob("*.txt")):
-            task = p.name.split(".")[0]
-            h = hashlib.sha256(out.get(task, "").encode() + p.read_bytes()).hexdigest()[:12]
-            out[task] = h
+            prompt_id = p.name.removesuffix(".txt").removesuffix(".local")
+            out[prompt_id] = hashlib.sha256(out.get(prompt_id, "").encode() + p.read_bytes()).hexdigest()[:12]
         return out
+
+
+STEP_LOGIC_VERSION = {"triage": "triage-v2", "draft_reply": "draft-v2"}
+
+
+def step_code_version(task: str, cfg: SupportConfig) -> str:
+    """Code version of a model step's asset: its logic version plus the version of every prompt it can
+    use (variants included). Editing a prompt file changes it, so Dagster marks the asset stale; the
+    served model's id reaches the same asset as the data version of ``triage_model_promotion``."""
+    prompts = sorted((pid, v) for pid, v in cfg.prompt_versions.items() if pid.split(".")[0] == task)
+    return "-".join([STEP_LOGIC_VERSION[task], *(v for _, v in prompts)])
 
 
 # --- intake: validation and PII masking ----------------------------------------------
@@ -232,7 +255,7 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     rows = load_items(env, "received", deferred_after="intake")
     reqs = [LLMStepRequest(id=r["item_id"], inputs={"text": _text(r), "context": {"channel": r["channel"]}})
             for r in rows]
-    intents = sorted(cfg.taxonomy)
+    intents = [*sorted(cfg.taxonomy), UNKNOWN_INTENT]
     responses, stats = gateway.run("triage", reqs, TriageOutput, label_choices=intents,
                                    prompt_vars={"allowed_intents": ", ".join(intents)}) if reqs else ([], None)
     updates = []
@@ -241,7 +264,7 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
             updates.append(_failed(row, "triage", resp))
             continue
         intent = resp.output.label
-        tax = cfg.taxonomy.get(intent)
+        tax = cfg.taxonomy.get(intent) if intent != UNKNOWN_INTENT else OUT_OF_SCOPE
         if tax is None:
             updates.append(_dead(row, "schema_mismatch", f"triage returned an intent outside the taxonomy: {intent!r}"))
             continue
@@ -339,18 +362,48 @@ def draft_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
             "grounding_score": r["data"]["retrieval_score"], "intent": r["data"]["intent"],
         }
         reqs.append(LLMStepRequest(id=r["item_id"], inputs={"text": _text(r), "context": ctx}))
-    responses, stats = gateway.run("draft_reply", reqs, DraftOutput) if reqs else ([], None)
+    arms, responses, stats = _run_with_experiment(cfg, gateway, "draft_reply", reqs, DraftOutput)
     updates = []
     for row, resp in zip(rows, responses):
         if not resp.ok:
             updates.append(_failed(row, "draft", resp))
             continue
         out: DraftOutput = resp.output
-        updates.append(ItemUpdate(row["item_id"], "drafted", {**_fresh(row["data"]), "draft": out.text,
-                                                              "citations": out.citations}))
+        data = {**_fresh(row["data"]), "draft": out.text, "citations": out.citations}
+        if row["item_id"] in arms:
+            data["experiment"] = arms[row["item_id"]]
+        updates.append(ItemUpdate(row["item_id"], "drafted", data))
     md = stats.as_metadata("draft") if stats else {}
+    md["experiment_arms"] = dict(Counter(a["arm"] for a in arms.values()))
     return commit_stage(env, "draft", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
                         metadata=md)
+
+
+def _run_with_experiment(cfg: SupportConfig, gateway, task: str, reqs: list[LLMStepRequest], output_model):
+    """Run a model step, sending the items of an enabled experiment's variant arm through its prompt
+    variant. Returns ({item_id: {"name", "arm"}}, responses in request order, merged stats)."""
+    from ...lib.experiments import CONTROL, active_for
+
+    if not reqs:
+        return {}, [], None
+    active = active_for(cfg.experiments, task)
+    if active is None:
+        responses, stats = gateway.run(task, reqs, output_model)
+        return {}, responses, stats
+    name, exp = active
+    arms = {r.id: {"name": name, "arm": exp.arm(name, r.id)} for r in reqs}
+    by_arm: dict[str, list[int]] = {}
+    for i, r in enumerate(reqs):
+        by_arm.setdefault(arms[r.id]["arm"], []).append(i)
+    responses: list = [None] * len(reqs)
+    merged = None
+    for arm, idx in sorted(by_arm.items()):
+        out, stats = gateway.run(task, [reqs[i] for i in idx], output_model,
+                                 variant=None if arm == CONTROL else exp.variant)
+        for i, resp in zip(idx, out):
+            responses[i] = resp
+        merged = stats if merged is None else merged.merge(stats)
+    return arms, responses, merged
 
 
 # --- approval gate --------------------------------------------------------------------
@@ -360,7 +413,9 @@ def approval_reasons(cfg: SupportConfig, data: dict[str, Any]) -> list[str]:
     reasons = []
     if data.get("priority") in pol.priorities:
         reasons.append("high_priority")
-    if float(data.get("confidence", 0.0)) < pol.min_confidence:
+    if data.get("intent") == UNKNOWN_INTENT:
+        reasons.append("out_of_scope")
+    elif float(data.get("confidence", 0.0)) < pol.min_confidence:
         reasons.append("low_confidence")
     return reasons
 

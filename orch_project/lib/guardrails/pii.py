@@ -1,45 +1,48 @@
 """PII detection and masking for inbound text, before anything is stored or sent to a model.
 
-Detection is pattern + checksum based (python-stdnum validates card numbers with Luhn and IBANs
-with ISO 7064), plus the names the message itself tells us (the sender's name from the header or
-form, and "my name is ..."-style self introductions and signature lines). Entity names follow
-Presidio's (PERSON, EMAIL_ADDRESS, PHONE_NUMBER, CREDIT_CARD, IBAN_CODE, US_SSN, IP_ADDRESS,
-LOCATION) so reports and checks read the same whichever detector runs.
+Detection runs Microsoft Presidio's ``AnalyzerEngine`` fully offline: a no-op NLP engine (no spaCy
+model is loaded or downloaded) and only pattern/checksum recognisers (``pii_recognizers.py``):
 
-Masking replaces every span with ``<ENTITY_TYPE>``. Values a later step legitimately needs (the
-customer's address for the reply) go to the vault table as reversible tokens, never into item text.
+- EMAIL_ADDRESS, CREDIT_CARD (Luhn), IBAN_CODE (ISO 7064 via python-stdnum), US_SSN, IP_ADDRESS:
+  Presidio's predefined recognisers, adjusted to work without the network;
+- PHONE_NUMBER: Presidio's python-phonenumbers recogniser, run on phone-shaped candidates only;
+- PERSON: the names the message itself tells us (the sender's name from the header or form, passed
+  per call as ``known_names``), "my name is ..."-style self introductions, form fields and
+  signature lines;
+- LOCATION: street addresses in English, German, French, Spanish and Italian forms.
+
+There is no statistical NER, so other people's names in free text ("my husband Kwame sent ...")
+are not found; ``benchmarks/pii_recall.py`` measures what is.
+
+Masking replaces every span with ``<ENTITY_TYPE>`` through presidio-anonymizer's ``AnonymizerEngine``.
+Values a later step legitimately needs (the customer's address for the reply) go to the vault table
+as reversible tokens, never into item text.
+
+Presidio (and spaCy under it) is imported on the first detection, not on import, and the engines
+are built once per process.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import logging
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 
-from stdnum import iban as _iban
-from stdnum import luhn as _luhn
+ENTITIES = ("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS",
+            "LOCATION")
+SCORE_THRESHOLD = 0.3
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
-IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,4})?\b")
-SSN = re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b")
-IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,5}\)[\s.-]?)?\d{2,5}(?:[\s.-]?\d{2,5}){1,4}(?![\w])"
-)
-STREET = re.compile(
-    r"\b\d{1,5}[A-Za-z]?,? (?:[A-Z][\w'.-]+ ){0,4}"
-    r"(?:Street|St\.?|Road|Rd\.?|Avenue|Ave\.?|Lane|Ln\.?|Drive|Dr\.?|Way|Court|Ct\.?|Place|Pl\.?|Square|Close|"
-    r"Boulevard|Blvd\.?|Terrace|Gardens|Hill|Park|Row|Walk|Crescent)\b[^\n]{0,60}"
-    r"|\b(?:[A-Z][\w'.-]+ ){0,3}(?:[Ss]tra(?:ss|ß)e|[Ww]eg|[Gg]asse|[Pp]latz|[Aa]llee)\.? ?\d{1,5}[a-z]?\b[^\n]{0,60}"
-    r"|\b(?:Rue|Avenue|Boulevard|Via|Viale|Piazza|Calle|Avenida|Plaza|Paseo|Corso) [^\n\d]{2,40}\d{0,5}[^\n]{0,60}"
-)
-SELF_NAME = re.compile(
-    r"(?i:\b(?:my name is|this is|i am|i'm|name:|regards,|thanks,|thank you,|cheers,|best,|sincerely,))"
-    r"[ \t]*\n?[ \t]*((?:[A-Z][a-zA-Z'\u00C0-\u017F-]+)(?:[ \t]+[A-Z][a-zA-Z'\u00C0-\u017F-]+){0,3})"
-)
+# Quick pre-filters for find_unmasked (a match still has to pass the recognisers' validation).
+EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@\w+(?:-+\w+)*(?:\.\w+(?:-+\w+)*)+")
+SSN = re.compile(r"\b\d{3}([- .])\d{2}\1\d{4}\b")
+UNMASKED_PATTERNS = {"EMAIL_ADDRESS": EMAIL, "US_SSN": SSN}
+_UNMASKED_TYPES = ("EMAIL_ADDRESS", "US_SSN", "CREDIT_CARD", "IBAN_CODE")
+
 _NAME_STOP = {
     "I", "Hi", "Hello", "Thanks", "Thank", "Regards", "Best", "The", "My", "This", "Please", "Support",
     "Team", "Card", "Bank", "Northwind", "Good", "Morning", "Dear", "Sent", "From", "Kind", "Many",
@@ -60,23 +63,70 @@ class Masked:
     counts: Counter = field(default_factory=Counter)
 
 
-def _valid_card(s: str) -> bool:
-    digits = re.sub(r"\D", "", s)
-    return 13 <= len(digits) <= 19 and _luhn.is_valid(digits)
+# --- engines (built once per process) ----------------------------------------------------------
+
+_lock = threading.Lock()
+_engines: tuple[Any, Any, Any] | None = None
 
 
-def _valid_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s)
-        return True
-    except ValueError:
-        return False
+def engines() -> tuple[Any, Any]:
+    """(AnalyzerEngine, AnonymizerEngine), built on first use."""
+    return _built()[:2]
 
 
-def _valid_phone(s: str) -> bool:
-    digits = re.sub(r"\D", "", s)
-    # at least 7 digits, and not a date/amount-like short group
-    return 7 <= len(digits) <= 15 and not re.fullmatch(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}", s.strip())
+def _built() -> tuple[Any, Any, Any]:
+    global _engines
+    if _engines is None:
+        with _lock:
+            if _engines is None:
+                _engines = _build_engines()
+    return _engines
+
+
+def _analyze(text: str, **kwargs) -> list:
+    analyzer, _, no_artifacts = _built()
+    return analyzer.analyze(text=text, language="en", nlp_artifacts=no_artifacts, **kwargs)
+
+
+def _build_engines() -> tuple[Any, Any, Any]:
+    for name in ("presidio-analyzer", "presidio-anonymizer"):  # they log INFO lines on every call
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NoOpNlpEngine
+    from presidio_anonymizer import AnonymizerEngine
+
+    from . import pii_recognizers as r
+
+    nlp = NoOpNlpEngine(models=[{"lang_code": "en", "model_name": "blank"}])
+    registry = RecognizerRegistry(supported_languages=["en"], recognizers=[
+        r.OfflineEmailRecognizer(), r.LuhnCardRecognizer(), r.StdnumIbanRecognizer(), r.SsnRecognizer(),
+        r.GatedIpRecognizer(), r.FastPhoneRecognizer(), r.SelfIntroductionRecognizer(), r.StreetAddressRecognizer(),
+    ])
+    analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=["en"],
+                              default_score_threshold=SCORE_THRESHOLD,
+                              context_aware_enhancer=r.NoContextEnhancer())
+    # The no-op engine's artifacts are empty and the same for every text (no tokens, lemmas or
+    # entities): build them once instead of a new empty spaCy Doc per call.
+    no_artifacts = nlp.process_text("", "en")
+    analyzer.analyze(text=_WARM_UP, language="en", nlp_artifacts=no_artifacts)  # compiles every pattern
+    return analyzer, AnonymizerEngine(), no_artifacts
+
+
+_WARM_UP = ("Name: Ann Lee\nann@example.com, +44 20 7946 0958, 4111 1111 1111 1111, GB82 WEST 1234 5698 7654 32, "
+            "123-45-6789, 203.0.113.45, 221B Baker Street, London.\nRegards,\nAnn Lee")
+
+
+@lru_cache(maxsize=256)
+def _known_names_recognizer(terms: tuple[str, ...]):
+    _built()  # the engine (and its logging set-up) first
+    from .pii_recognizers import KnownNameRecognizer
+
+    return KnownNameRecognizer(terms)
+
+
+# --- public API ----------------------------------------------------------------------------------
 
 
 def name_terms(names: list[str | None]) -> list[str]:
@@ -97,35 +147,12 @@ def name_terms(names: list[str | None]) -> list[str]:
 
 def detect(text: str, known_names: list[str | None] = ()) -> list[Span]:
     """All PII spans in ``text``; overlapping detections keep the earliest, longest one."""
-    found: list[Span] = []
-    for m in EMAIL.finditer(text):
-        found.append(Span("EMAIL_ADDRESS", m.start(), m.end(), 1.0))
-    for m in IBAN.finditer(text):
-        if _iban.is_valid(m.group().replace(" ", "").upper()):
-            found.append(Span("IBAN_CODE", m.start(), m.end(), 1.0))
-    for m in CARD.finditer(text):
-        if _valid_card(m.group()):
-            found.append(Span("CREDIT_CARD", m.start(), m.end(), 1.0))
-    for m in SSN.finditer(text):
-        found.append(Span("US_SSN", m.start(), m.end(), 0.85))
-    for m in IPV4.finditer(text):
-        if _valid_ip(m.group()):
-            found.append(Span("IP_ADDRESS", m.start(), m.end(), 0.95))
-    for m in STREET.finditer(text):
-        found.append(Span("LOCATION", m.start(), m.end(), 0.7))
-    for m in PHONE.finditer(text):
-        if _valid_phone(m.group()):
-            found.append(Span("PHONE_NUMBER", m.start(), m.end(), 0.75))
-    terms = name_terms(list(known_names))
-    if terms:
-        pat = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in terms) + r")\b", re.IGNORECASE)
-        for m in pat.finditer(text):
-            found.append(Span("PERSON", m.start(), m.end(), 0.95))
-    for m in SELF_NAME.finditer(text):
-        cand = m.group(1)
-        if cand.split()[0] not in _NAME_STOP:
-            found.append(Span("PERSON", m.start(1), m.end(1), 0.6))
-    return _resolve_overlaps(found)
+    if not text:
+        return []
+    terms = tuple(name_terms(list(known_names)))
+    ad_hoc = [_known_names_recognizer(terms)] if terms else None
+    results = _analyze(text, ad_hoc_recognizers=ad_hoc)
+    return _resolve_overlaps([Span(r.entity_type, r.start, r.end, r.score) for r in results])
 
 
 def _resolve_overlaps(spans: list[Span]) -> list[Span]:
@@ -140,21 +167,21 @@ def _resolve_overlaps(spans: list[Span]) -> list[Span]:
 
 
 def mask(text: str | None, known_names: list[str | None] = ()) -> Masked:
+    """``text`` with every detected span replaced by ``<ENTITY_TYPE>``, and counts per type."""
     if not text:
         return Masked(text or "")
     spans = detect(text, known_names)
     if not spans:
         return Masked(text)
-    parts: list[str] = []
-    pos = 0
-    counts: Counter = Counter()
-    for s in spans:
-        parts.append(text[pos : s.start])
-        parts.append(f"<{s.entity_type}>")
-        counts[s.entity_type] += 1
-        pos = s.end
-    parts.append(text[pos:])
-    return Masked("".join(parts), counts)
+    from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+    result = _built()[1].anonymize(
+        text=text,
+        analyzer_results=[RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans],
+        operators={"DEFAULT": OperatorConfig("replace")},  # no new_value: "<ENTITY_TYPE>"
+        merge_entities_with_spaces=False,  # one placeholder per detected span
+    )
+    return Masked(result.text, Counter(item.entity_type for item in sorted(result.items, key=lambda i: i.start)))
 
 
 def customer_ref(email: str, salt: str) -> str:
@@ -166,14 +193,11 @@ def vault_token(item_id: str, entity_type: str, salt: str) -> str:
     return "tok_" + hashlib.sha256(f"{salt}:{item_id}:{entity_type}".encode()).hexdigest()[:24]
 
 
-UNMASKED_PATTERNS = {"EMAIL_ADDRESS": EMAIL, "US_SSN": SSN}
-
-
 def find_unmasked(text: str) -> list[str]:
-    """Entity types whose raw pattern still appears in text that should be masked (a guardrail check)."""
-    hits = [name for name, pat in UNMASKED_PATTERNS.items() if pat.search(text)]
-    if any(_valid_card(m.group()) for m in CARD.finditer(text)):
-        hits.append("CREDIT_CARD")
-    if any(_iban.is_valid(m.group().replace(" ", "").upper()) for m in IBAN.finditer(text)):
-        hits.append("IBAN_CODE")
-    return hits
+    """Entity types (e-mail, SSN, card, IBAN) still present in text that should be masked: a
+    guardrail check, using the same recognisers as ``mask``. Text with no "@" and fewer than nine
+    digits cannot hold any of them and returns at once, without building the engine."""
+    if not text or ("@" not in text and sum(c.isdigit() for c in text) < 9):
+        return []
+    found = {r.entity_type for r in _analyze(text, entities=list(_UNMASKED_TYPES))}
+    return [t for t in _UNMASKED_TYPES if t in found]

@@ -104,6 +104,16 @@ class GatewayStats:
             self.output_tokens += res.output_tokens
             self.cost_usd += cost
 
+    def merge(self, other: "GatewayStats") -> "GatewayStats":
+        """Sum of two batches' figures (e.g. the arms of an A/B test)."""
+        out = GatewayStats()
+        for f in ("calls", "cache_hits", "semantic_cache_hits", "errors", "fallbacks", "repairs", "circuit_skips",
+                  "budget_refusals", "input_tokens", "output_tokens", "cost_usd"):
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        out.by_model = self.by_model + other.by_model
+        out.by_error = self.by_error + other.by_error
+        return out
+
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
@@ -151,11 +161,14 @@ class Gateway:
     # -- public ----------------------------------------------------------------------
     def run(self, task: str, requests: Sequence[LLMStepRequest], output_model: type[LLMOutput] = LLMOutput, *,
             prompt_vars: dict[str, Any] | None = None, label_choices: Sequence[str] | None = None,
-            ) -> tuple[list[LLMStepResponse], GatewayStats]:
+            variant: str | None = None) -> tuple[list[LLMStepResponse], GatewayStats]:
+        """``variant`` selects an A/B prompt variant (prompts/<task>.<variant>.txt): routed by the task's
+        policy, cached, ledgered and versioned as ``<task>.<variant>``."""
         policy = self.routing.tasks.get(task)
         if policy is None or not policy.candidates:
             raise KeyError(f"no routing policy for task {task!r}: add it to the flow's routing.yaml")
-        call = _Call(self, task, policy, output_model, dict(prompt_vars or {}), list(label_choices or []))
+        prompt_id = f"{task}.{variant}" if variant else task
+        call = _Call(self, prompt_id, policy, output_model, dict(prompt_vars or {}), list(label_choices or []))
         return call.execute(list(requests))
 
     def budget(self) -> TokenBudget:
@@ -383,7 +396,8 @@ class _Call:
                 res = ProviderResult(error="quota_exceeded", reason=str(exc))
                 self._write(self._row(i, cand, ranked.rank, res, f"refused: {exc}", repair=repair))
                 return res, None
-        res = provider.call(model=cand.model, messages=messages, schema_name=self.task, schema=self._schema(),
+        res = provider.call(model=cand.model, messages=messages, schema_name=self.task.replace(".", "_"),
+                            schema=self._schema(),
                             max_tokens=self.policy.max_output_tokens, timeout_s=self.policy.timeout_s)
         out = None
         if res.error is None:

@@ -1,0 +1,188 @@
+"""`orch model ...` (the registry of served models) and `orch triage ...` (train and evaluate the
+embedded intent model on your own labelled tickets). Registered on the main `orch` group."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+TASK = "triage"
+
+
+def _db():
+    from .cli import _db as db_for, _settings
+
+    return db_for(_settings())
+
+
+def _report_served(version: str, previous: str | None, actor: str) -> None:
+    """Tell the Dagster instance that the served model changed (a runless materialisation of
+    triage_model_promotion with the model id as data version), so the UI marks the triage stale."""
+    import dagster as dg
+
+    from .cli import _dagster_home, _settings
+
+    _dagster_home(_settings())
+    with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key="triage_model_promotion", description=f"served model changed by {actor}",
+            metadata={"serving_version": version, "previous_version": previous or "none", "changed_by": actor},
+            tags={"dagster/data_version": version}))
+
+
+@click.group(help="The model registry: which triage model serves, and its history.")
+def model() -> None:
+    pass
+
+
+@model.command("list", help="Every registered version, newest first, with its status and metrics.")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def model_list(as_json: bool) -> None:
+    from .lib.llm import registry
+
+    rows = registry.list_versions(_db(), TASK)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo("no models yet: `orch demo` or the train_triage_model_job trains one")
+        return
+    click.echo(f"{'version':<14}{'status':<13}{'val acc':>8}  {'code version':<22}created")
+    for r in rows:
+        m = r["metrics"] or {}
+        click.echo(f"{r['version']:<14}{r['status']:<13}{m.get('validation_accuracy', float('nan')):>8.4f}  "
+                   f"{r['code_version']:<22}{r['created_at']:%Y-%m-%d %H:%M}")
+
+
+@model.command("promote", help="Serve VERSION from now on (audited; the previous version is retired).")
+@click.argument("version")
+@click.option("--as", "actor", default="cli", show_default=True, help="who asks for it (audit log)")
+@click.option("--reason", default="", help="why (audit log)")
+def model_promote(version: str, actor: str, reason: str) -> None:
+    from .lib.llm import registry
+
+    try:
+        out = registry.promote(_db(), version, actor=actor, reason=reason)
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc))
+    if out["changed"]:
+        _report_served(out["promoted"], out["previous"], actor)
+    click.echo(json.dumps(out))
+
+
+@model.command("rollback", help="Serve the previously promoted version again (audited).")
+@click.option("--as", "actor", default="cli", show_default=True, help="who asks for it (audit log)")
+@click.option("--reason", default="", help="why (audit log)")
+def model_rollback(actor: str, reason: str) -> None:
+    from .lib.llm import registry
+
+    try:
+        out = registry.rollback(_db(), TASK, actor=actor, reason=reason)
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc))
+    _report_served(out["promoted"], out["previous"], actor)
+    click.echo(json.dumps(out))
+
+
+# --- bring your own labelled tickets ---------------------------------------------------------
+
+def read_labelled_file(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    """CSV (by header) or JSON lines; every row needs both columns as non-empty strings."""
+    texts, labels = [], []
+    is_jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = (json.loads(line) for line in fh if line.strip()) if is_jsonl else csv.DictReader(fh)
+        try:
+            for n, row in enumerate(rows, 1 if is_jsonl else 2):
+                if not isinstance(row, dict) or text_column not in row or label_column not in row:
+                    raise click.ClickException(f"{path}: row {n} lacks column {text_column!r} or {label_column!r}; "
+                                               "name the right ones with --text-column / --label-column")
+                text, label = row[text_column], row[label_column]
+                if not isinstance(text, str) or not isinstance(label, str) or not text.strip() or not label.strip():
+                    raise click.ClickException(f"{path}: row {n} has an empty or non-text {text_column!r}/"
+                                               f"{label_column!r}")
+                texts.append(text)
+                labels.append(label.strip())
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(f"{path}: not JSON lines ({exc.msg}); use .csv for CSV files")
+    if not texts:
+        raise click.ClickException(f"{path}: no rows")
+    return texts, labels
+
+
+def _model_dir(model_dir: Path | None) -> Path:
+    if model_dir is not None:
+        return model_dir
+    from .cli import _settings
+
+    return _settings().models_dir / "triage-custom"
+
+
+COMMON = [
+    click.option("--text-column", required=True, help="column holding the ticket text"),
+    click.option("--label-column", required=True, help="column holding the label"),
+    click.option("--out-of-scope-label", "oos_label", default=None,
+                 help="label of examples that fit no intent: used to calibrate rejection ('unknown')"),
+    click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="where the model lives (default $ORCH_MODELS_DIR/triage-custom)"),
+]
+
+
+def _common(f):
+    for opt in reversed(COMMON):
+        f = opt(f)
+    return f
+
+
+@click.group(help="Train and evaluate the embedded intent model on your own labelled tickets (CSV or JSON lines).")
+def triage() -> None:
+    pass
+
+
+@triage.command("train", help="Train on FILE; a held-out tenth calibrates confidence and the out-of-scope "
+                              "threshold. Writes the model to --model-dir; the last line is a JSON summary.")
+@click.option("--train", "train_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_common
+def triage_train(train_file: Path, text_column: str, label_column: str, oos_label: str | None,
+                 model_dir: Path | None) -> None:
+    from .lib.llm import triage_model as tm
+
+    texts, labels = read_labelled_file(train_file, text_column, label_column)
+    click.echo(f"training on {len(texts)} examples, {len(set(labels))} labels ...", err=True)
+    t0 = time.perf_counter()
+    try:
+        model = tm.train(texts, labels, oos_label=oos_label)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    seconds = time.perf_counter() - t0
+    out_dir = _model_dir(model_dir)
+    path = model.save(out_dir)
+    (out_dir / "latest.json").write_text(json.dumps({"version": model.version, "path": path.name}))
+    click.echo(f"model {model.version} -> {path}", err=True)
+    click.echo(json.dumps({"version": model.version, "train_seconds": round(seconds, 2), **model.metrics}))
+
+
+@triage.command("evaluate", help="Evaluate the model in --model-dir on FILE. The last line is one JSON object "
+                                 '{"n", "accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", ...}.')
+@click.option("--test", "test_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_common
+def triage_evaluate(test_file: Path, text_column: str, label_column: str, oos_label: str | None,
+                    model_dir: Path | None) -> None:
+    from .lib.llm import triage_model as tm
+
+    folder = _model_dir(model_dir)
+    pointer = folder / "latest.json"
+    if not pointer.exists():
+        raise click.ClickException(f"no model in {folder}: run `orch triage train --model-dir {folder} ...` first")
+    model = tm.TriageModel.load(folder / json.loads(pointer.read_text())["path"])
+    texts, labels = read_labelled_file(test_file, text_column, label_column)
+    t0 = time.perf_counter()
+    result = tm.evaluate(model, texts, labels, oos_label=oos_label)
+    click.echo(f"model {model.version}: {len(texts)} examples in {time.perf_counter() - t0:.2f} s", err=True)
+    click.echo(json.dumps(result))
+    sys.stdout.flush()
