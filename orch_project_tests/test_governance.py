@@ -172,6 +172,14 @@ def test_ab_assignment_is_stable_per_item_and_recorded(orch_home, db, with_model
     assert all("What to do next:" in t for t in by_arm["b"])            # the variant's template
     assert all("Here is what you can do:" in t for t in by_arm["control"])
 
+    from orch_project.defs.support.reporting import compute_kpis
+
+    k, _ = compute_kpis(db, CFG)
+    arms = {e["arm"]: e for e in k["experiments"]}
+    assert set(arms) == {"b", "control"}
+    assert arms["b"]["items"] == len(by_arm["b"]) and arms["control"]["items"] == len(by_arm["control"])
+    assert all(0.0 <= e["win_rate"] <= 1.0 and e["wins"] <= e["resolved"] for e in arms.values() if e["resolved"])
+
 
 def test_triage_train_evaluate_round_trip_with_out_of_scope(tmp_path):
     rows = _rows(BANKING77_DIR / "train.csv")

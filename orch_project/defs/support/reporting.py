@@ -33,14 +33,16 @@ def _frames(db: Database):
                                    llm_calls.c.ok, llm_calls.c.error, llm_calls.c.route_rank, llm_calls.c.repair,
                                    llm_calls.c.cost_usd)
                          .where(llm_calls.c.flow == FLOW), conn)
-        ap = pd.read_sql(sa.select(approvals.c.status, approvals.c.edited, approvals.c.reason)
+        ap = pd.read_sql(sa.select(approvals.c.item_id, approvals.c.status, approvals.c.edited, approvals.c.reason)
                          .where(approvals.c.flow == FLOW), conn)
     if not it.empty:
         for col in ("received_at", "ingested_at", "resolved_at", "due_at", "escalated_at"):
             it[col] = pd.to_datetime(it[col], utc=True)
         data = it["data"].apply(lambda d: d if isinstance(d, dict) else json.loads(d))
-        for key in ("intent", "priority", "queue", "csat", "confidence", "survey_sent_at"):
+        for key in ("intent", "priority", "queue", "csat", "confidence", "survey_sent_at", "customer_ref"):
             it[key] = data.apply(lambda d, k=key: d.get(k))
+        it["arm"] = data.apply(lambda d: (d.get("experiment") or {}).get("arm"))
+        it["experiment"] = data.apply(lambda d: (d.get("experiment") or {}).get("name"))
     return it, st, ik, dl, lc, ap
 
 
@@ -142,6 +144,41 @@ def llm_kpis(lc) -> dict[str, Any]:
     }
 
 
+REOPEN_WINDOW_DAYS = 7
+
+
+def experiment_kpis(it, ap) -> list[dict[str, Any]]:
+    """Outcomes per A/B arm. An item *wins* when it was resolved, its draft went out without a
+    reviewer's edit, the customer did not come back within REOPEN_WINDOW_DAYS (a re-open: another
+    message from the same customer reference after resolution) and its CSAT, if answered, is >= 4."""
+    if it.empty or "arm" not in it or it["arm"].isna().all():
+        return []
+    edited = set(ap.loc[ap["edited"].astype(bool), "item_id"]) if not ap.empty else set()
+    by_customer = it.dropna(subset=["customer_ref"]).groupby("customer_ref")["received_at"].apply(sorted).to_dict()
+
+    def reopened(row) -> bool:
+        if row["resolved_at"] is None or row["resolved_at"] != row["resolved_at"]:
+            return False
+        later = by_customer.get(row["customer_ref"], [])
+        end = row["resolved_at"] + __import__("pandas").Timedelta(days=REOPEN_WINDOW_DAYS)
+        return any(row["resolved_at"] < t <= end for t in later)
+
+    out = []
+    for (name, arm), g in it.dropna(subset=["arm"]).groupby(["experiment", "arm"]):
+        res = g[g["status"] == "resolved"]
+        reo = res.apply(reopened, axis=1) if len(res) else res.index.to_series(dtype=bool)
+        no_edit = ~res["item_id"].isin(edited)
+        csat_ok = res["csat"].isna() | (res["csat"].astype(float) >= 4)
+        wins = int((no_edit & ~reo & csat_ok).sum()) if len(res) else 0
+        rated = res["csat"].dropna()
+        out.append({"experiment": name, "arm": arm, "items": int(len(g)), "resolved": int(len(res)),
+                    "approved_without_edit_rate": float(no_edit.mean()) if len(res) else None,
+                    "csat_mean": float(rated.astype(float).mean()) if len(rated) else None,
+                    "reopen_rate": float(reo.mean()) if len(res) else None,
+                    "wins": wins, "win_rate": wins / len(res) if len(res) else None})
+    return out
+
+
 def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) -> tuple[dict[str, Any], Any]:
     now = now or utcnow()
     it, st, ik, dl, lc, ap = _frames(db)
@@ -183,6 +220,7 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
     k["override_rate"] = float(decided["edited"].mean()) if len(decided) else None
     k["approvals_pending"] = int((ap["status"] == "pending").sum()) if not ap.empty else 0
     k.update(llm_kpis(lc))
+    k["experiments"] = experiment_kpis(it, ap)
     res = it[it["status"] == "resolved"] if not it.empty else it
     if len(res):
         ttr_h = (res["resolved_at"] - res["received_at"]).dt.total_seconds() / 3600.0
@@ -242,6 +280,14 @@ def _markdown(k: dict[str, Any]) -> str:
         for m in k["model_selection"]:
             lines.append(f"| {m['task']} | {m['model']} | {m['first_choice']} | {m['wins']} | {_pct(m['win_rate'])} | "
                          f"{m.get('fallback_answers', 0)} |")
+    if k["experiments"]:
+        lines += ["", "#### A/B experiments (win = resolved, sent without edit, not re-opened, CSAT >= 4 if answered)",
+                  "", "| experiment | arm | items | resolved | no-edit rate | CSAT mean | re-open rate | win rate |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in k["experiments"]:
+            lines.append(f"| {e['experiment']} | {e['arm']} | {e['items']} | {e['resolved']} | "
+                         f"{_pct(e['approved_without_edit_rate'])} | {_num(e['csat_mean'], '', 2)} | "
+                         f"{_pct(e['reopen_rate'])} | {_pct(e['win_rate'])} |")
     if k["llm_errors"]:
         lines.append("")
         lines.append("LLM call errors: " + ", ".join(f"{e} {n}" for e, n in sorted(k["llm_errors"].items())))
