@@ -12,6 +12,7 @@ a ``script`` forces the next outcomes in order, then rates apply again):
     rate_malformed       HTTP 200 with a truncated JSON body
     rate_truncated       valid body whose message content is truncated JSON
     rate_schema          valid JSON content that violates the response schema
+    draft_text           the text every draft answer carries (to test outbound policy checks)
     script               e.g. ["500", "429", "ok", "hang", "malformed", "truncated", "schema", "quota"]
 
 Answers are deterministic: the triage label is the allowed label (from the schema's enum or the
@@ -51,6 +52,7 @@ class Faults:
     rate_malformed: float = 0.0
     rate_truncated: float = 0.0
     rate_schema: float = 0.0
+    draft_text: str | None = None  # when set, every draft answer carries this text
     script: list[str] = field(default_factory=list)
 
     def update(self, **kw: Any) -> None:
@@ -200,6 +202,8 @@ class FakeOpenAI:
                                                    "type": "insufficient_quota", "code": "insufficient_quota"}},
                                         status_code=429, headers={"x-should-retry": "false"})
                 content_obj = answer(body)
+                if faults.draft_text is not None and "text" in content_obj:
+                    content_obj["text"] = faults.draft_text
                 if outcome == "schema":
                     content_obj = {"label": 12345, "confidence": 7.5}
                 content = json.dumps(content_obj)

@@ -19,7 +19,16 @@ def idempotency_key(flow: str, item_id: str, step: str) -> str:
     return f"{flow}:{item_id}:{step}"
 
 
+class EffectNotAllowed(ValueError):
+    """A side effect outside the allow-list (guardrails.injection.ALLOWED_EFFECTS)."""
+
+
 def enqueue(db: Database, conn: Connection, flow: str, effects: Sequence[Effect]) -> None:
+    from .guardrails.injection import ALLOWED_EFFECTS
+
+    bad = sorted({(e.connector, e.action) for e in effects} - ALLOWED_EFFECTS)
+    if bad:
+        raise EffectNotAllowed(f"side effects outside the allow-list refused: {bad}")
     now = utcnow()
     rows = [{
         "idempotency_key": e.idempotency_key, "flow": flow, "item_id": e.item_id, "trace_id": e.trace_id,

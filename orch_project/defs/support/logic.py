@@ -24,7 +24,7 @@ from pydantic import Field
 
 from ...lib.connectors.embedded import Effect
 from ...lib.contracts import DesignBrief, InboundMessage, LLMOutput, LLMStepRequest, describe_validation_error
-from ...lib.guardrails import pii
+from ...lib.guardrails import injection, pii
 from ...lib.intake import Parsed, pending_sources
 from ...lib.outbox import delivered_keys, dispatch, enqueue, idempotency_key
 from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items
@@ -37,6 +37,8 @@ FOLDER = Path(__file__).parent
 FIRST_DAY = date(2026, 1, 1)  # first daily partition
 OPEN_STATUSES = ("received", "deferred", "triaged", "assigned", "grounded", "drafted", "awaiting_approval",
                  "approved")
+# Where an item's journey ends: delivered, refused by a reviewer (or the approval timeout), or dead-lettered.
+TERMINAL_STATUSES = ("resolved", "rejected", "dead_lettered")
 # The model's answer when a message fits no intent (below the calibrated out-of-scope threshold):
 # a human triages it, from the general account queue.
 UNKNOWN_INTENT = "unknown"
@@ -85,6 +87,12 @@ class SupportConfig:
         from ...lib.experiments import load_experiments
 
         return load_experiments(self.folder / "experiments.yaml")
+
+    @cached_property
+    def draft_policy(self):
+        from ...lib.guardrails.policy import DraftPolicy
+
+        return DraftPolicy.load(self.folder / "policy.yaml")
 
     @property
     def routing_path(self) -> Path:
@@ -175,6 +183,7 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
             name_tok = pii.vault_token(msg.id, "PERSON", salt)
             vault_rows.append({"token": name_tok, "item_id": msg.id, "entity_type": "PERSON",
                                "value": msg.sender.name, "created_at": now})
+        findings = injection.scan(f"{subject.text}\n{body.text}")
         trace = new_trace_id()
         accepted.append({
             "item_id": msg.id, "flow": FLOW, "trace_id": trace, "day": day, "channel": msg.channel,
@@ -184,6 +193,7 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
                 "source_key": p.source_key, "subject": subject.text, "body": body.text,
                 "customer_ref": pii.customer_ref(msg.sender.email, salt), "customer_token": cust_tok,
                 "name_token": name_tok, "pii": dict(counts),
+                **({"injection": injection.kinds(findings)} if findings else {}),
                 "attachments": [{"content_type": a.content_type, "size_bytes": a.size_bytes}
                                 for a in msg.attachments],
             },
@@ -253,7 +263,10 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     raised one level for urgent wording; the first-response due date from the brief's SLA."""
     started = utcnow()
     rows = load_items(env, "received", deferred_after="intake")
-    reqs = [LLMStepRequest(id=r["item_id"], inputs={"text": _text(r), "context": {"channel": r["channel"]}})
+    # a message flagged for injection is classified (intent and urgency) without the sentences
+    # carrying the attempt, so the attempt cannot steer routing
+    texts = {r["item_id"]: injection.neutralise(_text(r)) if r["data"].get("injection") else _text(r) for r in rows}
+    reqs = [LLMStepRequest(id=r["item_id"], inputs={"text": texts[r["item_id"]], "context": {"channel": r["channel"]}})
             for r in rows]
     intents = [*sorted(cfg.taxonomy), UNKNOWN_INTENT]
     responses, stats = gateway.run("triage", reqs, TriageOutput, label_choices=intents,
@@ -269,7 +282,7 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
             updates.append(_dead(row, "schema_mismatch", f"triage returned an intent outside the taxonomy: {intent!r}"))
             continue
         priority = tax["priority"]
-        if URGENT.search(_text(row)):
+        if URGENT.search(texts[row["item_id"]]):
             priority = PRIORITY_UP[priority]
         data = {**_fresh(row["data"]), "intent": intent, "confidence": round(resp.output.confidence, 4),
                 "priority": priority, "queue": tax["queue"],
@@ -413,24 +426,36 @@ def approval_reasons(cfg: SupportConfig, data: dict[str, Any]) -> list[str]:
     reasons = []
     if data.get("priority") in pol.priorities:
         reasons.append("high_priority")
+    if data.get("injection"):
+        reasons.append("injection_suspected")
     if data.get("intent") == UNKNOWN_INTENT:
         reasons.append("out_of_scope")
     elif float(data.get("confidence", 0.0)) < pol.min_confidence:
         reasons.append("low_confidence")
+    if data.get("policy_violations"):
+        reasons.append("policy_hit")
     return reasons
 
 
+def draft_violations(cfg: SupportConfig, data: dict[str, Any]) -> list[str]:
+    own = {data.get("customer_ref"), data.get("customer_token"), data.get("name_token")} - {None}
+    return cfg.draft_policy.check(data.get("draft", ""), own_refs=own)
+
+
 def approval_gate_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
-    """High priority or low confidence waits in the approvals queue for a reviewer; the rest
-    is approved by policy. Either way the decision is audited."""
+    """High priority, low confidence, out of scope, a suspected injection or a draft that breaks the
+    flow's draft policy waits in the approvals queue for a reviewer; the rest is approved by policy.
+    Either way the decision is audited."""
     started = utcnow()
     rows = load_items(env, "drafted")
     now = utcnow()
     updates, approval_rows, audit_rows = [], [], []
     for r in rows:
-        reasons = approval_reasons(cfg, r["data"])
+        violations = draft_violations(cfg, r["data"])
+        data = {**r["data"], "policy_violations": violations} if violations else r["data"]
+        reasons = approval_reasons(cfg, data)
         if reasons:
-            updates.append(ItemUpdate(r["item_id"], "awaiting_approval", {**r["data"], "approval_reasons": reasons},
+            updates.append(ItemUpdate(r["item_id"], "awaiting_approval", {**data, "approval_reasons": reasons},
                                       "routed"))
             approval_rows.append({"flow": FLOW, "item_id": r["item_id"], "reason": reasons[0],
                                   "required_role": cfg.brief.approval.reviewer_role, "status": "pending",
@@ -442,7 +467,8 @@ def approval_gate_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
         audit_rows.append({"actor": "system:approval_gate", "action": action, "flow": FLOW, "item_id": r["item_id"],
                            "trace_id": r["trace_id"], "reason": ",".join(reasons) or "policy: below thresholds",
                            "inputs": {"priority": r["data"].get("priority"),
-                                      "confidence": r["data"].get("confidence")}})
+                                      "confidence": r["data"].get("confidence"),
+                                      "injection": r["data"].get("injection"), "policy_violations": violations}})
     md = {"awaiting_approval": len(approval_rows), "auto_approved": len(rows) - len(approval_rows),
           "approval_reasons": dict(Counter(x for u in updates for x in u.data.get("approval_reasons", [])))}
     return commit_stage(env, "approval_gate", started, updates,
@@ -572,9 +598,15 @@ def escalation_stage(env: StageEnv, cfg: SupportConfig, connectors, now: datetim
                            "outputs": {"to_role": role, "to": who}})
     if rows:
         with env.db.begin() as conn:
+            from ...lib.approvals import escalated_due
+
+            # the approval moves to the escalation role with a new due date (approval_escalation_sensor
+            # acts on it again only when that one passes too)
             conn.execute(approvals.update().where(approvals.c.item_id == sa.bindparam("k"),
-                                                  approvals.c.status == "pending").values(required_role=role),
-                         [{"k": r["item_id"]} for r in rows])
+                                                  approvals.c.status == "pending")
+                         .values(required_role=role, due_at=sa.bindparam("new_due")),
+                         [{"k": r["item_id"], "new_due": escalated_due(now, r["data"].get("priority"),
+                                                                       cfg.brief.sla_hours)} for r in rows])
     report = commit_stage(env, "escalation", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
                           effects=effects, audit_rows=audit_rows, metadata={"escalated": len(updates)},
                           set_stage=False)
@@ -604,7 +636,8 @@ def status_counts(db: Database, flow: str = FLOW) -> dict[str, Any]:
     total = sum(states.values())
     return {"flow": flow, "received": int(received), "states": dict(sorted(states.items())),
             "accounted": total, "lost": int(received) - total, "escalated": int(escalated), "dlq_open": int(dlq_open),
-            "in_progress": sum(states.get(s, 0) for s in OPEN_STATUSES if s != "awaiting_approval")}
+            "in_progress": sum(states.get(s, 0) for s in OPEN_STATUSES if s != "awaiting_approval"),
+            "terminal": sum(states.get(s, 0) for s in TERMINAL_STATUSES)}
 
 
 def audit_for(db: Database, item_id: str) -> list[dict[str, Any]]:
