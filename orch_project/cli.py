@@ -4,7 +4,12 @@
     orch submit FILE...       put messages in the inbox (.eml/.json files; .jsonl into the inbox table)
     orch status [--json]      where every received message is now (received == sum of states)
     orch dlq list [--json]    the dead-letter queue
+    orch dlq show ID [--json]           one dead letter and whether it can be replayed
+    orch dlq replay ID|--all [--json]   put dead-lettered items back in the flow
     orch audit ITEM           the audit trail of one item
+    orch review list [--json] pending approvals (reason, required role, due date, overdue)
+    orch approve ID --as USER [--reason R] [--edit-file F]   approve (role-checked, audited)
+    orch reject ID --as USER --reason R                      reject (terminal)
     orch schemas export DIR   JSON Schemas of the contracts
     orch model list|promote VERSION|rollback    the triage model registry (audited)
     orch triage train|evaluate ...              the embedded intent model on your own labelled tickets
@@ -150,6 +155,67 @@ def dlq_list(as_json: bool, state: str) -> None:
         click.echo(f"#{r['id']:<5} {r['stage']:<10} {r['error_type']:<12} {r['item_id'] or r['source_key']}: {r['reason']}")
 
 
+@dlq.command("show", help="One dead letter, the item's current status/stage, and whether it can be replayed.")
+@click.argument("dlq_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_show(dlq_id: int, as_json: bool) -> None:
+    from .lib import dlq as dlq_lib
+
+    try:
+        row = dlq_lib.show(_db(_settings()), dlq_id)
+    except dlq_lib.DLQError as exc:
+        raise click.ClickException(str(exc))
+    if as_json:
+        _out(row)
+        return
+    item = row["item"]
+    click.echo(f"#{row['id']} {row['status']}  flow {row['flow']}  stage {row['stage']}  error {row['error_type']}")
+    click.echo(f"  item {row['item_id'] or '-'}  source {row['source_key'] or '-'}  trace {row['trace_id']}")
+    click.echo(f"  reason: {row['reason']}")
+    if item:
+        click.echo(f"  item now: status {item['status']}, stage {item['stage']}, partition {item['day']}")
+    if row["replayable"]:
+        click.echo(f"  replay: back to status {row['replay_to']['status']!r} after stage {row['replay_to']['stage']!r}")
+    else:
+        click.echo(f"  not replayable: {row['not_replayable_reason']}")
+
+
+@dlq.command("replay", help="Put a dead-lettered item back in the flow (status its failed stage loads, trace id "
+                            "kept, audited); the next run of its partition reprocesses it. --all replays every "
+                            "open replayable dead letter. Intake dead letters need the source fixed and submitted "
+                            "again. Exit 1 if the dead letter cannot be replayed.")
+@click.argument("dlq_id", type=int, required=False)
+@click.option("--all", "replay_every", is_flag=True, help="every open dead letter")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
+    from .lib import dlq as dlq_lib
+
+    if (dlq_id is None) == (not replay_every):
+        raise click.UsageError("give a dead-letter ID or --all (not both)")
+    db = _db(_settings())
+    actor = f"cli:{os.environ.get('USER', 'unknown')}"
+    if replay_every:
+        out = dlq_lib.replay_all(db, FLOW, actor=actor)
+        if as_json:
+            _out(out)
+        else:
+            click.echo(out["message"])
+            for r in out["results"]:
+                if not r["replayed"]:
+                    click.echo(f"  #{r['id']}: {r['message']}")
+        return
+    try:
+        out = dlq_lib.replay(db, dlq_id, actor=actor)
+    except dlq_lib.DLQError as exc:
+        raise click.ClickException(str(exc))
+    if as_json:
+        _out(out)
+    else:
+        click.echo(out["message"])
+    if not out["replayed"] and not out["noop"]:
+        sys.exit(1)
+
+
 @main.command(help="The audit trail of one item.")
 @click.argument("item_id")
 def audit(item_id: str) -> None:
@@ -272,6 +338,11 @@ def _register_groups() -> None:
 
     main.add_command(model)
     main.add_command(triage)
+    from .cli_approvals import approve, reject, review
+
+    main.add_command(approve)
+    main.add_command(reject)
+    main.add_command(review)
 
 
 _register_groups()

@@ -112,7 +112,7 @@ def answer(body: dict[str, Any]) -> dict[str, Any]:
     labels = _allowed_labels(body)
     if "text" in props:  # a draft
         title = re.search(r"Article \S+: (.+)", system)
-        sign = re.search(r"Sign the reply as (.+?),", system)
+        sign = re.search(r"Sign the reply as (.+?)\.?$", system, flags=re.M)
         steps = re.findall(r"^\d+\. .+$", system, flags=re.M)
         text = (f"Hello,\n\nThank you for getting in touch about {title.group(1).lower() if title else 'your request'}."
                 f"\n\n" + "\n".join(steps[:4]) + f"\n\nKind regards,\n{sign.group(1) if sign else 'Support'}")

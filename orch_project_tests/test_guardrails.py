@@ -107,3 +107,31 @@ def test_a_draft_breaking_policy_goes_to_review_not_out(orch_home, db, with_mode
     for status, data in rows:
         assert status == "awaiting_approval" and "policy_hit" in data["approval_reasons"]
         assert data["policy_violations"] == ["promises 900 EUR back, over the 100 limit"]
+
+
+def test_a_great_expectations_failure_blocks_downstream(orch_home, db, with_model, defs, instance):
+    """A corrupt triaged row in the batch (label outside the taxonomy, confidence 1.7, no SLA due
+    date) fails the GX check with ERROR: assignment and everything after it do not run."""
+    from orch_project.lib.store import utcnow
+
+    submit_to_table(db, "support", sample_messages(DAY)[:5], "test")
+    now = utcnow()
+    with db.begin() as conn:
+        conn.execute(items.insert().values(
+            item_id="corrupt-1", flow="support", trace_id="t" * 32, day=DAY, channel="email", status="triaged",
+            stage="triage", received_at=now, ingested_at=now, updated_at=now, escalation_level=0,
+            data={"subject": "x", "body": "y", "intent": "make_me_rich", "confidence": 1.7, "priority": "low",
+                  "queue": "cards"}))
+    result = run_flow(defs, instance, DAY)
+    assert not result.success
+    check = next(e for e in result.get_asset_check_evaluations() if e.asset_check_key.name == "triage_labels_valid")
+    assert check.passed is False and check.severity.value == "ERROR"
+    md = check.metadata
+    assert md["expectations_failed"].value == 3  # label set, confidence range, due date
+    assert "expect_column_values_to_be_in_set" in md["great_expectations"].value
+    done = {e.event_specific_data.materialization.asset_key.to_user_string()
+            for e in result.get_asset_materialization_events()}
+    assert done == {"support_inbound", "support_triage"}
+    with db.begin() as conn:
+        statuses = {s for (s,) in conn.execute(sa.select(items.c.status).where(items.c.item_id != "corrupt-1"))}
+    assert statuses == {"triaged"}  # nobody was assigned, drafted or contacted

@@ -37,7 +37,7 @@ def test_flow_materialises_a_day_end_to_end(orch_home, db, with_model, defs, ins
     # blocking checks ran and passed
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"inbound_nothing_lost": True, "inbound_pii_masked": True, "triage_labels_valid": True,
-                      "actions_no_duplicate_effects": True}
+                      "drafts_outbound_clean": True, "actions_no_duplicate_effects": True}
 
     st = status_counts(db)
     assert st["received"] == 50 and st["lost"] == 0

@@ -192,6 +192,10 @@ class ApprovalPolicy(BaseModel):
     priorities: list[Priority] = Field(default_factory=lambda: ["high"])
     reviewer_role: str = "lead"
     escalation_role: str = "supervisor"
+    # What happens when an approval passes its due date: ``escalate`` moves it one level up (to
+    # escalation_role, with a new due date); once the top role's due date passes too, ``reject``
+    # auto-rejects it (terminal, audited) while ``escalate`` leaves it waiting for the top role.
+    on_timeout: Literal["escalate", "reject"] = "escalate"
 
 
 class DesignBrief(BaseModel):

@@ -9,7 +9,7 @@ from ...lib.guardrails.pii import find_unmasked
 from ...lib.store import dlq, intake, items
 from ..resources import AppDatabase, Connectors
 from . import logic
-from .assets import CFG, daily, support_actions, support_inbound, support_triage
+from .assets import CFG, daily, support_actions, support_drafts, support_inbound, support_triage
 
 
 def _days(context) -> list[str]:
@@ -56,24 +56,54 @@ def inbound_pii_masked(context: dg.AssetCheckExecutionContext, app_db: AppDataba
                                                            "examples": dg.MetadataValue.json(dict(list(leaks.items())[:5]))})
 
 
+def _gx_result(result, **extra) -> dg.AssetCheckResult:
+    """A Great Expectations validation as a blocking ERROR check, each expectation in the metadata."""
+    failed = [f"{e['expectation']}({e['column']}): {e['unexpected']} unexpected" for e in result.failed]
+    return dg.AssetCheckResult(
+        passed=result.success, severity=dg.AssetCheckSeverity.ERROR,
+        description="; ".join(failed) if failed else None,
+        metadata={"rows_validated": result.rows, "expectations": len(result.expectations),
+                  "expectations_failed": len(failed), "great_expectations": dg.MetadataValue.md(result.markdown()),
+                  "failed_examples": dg.MetadataValue.json({f: e["examples"] for f, e in zip(failed, result.failed)}),
+                  **extra})
+
+
 @dg.asset_check(asset=support_triage, blocking=True, partitions_def=daily,
-                description="Triage labels are in the taxonomy, confidences in [0, 1], priorities and queues set.")
+                description="Great Expectations on the triaged batch: unique ids, labels in the taxonomy (or "
+                            "unknown), confidence in [0, 1], priority and queue set, SLA due date present.")
 def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
+    import pandas as pd
+
+    from ...lib.guardrails import quality
+
     db = app_db.database()
     with db.begin() as conn:
         rows = conn.execute(sa.select(items.c.item_id, items.c.data, items.c.due_at).where(
             items.c.flow == logic.FLOW, items.c.day.in_(_days(context)),
             items.c.status.notin_(("received", "dead_lettered")),
             ~sa.and_(items.c.status == "deferred", items.c.stage == "intake"))).all()  # not triaged yet
-    bad = []
-    for item_id, d, due in rows:
-        ok = ((d.get("intent") in CFG.taxonomy or d.get("intent") == logic.UNKNOWN_INTENT)
-              and 0.0 <= float(d.get("confidence", -1)) <= 1.0
-              and d.get("priority") in ("low", "medium", "high") and d.get("queue") and due is not None)
-        if not ok:
-            bad.append(item_id)
-    return dg.AssetCheckResult(passed=not bad, metadata={"items_checked": len(rows), "invalid": len(bad),
-                                                         "examples": dg.MetadataValue.json(bad[:5])})
+    frame = pd.DataFrame([{"item_id": i, "intent": d.get("intent"), "confidence": d.get("confidence"),
+                           "priority": d.get("priority"), "queue": d.get("queue"), "due_at": due}
+                          for i, d, due in rows])
+    result = quality.validate("support_triage", frame,
+                              quality.triage_expectations([*CFG.taxonomy, logic.UNKNOWN_INTENT]))
+    return _gx_result(result)
+
+
+@dg.asset_check(asset=support_drafts, blocking=True, partitions_def=daily,
+                description="Great Expectations on outbound drafts: no raw e-mail address, card number, SSN or "
+                            "IBAN in any draft about to be sent.")
+def drafts_outbound_clean(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
+    import pandas as pd
+
+    from ...lib.guardrails import quality
+
+    db = app_db.database()
+    with db.begin() as conn:
+        rows = conn.execute(sa.select(items.c.item_id, items.c.data).where(
+            items.c.flow == logic.FLOW, items.c.day.in_(_days(context)))).all()
+    frame = pd.DataFrame([{"item_id": i, "draft": d["draft"]} for i, d in rows if d.get("draft")])
+    return _gx_result(quality.validate("support_drafts", frame, quality.outbound_expectations("draft")))
 
 
 @dg.asset_check(asset=support_actions, blocking=True,

@@ -34,6 +34,7 @@ class CircuitBreaker:
         self.policy = policy
         self.refresh_s = refresh_s
         self._healthy: dict[str, float] = {}  # key -> monotonic time it was last seen closed with 0 failures
+        self._failures_seen: dict[str, int] = {}  # key -> failures recorded by this process (a generation)
         self._lock = threading.Lock()
 
     def _known_healthy(self, key: str) -> bool:
@@ -41,12 +42,19 @@ class CircuitBreaker:
             seen = self._healthy.get(key)
             return seen is not None and time.monotonic() - seen < self.refresh_s
 
-    def _mark(self, key: str, healthy: bool) -> None:
+    def _generation(self, key: str) -> int:
         with self._lock:
-            if healthy:
-                self._healthy[key] = time.monotonic()
-            else:
+            return self._failures_seen.get(key, 0)
+
+    def _mark(self, key: str, healthy: bool, generation: int | None = None) -> None:
+        """Remember (or forget) "closed with no failures". A healthy mark based on a read made
+        before a failure was recorded by another thread (``generation`` changed) is dropped."""
+        with self._lock:
+            if not healthy:
                 self._healthy.pop(key, None)
+                self._failures_seen[key] = self._failures_seen.get(key, 0) + 1
+            elif generation is None or generation == self._failures_seen.get(key, 0):
+                self._healthy[key] = time.monotonic()
 
     def open_keys(self, keys: list[str]) -> set[str]:
         """Keys whose circuit is open and still cooling down (for the router's ranking)."""
@@ -69,10 +77,12 @@ class CircuitBreaker:
         if self._known_healthy(key):
             return True
         t = circuit_breakers.c
+        generation = self._generation(key)
         with self.db.begin() as conn:
             row = conn.execute(sa.select(t.state, t.failures).where(t.key == key)).first()
         if row is None or row.state == "closed":
-            self._mark(key, row is None or row.failures == 0)
+            if row is None or row.failures == 0:
+                self._mark(key, True, generation)
             return True
         with self.db.write() as conn:
             row = conn.execute(sa.select(t.state, t.opened_at).where(t.key == key)).first()
@@ -97,14 +107,16 @@ class CircuitBreaker:
         if healthy and self._known_healthy(key):
             return "closed"
         now = utcnow()
-        self._mark(key, False)
+        generation = self._generation(key)
+        if not healthy:
+            self._mark(key, False)
         with self.db.write() as conn:
             row = conn.execute(sa.select(t.state, t.failures).where(t.key == key)).first()
             if healthy:
                 if row is not None and (row.state != "closed" or row.failures):
                     conn.execute(circuit_breakers.update().where(t.key == key).values(
                         state="closed", failures=0, probes=0, opened_at=None, updated_at=now))
-                self._mark(key, True)
+                self._mark(key, True, generation)
                 return "closed"
             if row is None:
                 self.db.insert_ignore(conn, circuit_breakers, [{"key": key, "state": "closed", "failures": 0,

@@ -1,0 +1,93 @@
+"""`orch approve|reject|review`: human-in-the-loop decisions from the command line.
+
+    orch approve ID --as USER [--reason TEXT] [--edit-file FILE]
+    orch reject ID --as USER --reason TEXT
+    orch review list [--json]
+
+Decisions are role-checked against roster.yaml and audited (refusals too); the approval resume
+sensor then delivers (approved) or closes (rejected) the item.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+FLOW = "support"
+
+
+def _db():
+    from .cli import _db as db, _settings
+
+    return db(_settings())
+
+
+def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str | None) -> None:
+    from .defs.support.logic import SupportConfig
+    from .lib import approvals as hitl
+
+    cfg = SupportConfig()
+    try:
+        out = hitl.decide(_db(), item_id, decision, reviewer, reason, edited, cfg.roster, cfg.brief.approval,
+                          flow=FLOW)
+    except hitl.ApprovalError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"{out['item_id']}: {out['status']} by {out['decided_by']}"
+               + (" with an edited draft" if out["edited"] else "")
+               + "; the approval resume sensor picks it up on its next tick")
+
+
+@click.command(help="Approve an item waiting for a human. Needs the approval's required role or above "
+                    "(agent < lead < supervisor). --edit-file replaces the draft reply (PII is masked).")
+@click.argument("item_id")
+@click.option("--as", "reviewer", required=True, help="your roster id (e.g. a-ravi) or name")
+@click.option("--reason", default="", help="why (recorded in the audit log)")
+@click.option("--edit-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="a file with the corrected reply text")
+def approve(item_id: str, reviewer: str, reason: str, edit_file: Path | None) -> None:
+    edited = None
+    if edit_file is not None:
+        try:
+            edited = edit_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise click.ClickException(f"{edit_file}: not UTF-8 text")
+    _decide(item_id, "approve", reviewer, reason, edited)
+
+
+@click.command(help="Reject an item waiting for a human (terminal: nothing is sent). A reason is required.")
+@click.argument("item_id")
+@click.option("--as", "reviewer", required=True, help="your roster id (e.g. a-ravi) or name")
+@click.option("--reason", required=True, help="why (recorded in the audit log)")
+def reject(item_id: str, reviewer: str, reason: str) -> None:
+    _decide(item_id, "reject", reviewer, reason, None)
+
+
+@click.group(help="The approvals queue.")
+def review() -> None:
+    pass
+
+
+@review.command("list", help="Pending approvals, earliest due first: item, reason, required role, due date, "
+                             "overdue flag.")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def review_list(as_json: bool) -> None:
+    from .lib import approvals as hitl
+
+    rows = hitl.pending(_db(), FLOW)
+
+    def _iso(v):
+        return v.isoformat() if isinstance(v, datetime) else v
+
+    if as_json:
+        click.echo(json.dumps([{k: _iso(v) for k, v in r.items()} for r in rows], indent=2, default=str))
+        return
+    if not rows:
+        click.echo("no approvals pending")
+        return
+    for r in rows:
+        due = r["due_at"].strftime("%Y-%m-%d %H:%M") if r["due_at"] else "-"
+        flag = "  OVERDUE" if r["overdue"] else ""
+        click.echo(f"{r['item_id']:<28} {r['reason']:<15} needs {r['required_role']:<10} due {due}{flag}")

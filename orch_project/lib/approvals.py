@@ -1,0 +1,357 @@
+"""Human-in-the-loop approvals: the reviewer queue, role-checked decisions, due-date escalation
+and auto-rejection, all audited. Plain Python over the app database (no Dagster): the ``orch``
+CLI, the ``approval_decision_job`` and the approval sensors call the same functions.
+
+Life of an approval row (table ``approvals``; the approval gate creates it as ``pending`` with
+``required_role`` = the brief's reviewer role and ``due_at`` = the item's SLA due date):
+
+    pending --decide(approve)--> approved  --resume--> item "approved" -> actions stage delivers it
+    pending --decide(reject)---> rejected  --resume--> item "rejected" (terminal)
+    pending --past due_at------> pending, required_role = escalation role, new due date, alert
+    pending (top role) --past due_at, on_timeout=reject--> rejected (system:approval_timeout)
+
+``decide`` never moves the item: the resume sensor does, so a decision taken while nothing runs
+is picked up by the next tick, and waiting items hold no run. An item is "decided but not yet
+resumed" while its approval is approved/rejected and the item is still ``awaiting_approval``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from .connectors.embedded import Effect
+from .outbox import dispatch, enqueue, idempotency_key
+from .store import Database, approvals, as_utc, audit, items, utcnow
+
+# Roles in increasing authority: a reviewer may decide when their role is the required one or above.
+ROLE_ORDER = ("agent", "lead", "supervisor")
+DECISIONS = {"approve": "approved", "reject": "rejected"}
+DECIDED = ("approved", "rejected")
+TIMEOUT_ACTOR = "system:approval_timeout"
+ESCALATION_ACTOR = "system:approval_escalation"
+
+
+class ApprovalError(Exception):
+    """A decision that cannot be applied; the message says why and what to do."""
+
+
+class UnknownReviewer(ApprovalError):
+    pass
+
+
+class NotAuthorised(ApprovalError):
+    pass
+
+
+class UnknownItem(ApprovalError):
+    pass
+
+
+class AlreadyDecided(ApprovalError):
+    pass
+
+
+def role_rank(role: str | None) -> int:
+    """Position of ``role`` in ROLE_ORDER; -1 for a role that is not in it (never authorised)."""
+    return ROLE_ORDER.index(role) if role in ROLE_ORDER else -1
+
+
+def may_decide(reviewer_role: str | None, required_role: str) -> bool:
+    r = role_rank(reviewer_role)
+    return r >= 0 and r >= role_rank(required_role) >= 0
+
+
+def find_person(roster: Sequence[Mapping[str, Any]], who: str) -> Mapping[str, Any] | None:
+    """A roster entry by id (``a-ravi``) or, case-insensitively, by display name."""
+    key = (who or "").strip()
+    for p in roster:
+        if p.get("id") == key:
+            return p
+    for p in roster:
+        if str(p.get("name", "")).casefold() == key.casefold() and key:
+            return p
+    return None
+
+
+def _approval_row(conn, item_id: str, flow: str | None = None) -> dict[str, Any] | None:
+    q = sa.select(approvals).where(approvals.c.item_id == item_id)
+    if flow:
+        q = q.where(approvals.c.flow == flow)
+    row = conn.execute(q).mappings().first()
+    if row is None:
+        return None
+    row = dict(row)
+    for c in ("due_at", "created_at", "decided_at"):
+        row[c] = as_utc(row[c])
+    return row
+
+
+def pending(db: Database, flow: str | None = None, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Pending approvals, earliest due first: item id, reason, required role, due date, overdue flag,
+    plus the item's (masked) priority, intent and queue for the reviewer."""
+    now = now or utcnow()
+    q = (sa.select(approvals.c.id, approvals.c.flow, approvals.c.item_id, approvals.c.reason,
+                   approvals.c.required_role, approvals.c.due_at, approvals.c.created_at, items.c.day,
+                   items.c.escalation_level, items.c.data)
+         .select_from(approvals.outerjoin(items, items.c.item_id == approvals.c.item_id))
+         .where(approvals.c.status == "pending"))
+    if flow:
+        q = q.where(approvals.c.flow == flow)
+    with db.begin() as conn:
+        rows = [dict(r) for r in conn.execute(q.order_by(approvals.c.due_at, approvals.c.id)).mappings()]
+    out = []
+    for r in rows:
+        due = as_utc(r["due_at"])
+        d = r.pop("data") or {}
+        out.append({**r, "due_at": due, "created_at": as_utc(r["created_at"]),
+                    "overdue": bool(due is not None and due < now),
+                    "priority": d.get("priority"), "intent": d.get("intent"), "queue": d.get("queue"),
+                    "reasons": d.get("approval_reasons") or [r["reason"]]})
+    return out
+
+
+def _refuse(db: Database, reviewer: str, item_id: str, flow: str | None, trace_id: str | None, reason: str,
+            inputs: dict[str, Any], now: datetime) -> None:
+    with db.begin() as conn:
+        conn.execute(audit.insert(), [{"at": now, "actor": f"user:{reviewer}", "action": "approval_refused",
+                                       "flow": flow, "item_id": item_id, "trace_id": trace_id, "reason": reason,
+                                       "inputs": inputs, "outputs": None}])
+
+
+def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str, edited_draft: str | None,
+           roster: Sequence[Mapping[str, Any]], policy: Any, now: datetime | None = None,
+           flow: str | None = None) -> dict[str, Any]:
+    """Apply a reviewer's decision to a pending approval.
+
+    Enforces roles (the reviewer's roster role must equal the row's ``required_role`` or rank above
+    it). An unknown or unauthorised reviewer is refused and the refusal audited; an unknown item or
+    an approval that is no longer pending raises as well. A valid decision updates the approvals row
+    (status, decided_at/by, decision_reason, edited) and writes one audit row; an edited draft
+    (approve only) replaces the item's draft after PII masking, the original goes to the audit
+    inputs. The item itself is not advanced here: the resume sensor does that.
+    """
+    now = now or utcnow()
+    reviewer = (reviewer or "").strip()
+    reason = (reason or "").strip()
+    if decision not in DECISIONS:
+        raise ApprovalError(f"decision must be 'approve' or 'reject', not {decision!r}")
+    with db.begin() as conn:
+        row = _approval_row(conn, item_id, flow)
+        item = conn.execute(sa.select(items.c.trace_id, items.c.status, items.c.data)
+                            .where(items.c.item_id == item_id)).first()
+    trace_id = item.trace_id if item is not None else None
+    person = find_person(roster, reviewer)
+    refusal_inputs = {"decision": decision, "required_role": row["required_role"] if row else None,
+                      "reviewer_role": person.get("role") if person else None}
+    if person is None:
+        msg = (f"refused: {reviewer or '(empty)'!r} is not in the roster; decide as a person listed in "
+               f"roster.yaml (by id, e.g. a-ravi, or by name)")
+        _refuse(db, reviewer or "(empty)", item_id, row["flow"] if row else flow, trace_id, msg, refusal_inputs, now)
+        raise UnknownReviewer(msg)
+    if row is None:
+        raise UnknownItem(f"no approval for item {item_id!r}; `orch review list` shows the pending ones")
+    if row["status"] != "pending":
+        raise AlreadyDecided(f"approval for item {item_id!r} was already {row['status']} by {row['decided_by']} "
+                             f"at {row['decided_at']}; a decision is final")
+    if not may_decide(person.get("role"), row["required_role"]):
+        msg = (f"refused: {person['id']} has role {person.get('role')!r}, but item {item_id!r} needs role "
+               f"{row['required_role']!r} or above ({' < '.join(ROLE_ORDER)})")
+        _refuse(db, person["id"], item_id, row["flow"], trace_id, msg, refusal_inputs, now)
+        raise NotAuthorised(msg)
+    if decision == "reject" and not reason:
+        raise ApprovalError("a rejection needs a reason (--reason)")
+    if edited_draft is not None and decision != "approve":
+        raise ApprovalError("an edited draft goes with an approval, not a rejection")
+    if edited_draft is not None and not edited_draft.strip():
+        raise ApprovalError("the edited draft is empty")
+
+    status = DECISIONS[decision]
+    if reason:
+        from .guardrails import pii
+
+        reason = pii.mask(reason).text  # free text from a person: stored masked like everything else
+    data = dict(item.data) if item is not None else None
+    inputs: dict[str, Any] = {"decision": decision, "required_role": row["required_role"],
+                              "reviewer_role": person.get("role"), "approval_reason": row["reason"],
+                              "priority": (data or {}).get("priority"), "confidence": (data or {}).get("confidence")}
+    outputs: dict[str, Any] = {"status": status, "edited": edited_draft is not None}
+    if edited_draft is not None and data is not None:
+        from .guardrails import pii
+
+        masked = pii.mask(edited_draft)
+        inputs["original_draft"] = data.get("draft")
+        data["draft"] = masked.text
+        data["draft_edited_by"] = person["id"]
+        data["draft_edited_at"] = now.isoformat()
+        outputs["pii_masked_in_edit"] = dict(masked.counts)
+        outputs["draft_chars"] = len(masked.text)
+    with db.begin() as conn:
+        res = conn.execute(approvals.update().where(approvals.c.id == row["id"], approvals.c.status == "pending")
+                           .values(status=status, decided_at=now, decided_by=person["id"],
+                                   decision_reason=reason or None, edited=edited_draft is not None))
+        if res.rowcount != 1:  # someone else decided in between
+            raise AlreadyDecided(f"approval for item {item_id!r} was decided by someone else just now")
+        if edited_draft is not None and data is not None:
+            conn.execute(items.update().where(items.c.item_id == item_id).values(data=data, updated_at=now))
+        conn.execute(audit.insert(), [{"at": now, "actor": f"user:{person['id']}", "action": f"approval_{status}",
+                                       "flow": row["flow"], "item_id": item_id, "trace_id": trace_id,
+                                       "reason": reason or None, "inputs": inputs, "outputs": outputs}])
+    return {"item_id": item_id, "status": status, "decided_by": person["id"], "decided_at": now,
+            "edited": edited_draft is not None, "required_role": row["required_role"]}
+
+
+# --- resume: decided approvals move their items on ------------------------------------------------
+
+@dataclass
+class Resumed:
+    approved: dict[str, list[str]]  # partition day -> item ids now "approved" (to deliver)
+    rejected: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.approved or self.rejected)
+
+
+def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: str = "system:approval_resume"
+                   ) -> Resumed:
+    """Items whose approval was decided but that still wait (status ``awaiting_approval``) move on:
+    approved -> item ``approved`` (the actions stage delivers it), rejected -> item ``rejected``
+    (terminal). One transaction; each move audited. Idempotent: a resumed item no longer waits."""
+    now = now or utcnow()
+    q = (sa.select(items.c.item_id, items.c.day, items.c.trace_id, approvals.c.status, approvals.c.decided_by,
+                   approvals.c.decision_reason)
+         .select_from(items.join(approvals, approvals.c.item_id == items.c.item_id))
+         .where(items.c.flow == flow, items.c.status == "awaiting_approval", approvals.c.status.in_(DECIDED))
+         .order_by(approvals.c.decided_at, approvals.c.id))
+    approved: dict[str, list[str]] = {}
+    rejected: list[str] = []
+    with db.begin() as conn:
+        rows = conn.execute(q).all()
+        audit_rows = []
+        for r in rows:
+            res = conn.execute(items.update().where(items.c.item_id == r.item_id,
+                                                    items.c.status == "awaiting_approval")
+                               .values(status=r.status, stage="approval_decision", updated_at=now))
+            if res.rowcount != 1:
+                continue
+            if r.status == "approved":
+                approved.setdefault(r.day, []).append(r.item_id)
+            else:
+                rejected.append(r.item_id)
+            audit_rows.append({"at": now, "actor": actor,
+                               "action": "approval_resumed" if r.status == "approved" else "item_rejected",
+                               "flow": flow, "item_id": r.item_id, "trace_id": r.trace_id,
+                               "reason": (f"approved by {r.decided_by}" if r.status == "approved"
+                                          else f"rejected by {r.decided_by}: {r.decision_reason or ''}".strip()),
+                               "inputs": {"approval_status": r.status, "decided_by": r.decided_by},
+                               "outputs": {"item_status": r.status,
+                                           "next": "actions" if r.status == "approved" else "terminal"}})
+        if audit_rows:
+            conn.execute(audit.insert(), audit_rows)
+    return Resumed(approved, rejected)
+
+
+def approved_waiting_delivery(db: Database, flow: str) -> dict[str, list[str]]:
+    """Items resumed as approved whose actions stage has not run yet, by partition day."""
+    q = sa.select(items.c.day, items.c.item_id).where(items.c.flow == flow, items.c.status == "approved",
+                                                      items.c.stage == "approval_decision")
+    out: dict[str, list[str]] = {}
+    with db.begin() as conn:
+        for day, item_id in conn.execute(q.order_by(items.c.day, items.c.item_id)):
+            out.setdefault(day, []).append(item_id)
+    return out
+
+
+# --- escalation past the due date -------------------------------------------------------------------
+
+@dataclass
+class EscalationReport:
+    escalated: list[str]
+    auto_rejected: list[str]
+    alerts_delivered: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.escalated or self.auto_rejected)
+
+
+def escalated_due(now: datetime, priority: str | None, sla_hours: Mapping[str, float]) -> datetime:
+    """The new due date of an escalated approval: the item priority's SLA again, from now."""
+    hours = sla_hours.get(priority or "", None) or min(sla_hours.values(), default=4.0)
+    return now + timedelta(hours=float(hours))
+
+
+def escalate_overdue(db: Database, flow: str, policy: Any, roster: Sequence[Mapping[str, Any]],
+                     sla_hours: Mapping[str, float], connectors: Any = None, now: datetime | None = None
+                     ) -> EscalationReport:
+    """Pending approvals past their due date: below the escalation role they move one level up
+    (required_role -> policy.escalation_role, a new due date, an alert through the messaging
+    outbox, audited). At the escalation role already, ``policy.on_timeout == "reject"`` auto-rejects
+    them (the resume sensor then makes the item ``rejected``); ``escalate`` leaves them waiting."""
+    now = now or utcnow()
+    role = policy.escalation_role
+    on_timeout = getattr(policy, "on_timeout", "escalate")
+    people = [p["id"] for p in roster if p.get("role") == role] or [f"{role}s"]
+    q = (sa.select(approvals.c.id, approvals.c.item_id, approvals.c.required_role, approvals.c.due_at,
+                   items.c.trace_id, items.c.status.label("item_status"), items.c.data, items.c.escalation_level)
+         .select_from(approvals.join(items, items.c.item_id == approvals.c.item_id))
+         .where(approvals.c.flow == flow, approvals.c.status == "pending", approvals.c.due_at.is_not(None),
+                approvals.c.due_at < now)
+         .order_by(approvals.c.due_at, approvals.c.id))
+    escalated: list[str] = []
+    rejected: list[str] = []
+    with db.begin() as conn:
+        rows = conn.execute(q).all()
+        effects, audit_rows = [], []
+        for n, r in enumerate(rows):
+            due = as_utc(r.due_at)
+            overdue_h = (now - due).total_seconds() / 3600.0
+            if role_rank(r.required_role) < role_rank(role):
+                who = people[n % len(people)]
+                new_due = escalated_due(now, (r.data or {}).get("priority"), sla_hours)
+                res = conn.execute(approvals.update().where(approvals.c.id == r.id, approvals.c.status == "pending",
+                                                            approvals.c.required_role == r.required_role)
+                                   .values(required_role=role, due_at=new_due))
+                if res.rowcount != 1:
+                    continue
+                level = max(int(r.escalation_level or 0), 1)
+                conn.execute(items.update().where(items.c.item_id == r.item_id).values(
+                    escalation_level=level, escalated_at=sa.func.coalesce(items.c.escalated_at, now),
+                    data={**(r.data or {}), "escalated_to": who}, updated_at=now))
+                effects.append(Effect(idempotency_key(flow, r.item_id, "approval_escalation_1"), "messaging",
+                                      "send_alert", r.item_id, r.trace_id, {
+                                          "kind": "escalation", "recipient": f"role:{role}:{who}",
+                                          "subject": f"Approval overdue: {r.item_id} ({(r.data or {}).get('priority')})",
+                                          "body": f"The approval of item {r.item_id} is {overdue_h:.1f} h past its due "
+                                                  f"time; it now needs role {role} by {new_due.isoformat()}. "
+                                                  f"Trace {r.trace_id}."}))
+                audit_rows.append({"at": now, "actor": ESCALATION_ACTOR, "action": "approval_escalated",
+                                   "flow": flow, "item_id": r.item_id, "trace_id": r.trace_id,
+                                   "reason": f"approval {overdue_h:.1f} h past due",
+                                   "inputs": {"from_role": r.required_role, "due_at": due.isoformat()},
+                                   "outputs": {"to_role": role, "to": who, "due_at": new_due.isoformat()}})
+                escalated.append(r.item_id)
+            elif on_timeout == "reject":
+                reason = f"auto-rejected: no decision by role {r.required_role} {overdue_h:.1f} h past due"
+                res = conn.execute(approvals.update().where(approvals.c.id == r.id, approvals.c.status == "pending")
+                                   .values(status="rejected", decided_at=now, decided_by=TIMEOUT_ACTOR,
+                                           decision_reason=reason, edited=False))
+                if res.rowcount != 1:
+                    continue
+                audit_rows.append({"at": now, "actor": TIMEOUT_ACTOR, "action": "approval_rejected",
+                                   "flow": flow, "item_id": r.item_id, "trace_id": r.trace_id, "reason": reason,
+                                   "inputs": {"required_role": r.required_role, "due_at": due.isoformat(),
+                                              "on_timeout": on_timeout},
+                                   "outputs": {"status": "rejected", "edited": False}})
+                rejected.append(r.item_id)
+        if effects:
+            enqueue(db, conn, flow, effects)
+        if audit_rows:
+            conn.execute(audit.insert(), audit_rows)
+    report = EscalationReport(escalated, rejected)
+    if escalated and connectors is not None:
+        report.alerts_delivered = dispatch(db, connectors, flow, escalated)["delivered"]
+    return report

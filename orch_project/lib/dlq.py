@@ -1,0 +1,149 @@
+"""Dead-letter replay: look at one dead letter, and put dead-lettered items back where the next run
+of their partition's flow picks them up again.
+
+A dead letter from a stage that had an item (triage, draft, ...) is replayable: the item goes back to
+the status the failed stage loads and to the stage before it (triage -> ``received``/``intake``, draft ->
+``grounded``/``knowledge``), keeps its trace id, and the dlq row becomes ``replayed`` - one transaction,
+audited. An intake dead letter has no item (the source never validated): it stays open until the
+source is fixed and submitted again. Replaying a row that is not open changes nothing.
+
+Flow-agnostic: ``targets`` maps a failed stage to (status it loads, previous stage); the default is the
+support flow's stage chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from .store import Database, dlq, items, utcnow
+
+# failed stage -> (status that stage loads, the stage that completed before it)
+REPLAY_TARGETS: dict[str, tuple[str, str]] = {
+    "triage": ("received", "intake"),
+    "assignment": ("triaged", "triage"),
+    "knowledge": ("assigned", "assignment"),
+    "draft": ("grounded", "knowledge"),
+    "approval_gate": ("drafted", "draft"),
+    "actions": ("approved", "approval_gate"),
+    "survey": ("resolved", "actions"),
+}
+
+INTAKE_REASON = ("intake dead letter: the source never became an item, so there is nothing to replay; "
+                 "fix the source file and submit it again (`orch submit FILE`)")
+
+
+class DLQError(LookupError):
+    """No such dead letter."""
+
+
+def _row(conn, dlq_id: int) -> dict[str, Any]:
+    row = conn.execute(sa.select(dlq).where(dlq.c.id == int(dlq_id))).mappings().first()
+    if row is None:
+        raise DLQError(f"no dead letter #{dlq_id}; see `orch dlq list --status all`")
+    return dict(row)
+
+
+def _item(conn, item_id: str | None) -> dict[str, Any] | None:
+    if not item_id:
+        return None
+    row = conn.execute(sa.select(items.c.item_id, items.c.status, items.c.stage, items.c.trace_id, items.c.day,
+                                 items.c.data).where(items.c.item_id == item_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def _plan(row: dict[str, Any], item: dict[str, Any] | None,
+          targets: dict[str, tuple[str, str]]) -> tuple[tuple[str, str] | None, str | None]:
+    """(status, stage) the item would go back to, or None and why not."""
+    if row["status"] != "open":
+        return None, f"dead letter #{row['id']} is already {row['status']}; nothing to do"
+    if not row["item_id"] or row["stage"] == "intake":
+        return None, INTAKE_REASON
+    if item is None:
+        return None, f"item {row['item_id']!r} no longer exists; nothing to replay"
+    if item["status"] != "dead_lettered":
+        return None, (f"item {row['item_id']!r} is in status {item['status']!r} (stage {item['stage']!r}), "
+                      "not dead_lettered; nothing to replay")
+    target = targets.get(row["stage"])
+    if target is None:
+        return None, f"no replay target for stage {row['stage']!r}"
+    return target, None
+
+
+def show(db: Database, dlq_id: int, *, targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
+    """The dead letter, the item's current status/stage (if there is an item) and what replay would do."""
+    with db.begin() as conn:
+        row = _row(conn, dlq_id)
+        item = _item(conn, row["item_id"])
+    target, why_not = _plan(row, item, targets)
+    out = {**row, "item": None if item is None else {k: item[k] for k in ("status", "stage", "trace_id", "day")},
+           "replayable": target is not None}
+    if target is not None:
+        out["replay_to"] = {"status": target[0], "stage": target[1]}
+    else:
+        out["not_replayable_reason"] = why_not
+    return out
+
+
+def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str | None = None,
+           targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
+    """Put one dead-lettered item back in the flow and mark the row replayed (one audited transaction).
+
+    Returns {"id", "replayed": bool, "message", ...}; ``noop`` is True when the row was already handled,
+    ``replayable`` False when it cannot be replayed (intake dead letters, items that moved on)."""
+    with db.write() as conn:
+        row = _row(conn, dlq_id)
+        item = _item(conn, row["item_id"])
+        target, why_not = _plan(row, item, targets)
+        base = {"id": row["id"], "item_id": row["item_id"], "stage": row["stage"], "trace_id": row["trace_id"]}
+        if target is None:
+            return {**base, "replayed": False, "noop": row["status"] != "open", "replayable": False,
+                    "message": why_not}
+        status, stage = target
+        now = utcnow()
+        data = {k: v for k, v in (item["data"] or {}).items() if k != "deferred"}
+        data["replays"] = int(data.get("replays", 0)) + 1
+        moved = conn.execute(items.update().where(items.c.item_id == row["item_id"],
+                                                  items.c.status == "dead_lettered")
+                             .values(status=status, stage=stage, data=data, updated_at=now)).rowcount
+        marked = conn.execute(dlq.update().where(dlq.c.id == row["id"], dlq.c.status == "open")
+                              .values(status="replayed")).rowcount
+        if not (moved and marked):  # lost a race with another replay: undo by raising
+            raise RuntimeError(f"dead letter #{row['id']} changed while replaying; try again")
+        db.audit(conn, [{"actor": actor, "action": "dlq_replayed", "flow": row["flow"], "item_id": row["item_id"],
+                         "trace_id": item["trace_id"],
+                         "reason": f"replay of dead letter #{row['id']} ({row['stage']}: {row['error_type']})",
+                         "inputs": {"dlq_id": row["id"], "stage": row["stage"], "error_type": row["error_type"],
+                                    "dlq_trace_id": row["trace_id"], "run_id": run_id},
+                         "outputs": {"status": status, "stage": stage}}])
+    return {**base, "replayed": True, "noop": False, "replayable": True, "status": status, "to_stage": stage,
+            "trace_id": item["trace_id"], "day": item["day"],
+            "message": f"item {row['item_id']} back to {status!r} after stage {stage!r}; the next run of partition "
+                       f"{item['day']} reprocesses it"}
+
+
+def replay_all(db: Database, flow: str, *, actor: str = "system:dlq", run_id: str | None = None,
+               targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
+    """Replay every open dead letter of ``flow`` that can be replayed; report the others with their reason."""
+    with db.begin() as conn:
+        ids = list(conn.execute(sa.select(dlq.c.id).where(dlq.c.flow == flow, dlq.c.status == "open")
+                                .order_by(dlq.c.id)).scalars())
+    results = [replay(db, i, actor=actor, run_id=run_id, targets=targets) for i in ids]
+    done = [r for r in results if r["replayed"]]
+    skipped = [r for r in results if not r["replayed"]]
+    days = sorted({r["day"] for r in done})
+    return {"flow": flow, "open": len(ids), "replayed": len(done), "not_replayable": len(skipped),
+            "days": days, "results": results,
+            "message": (f"{len(done)} of {len(ids)} open dead letters replayed" +
+                        (f" (partitions {', '.join(days)})" if days else "") +
+                        (f"; {len(skipped)} not replayable (see results)" if skipped else ""))}
+
+
+def open_backlog(db: Database, flow: str) -> list[dict[str, Any]]:
+    """Open dead letters counted by stage and error type."""
+    with db.begin() as conn:
+        rows = conn.execute(sa.select(dlq.c.stage, dlq.c.error_type, sa.func.count())
+                            .where(dlq.c.flow == flow, dlq.c.status == "open")
+                            .group_by(dlq.c.stage, dlq.c.error_type).order_by(dlq.c.stage, dlq.c.error_type)).all()
+    return [{"stage": s, "error_type": e, "count": int(n)} for s, e, n in rows]
