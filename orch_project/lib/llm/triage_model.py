@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CODE_VERSION = "tfidf-wc-linsvc-v2"
+CODE_VERSION = "ensemble-mlp-svc-lr-v3"
 UNKNOWN = "unknown"
 
 
@@ -97,18 +97,11 @@ def data_hash(texts: list[str], labels: list[str]) -> str:
 
 
 def build_estimator():
-    """The classifier: TF-IDF word (1-2) and character (2-5, within word bounds) n-grams, linear SVM."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.pipeline import make_pipeline, make_union
-    from sklearn.svm import LinearSVC
+    """The classifier (lib/llm/intent_ensemble.py): a small network, a linear SVM and logistic
+    regression on TF-IDF word + character n-grams of normalised text, scores averaged."""
+    from .intent_ensemble import IntentEnsemble
 
-    return make_pipeline(
-        make_union(
-            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2),
-        ),
-        LinearSVC(C=0.5),
-    )
+    return IntentEnsemble()
 
 
 def fit_temperature(scores, y_idx) -> float:
