@@ -208,7 +208,7 @@ def test_triage_train_evaluate_round_trip_with_out_of_scope(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(res) >= {"n", "accuracy", "macro_f1", "in_scope_accuracy", "oos_recall"}
     assert res["n"] == len(data) - split
-    # measured: accuracy 0.868, in-scope 0.938, out-of-scope recall 0.554 (threshold from validation only)
+    # measured: accuracy 0.839, in-scope 0.896, out-of-scope recall 0.581 (threshold from validation only)
     assert res["in_scope_accuracy"] > 0.85 and res["oos_recall"] > 0.4 and res["accuracy"] > 0.8
 
     bad = subprocess.run([ORCH, "triage", "evaluate", "--test", str(test), "--text-column", "text",

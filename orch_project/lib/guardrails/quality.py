@@ -14,10 +14,10 @@ _LOCK = threading.Lock()
 _CONTEXT = None
 
 # Raw PII patterns that must never appear in outbound text (masking leaves <ENTITY_TYPE> tags)
-EMAIL_RX = r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
-CARD_RX = r"(?<![\d-])(\d[ -]?){12,18}\d(?![\d-])"
+EMAIL_RX = r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+CARD_RX = r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"
 SSN_RX = r"\b\d{3}-\d{2}-\d{4}\b"
-IBAN_RX = r"\b[A-Z]{2}\d{2}( ?[A-Z0-9]{4}){3,7}( ?[A-Z0-9]{1,4})?\b"
+IBAN_RX = r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){3,7}(?: ?[A-Z0-9]{1,4})?\b"
 
 
 @dataclass

@@ -170,7 +170,7 @@ class TokenBudget:
     def day(self) -> str:
         return next(s for s in self.caps if s.startswith("day:")).rsplit(":", 1)[1]
 
-    def reserve(self, tokens: int) -> Reservation:
+    def reserve(self, tokens: int, *, count_refusal: bool = True) -> Reservation:
         """Reserve ``tokens`` in every scope or in none; raises BudgetRefused naming the scope."""
         t = token_budgets.c
         try:
@@ -182,6 +182,8 @@ class TokenBudget:
                     if res.rowcount != 1:
                         raise BudgetRefused(scope, self.caps[scope])
         except BudgetRefused as refused:
+            if not count_refusal:
+                raise
             with self.db.write() as conn:
                 conn.execute(token_budgets.update().where(t.scope == refused.scope)
                              .values(refused=t.refused + 1, updated_at=utcnow()))

@@ -37,7 +37,7 @@ from ..contracts import LLMOutput, LLMStepRequest, LLMStepResponse, describe_val
 from ..guardrails.pii import find_unmasked
 from ..store import Database, llm_calls, utcnow
 from . import cache
-from .controls import BudgetRefused, CircuitBreaker, TokenBudget
+from .controls import BudgetRefused, CircuitBreaker, Reservation, TokenBudget
 from .routing import Candidate, RoutingConfig, TaskPolicy, rank
 
 FALLBACK_ERRORS = {"timeout", "quota_exceeded", "rate_limited", "provider_error", "circuit_open"}
@@ -211,6 +211,7 @@ class _Call:
         self.to_cache: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._schema_cache: dict[str, Any] | None = None
+        self._prereserved: dict[int, Any] = {}
 
     # -- the batch -------------------------------------------------------------------
     def execute(self, requests: list[LLMStepRequest]) -> tuple[list[LLMStepResponse], GatewayStats]:
@@ -351,12 +352,38 @@ class _Call:
         return out
 
     def _concurrent(self, provider, ranked, idx: list[int]) -> dict[int, tuple[ProviderResult, LLMOutput | None]]:
-        workers = max(1, min(self.gw.routing.concurrency, len(idx)))
-        if workers == 1:
-            return {i: self._one(provider, ranked, i) for i in idx}
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"llm-{self.task}") as pool:
-            futures = {i: pool.submit(self._one, provider, ranked, i) for i in idx}
-            return {i: f.result() for i, f in futures.items()}
+        self._reserve_block(ranked.candidate, idx)
+        try:
+            workers = max(1, min(self.gw.routing.concurrency, len(idx)))
+            if workers == 1:
+                return {i: self._one(provider, ranked, i) for i in idx}
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"llm-{self.task}") as pool:
+                futures = {i: pool.submit(self._one, provider, ranked, i) for i in idx}
+                return {i: f.result() for i, f in futures.items()}
+        finally:
+            self._release_block()
+
+    def _reserve_block(self, cand: Candidate, idx: list[int]) -> None:
+        """Reserve the whole wave's estimates in one transaction when the budgets allow it; each call
+        then settles its own share (ledger row + settlement, one write per call). If the block does
+        not fit, every call reserves for itself and the budget decides call by call."""
+        self._prereserved: dict[int, Reservation] = {}
+        if not cand.metered or len(idx) < 2:
+            return
+        shares = {i: self.est_in[i] + self.policy.max_output_tokens for i in idx}
+        try:
+            block = self.gw.budget().reserve(sum(shares.values()), count_refusal=False)
+        except BudgetRefused:
+            return
+        self._prereserved = {i: Reservation(block.scopes, t) for i, t in shares.items()}
+
+    def _release_block(self) -> None:
+        """Give back the shares of calls that never happened (open circuit, an exception)."""
+        left, self._prereserved = self._prereserved, {}
+        if left:
+            with self.gw.db.write() as conn:
+                for r in left.values():
+                    self.gw.budget().settle(conn, r, 0, 0.0)
 
     def _one(self, provider, ranked, i: int) -> tuple[ProviderResult, LLMOutput | None]:
         """One item on one HTTP candidate: breaker, budget, call, validation, one repair."""
@@ -386,8 +413,8 @@ class _Call:
             res = ProviderResult(error="circuit_open", reason=f"circuit open for {cand.key}")
             self._write(self._row(i, cand, ranked.rank, res, "skipped: circuit open", repair=repair))
             return res, None
-        reservation = None
-        if cand.metered:
+        reservation = None if repair else self._prereserved.pop(i, None)
+        if cand.metered and reservation is None:
             estimate = self.est_in[i] + self.policy.max_output_tokens
             try:
                 reservation = self.gw.budget().reserve(estimate)
