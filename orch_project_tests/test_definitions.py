@@ -13,13 +13,14 @@ def test_definitions_load_with_expected_objects(defs):
     keys = {a.key.to_user_string() for a in defs.resolve_all_asset_specs()}
     assert {"support_inbound", "support_triage", "support_assignment", "support_knowledge", "support_drafts",
             "support_approval_gate", "support_actions", "support_surveys", "support_csat", "support_escalations",
-            "support_insights", "support_kpi_report", "triage_model", "triage_model_evaluation",
+            "support_insights", "support_kpi_report", "support_outbox_redelivery", "triage_model", "triage_model_evaluation",
             "triage_model_promotion"} <= keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
     assert {s.name for s in defs.sensors} == {"support_intake_sensor", "support_ops_after_flow",
-                                              "approval_resume_sensor", "approval_escalation_sensor"}
-    assert {s.name for s in defs.schedules} == {"support_ops_job_schedule"}
+                                              "approval_resume_sensor", "approval_escalation_sensor",
+                                              "support_alerts_sensor", "support_run_failure_alerts"}
+    assert {s.name for s in defs.schedules} == {"support_ops_job_schedule", "retention_purge_job_schedule"}
     dg.Definitions.validate_loadable(defs)
 
 

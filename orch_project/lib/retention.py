@@ -1,0 +1,73 @@
+"""Raw-data retention: the only places raw personal data lives are the inbox (files and table rows
+as submitted) and the vault (tokens a later step may resolve). Past the retention limit:
+
+- processed inbox files are deleted and processed inbox-table payloads are replaced by a tombstone
+  (the row stays, so a resubmission of the same message id is still recognised as a duplicate);
+- vault tokens of items whose journey has ended (resolved, rejected, dead-lettered) are deleted;
+  items still waiting (e.g. for an approval) keep theirs, because sending the reply needs them.
+
+Unprocessed input is never purged. Every purge is audited with its counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .store import Database, chunked, inbox, intake, items, utcnow, vault
+
+DEFAULT_RETENTION_DAYS = 30
+TERMINAL = ("resolved", "rejected", "dead_lettered")
+
+
+def retention_days_from_env() -> int:
+    raw = os.environ.get("ORCH_RAW_RETENTION_DAYS", "").strip()
+    if not raw:
+        return DEFAULT_RETENTION_DAYS
+    try:
+        days = int(raw)
+    except ValueError:
+        raise ValueError(f"ORCH_RAW_RETENTION_DAYS={raw!r} is not a whole number of days") from None
+    if days < 0:
+        raise ValueError("ORCH_RAW_RETENTION_DAYS must be 0 or more")
+    return days
+
+
+def purge(db: Database, flow: str, inbox_dir: Path | None, *, retention_days: int,
+          now: datetime | None = None, actor: str = "system:retention") -> dict[str, Any]:
+    now = now or utcnow()
+    cutoff = now - timedelta(days=retention_days)
+    tombstone = json.dumps({"purged_at": now.isoformat(), "reason": f"raw retention {retention_days} days"})
+    with db.begin() as conn:
+        processed = conn.execute(sa.select(intake.c.source_key).where(
+            intake.c.flow == flow, intake.c.ingested_at < cutoff)).scalars().all()
+    table_ids = [int(k.split(":", 1)[1]) for k in processed if k.startswith("table:")]
+    file_names = [k.split(":", 1)[1] for k in processed if k.startswith("file:")]
+    rows_purged = 0
+    with db.begin() as conn:
+        for chunk in chunked(table_ids, 900):
+            res = conn.execute(inbox.update().where(inbox.c.id.in_(chunk), ~inbox.c.payload.like('{"purged_at"%'))
+                               .values(payload=tombstone))
+            rows_purged += res.rowcount
+        ended = sa.select(items.c.item_id).where(items.c.flow == flow, items.c.status.in_(TERMINAL),
+                                                 items.c.updated_at < cutoff)
+        tokens = conn.execute(vault.delete().where(vault.c.item_id.in_(ended)))
+        vault_purged = tokens.rowcount
+    files_purged = 0
+    if inbox_dir is not None:
+        for name in file_names:
+            path = Path(inbox_dir) / name
+            if path.is_file():
+                path.unlink()
+                files_purged += 1
+    counts = {"retention_days": retention_days, "cutoff": cutoff.isoformat(), "inbox_rows_purged": rows_purged,
+              "inbox_files_purged": files_purged, "vault_tokens_purged": vault_purged}
+    with db.begin() as conn:
+        db.audit(conn, [{"actor": actor, "action": "raw_data_purged", "flow": flow,
+                         "reason": f"older than {retention_days} days", "outputs": counts}])
+    return counts

@@ -1,0 +1,65 @@
+"""Raw-data retention: processed inbox input and finished items' vault tokens are purged past the
+limit; unprocessed input and tokens still needed are kept; nothing is re-ingested."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from orch_project.lib.intake import drop_file, submit_to_table
+from orch_project.lib.retention import purge
+from orch_project.lib.store import audit, inbox, items, utcnow, vault
+
+from .conftest import QUIET, run_flow, sample_messages
+
+DAY = "2026-11-20"
+
+
+def test_purge_removes_raw_data_past_the_limit_and_keeps_what_is_still_needed(orch_home, db, with_model, defs,
+                                                                             instance):
+    msgs = sample_messages(DAY)[:6]
+    submit_to_table(db, "support", msgs, "test")
+    file_msg = {**sample_messages(DAY)[6], "id": "file-msg-1"}
+    drop_file(orch_home.inbox_dir, "file-msg-1.json", json.dumps(file_msg).encode())
+    assert run_flow(defs, instance, DAY).success
+    with db.begin() as conn:
+        statuses = dict(conn.execute(sa.select(items.c.item_id, items.c.status)).all())
+        before_tokens = dict(conn.execute(sa.select(vault.c.item_id, sa.func.count()).group_by(vault.c.item_id)).all())
+    waiting = {i for i, s in statuses.items() if s == "awaiting_approval"}
+    finished = {i for i, s in statuses.items() if s in ("resolved", "dead_lettered")}
+    assert finished and len(statuses) == 7
+
+    # inside the limit nothing happens
+    assert purge(db, "support", orch_home.inbox_dir, retention_days=30)["inbox_rows_purged"] == 0
+
+    later = utcnow() + timedelta(days=31)
+    counts = purge(db, "support", orch_home.inbox_dir, retention_days=30, now=later)
+    assert counts["inbox_rows_purged"] == 6 and counts["inbox_files_purged"] == 1
+    assert counts["vault_tokens_purged"] == sum(before_tokens[i] for i in finished)
+    with db.begin() as conn:
+        payloads = [json.loads(p) for (p,) in conn.execute(sa.select(inbox.c.payload))]
+        left = {i for (i,) in conn.execute(sa.select(vault.c.item_id))}
+        trail = conn.execute(sa.select(audit.c.outputs).where(audit.c.action == "raw_data_purged")).scalars().all()
+    assert all(set(p) == {"purged_at", "reason"} for p in payloads)
+    raw = {m["sender"]["email"] for m in msgs} | {m["body"] for m in msgs}
+    assert not [v for v in raw if v in json.dumps(payloads)]
+    assert left == waiting  # the reply to a waiting item still needs its tokens
+    assert not (orch_home.inbox_dir / "file-msg-1.json").exists()
+    assert trail[-1]["inbox_rows_purged"] == 6
+
+    # a purge is idempotent, and purged input is never ingested again
+    assert purge(db, "support", orch_home.inbox_dir, retention_days=30, now=later)["inbox_rows_purged"] == 0
+    assert submit_to_table(db, "support", msgs, "test") == 0
+    assert run_flow(defs, instance, DAY).success
+    with db.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(items)).scalar_one() == 7
+
+
+def test_retention_job_runs_from_dagster(orch_home, db, defs, instance):
+    res = defs.resolve_job_def("retention_purge_job").execute_in_process(
+        instance=instance, run_config={**QUIET, "ops": {"support_raw_retention": {"config": {"retention_days": 0}}}})
+    assert res.success
+    mat = res.get_asset_materialization_events()[0].event_specific_data.materialization
+    assert mat.metadata["retention_days"].value == 0 and mat.metadata["inbox_rows_purged"].value == 0
