@@ -161,7 +161,7 @@ def test_approval_resumes_the_item_and_delivers_it(orch_home, db, with_model, de
     assert len(_tickets_for(orch_home, target)) == 1
     assert _item(db, other)["status"] == "awaiting_approval", "undecided items keep waiting"
     trail = [a["action"] for a in _audit(db, target)]
-    assert trail[-2:] == ["approval_approved", "approval_resumed"]
+    assert trail[-3:] == ["approval_approved", "approval_resumed", "completed"]  # completed: all effects delivered
     decided = _audit(db, target, "approval_approved")[0]
     assert decided["actor"] == f"user:{LEAD}" and decided["inputs"]["required_role"] == "lead"
     assert decided["outputs"] == {"status": "approved", "edited": False}

@@ -38,28 +38,70 @@ def enqueue(db: Database, conn: Connection, flow: str, effects: Sequence[Effect]
     db.insert_ignore(conn, outbox, rows, ["idempotency_key"])
 
 
-def dispatch(db: Database, connectors: Any, flow: str, item_ids: Sequence[str] | None = None) -> dict[str, int]:
-    """Deliver pending effects (optionally only those of ``item_ids``); returns counts."""
+def _call(connectors: Any, name: str, effects: list[Effect], timeout_s: float | None) -> list[Delivery]:
+    """One connector call, bounded by ``timeout_s`` (the worker thread is abandoned on timeout; a late
+    write is harmless because the next delivery carries the same idempotency keys)."""
+    if timeout_s is None:
+        return connectors.deliver(name, effects)
+    import concurrent.futures as cf
+
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"connector-{name}")
+    try:
+        return pool.submit(connectors.deliver, name, effects).result(timeout=timeout_s)
+    except cf.TimeoutError:
+        raise TimeoutError(f"{name} did not answer within {timeout_s:g} s") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def dispatch(db: Database, connectors: Any, flow: str, item_ids: Sequence[str] | None = None, *,
+             policy: Any = None, keys: Sequence[str] | None = None) -> dict[str, int]:
+    """Deliver pending effects (optionally only those of ``item_ids`` / with ``keys``); returns counts.
+
+    With a ``policy`` (lib.connectors.policy.ConnectorPolicy) each connector call passes that
+    connector's circuit breaker (``connector:<name>`` in ``circuit_breakers``) and is bounded by its
+    timeout: an open circuit leaves the connector's effects untouched (``skipped``), an outage or a
+    timeout marks them failed (attempts + 1, last error) and counts against the breaker. Nothing
+    raises: undelivered effects stay in the outbox for the next dispatch."""
     with db.begin() as conn:
         q = sa.select(outbox).where(outbox.c.flow == flow, outbox.c.status.in_(("pending", "failed")))
         rows: list[dict] = []
-        if item_ids is None:
+        if item_ids is None and keys is None:
             rows = [dict(r) for r in conn.execute(q.order_by(outbox.c.id)).mappings()]
         else:
-            for chunk in chunked(list(item_ids), 900):
-                rows.extend(dict(r) for r in conn.execute(q.where(outbox.c.item_id.in_(chunk))).mappings())
+            col, values = (outbox.c.item_id, item_ids) if keys is None else (outbox.c.idempotency_key, keys)
+            for chunk in chunked(list(values), 900):
+                rows.extend(dict(r) for r in conn.execute(q.where(col.in_(chunk))).mappings())
             rows.sort(key=lambda r: r["id"])
     by_connector: dict[str, list[Effect]] = defaultdict(list)
     for r in rows:
         by_connector[r["connector"]].append(
             Effect(r["idempotency_key"], r["connector"], r["action"], r["item_id"], r["trace_id"], r["payload"])
         )
+    breaker = None
+    if policy is not None and by_connector:
+        from .connectors.policy import breaker_key
+        from .llm.controls import CircuitBreaker
+
+        breaker = CircuitBreaker(db, policy.circuit_breaker, refresh_s=0.0)
     deliveries: list[Delivery] = []
+    skipped = 0
     for name, effects in by_connector.items():
+        key = breaker_key(name) if breaker is not None else None
+        if breaker is not None and not breaker.allow(key):
+            skipped += len(effects)  # circuit open: do not call a broken connector; effects wait
+            continue
         try:
-            deliveries.extend(connectors.deliver(name, effects))
+            got = _call(connectors, name, effects, policy.timeout_s if policy is not None else None)
         except Exception as exc:  # a connector outage leaves its effects pending for the next dispatch
+            kind = "timeout" if isinstance(exc, TimeoutError) else "provider_error"
+            if breaker is not None:
+                breaker.record(key, kind, f"{type(exc).__name__}: {exc}")
             deliveries.extend(Delivery(e.idempotency_key, False, error=f"{type(exc).__name__}: {exc}") for e in effects)
+            continue
+        if breaker is not None:
+            breaker.record(key, None)
+        deliveries.extend(got)
     now = utcnow()
     ok = [{"k": d.idempotency_key, "ref": d.external_ref, "at": now} for d in deliveries if d.ok]
     bad = [{"k": d.idempotency_key, "err": (d.error or "")[:500]} for d in deliveries if not d.ok]
@@ -77,7 +119,7 @@ def dispatch(db: Database, connectors: Any, flow: str, item_ids: Sequence[str] |
                     status="failed", last_error=sa.bindparam("err"), attempts=outbox.c.attempts + 1),
                 bad,
             )
-    return {"delivered": len(ok), "failed": len(bad)}
+    return {"delivered": len(ok), "failed": len(bad), "skipped": skipped}
 
 
 def delivered_keys(db: Database, keys: Sequence[str]) -> set[str]:
@@ -88,3 +130,25 @@ def delivered_keys(db: Database, keys: Sequence[str]) -> set[str]:
                 outbox.c.idempotency_key.in_(chunk), outbox.c.status == "delivered")
             out.update(conn.execute(q).scalars())
     return out
+
+
+def effect_states(db: Database, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Status, attempts and last error of the effects with ``keys``."""
+    out: dict[str, dict[str, Any]] = {}
+    cols = (outbox.c.idempotency_key, outbox.c.connector, outbox.c.action, outbox.c.status, outbox.c.attempts,
+            outbox.c.last_error)
+    with db.begin() as conn:
+        for chunk in chunked(list(keys), 900):
+            for r in conn.execute(sa.select(*cols).where(outbox.c.idempotency_key.in_(chunk))).mappings():
+                out[r["idempotency_key"]] = dict(r)
+    return out
+
+
+def settle(db: Database, keys: Sequence[str], status: str) -> None:
+    """Take undelivered effects out of delivery: ``dead`` (failed for good) or ``cancelled`` (the
+    multi-step effect they belong to was compensated)."""
+    assert status in ("dead", "cancelled")
+    with db.begin() as conn:
+        for chunk in chunked(list(keys), 900):
+            conn.execute(outbox.update().where(outbox.c.idempotency_key.in_(chunk),
+                                               outbox.c.status.in_(("pending", "failed"))).values(status=status))

@@ -1,8 +1,9 @@
 """Raw-data retention: the only places raw personal data lives are the inbox (files and table rows
 as submitted) and the vault (tokens a later step may resolve). Past the retention limit:
 
-- processed inbox files are deleted and processed inbox-table payloads are replaced by a tombstone
-  (the row stays, so a resubmission of the same message id is still recognised as a duplicate);
+- processed inbox files are deleted, and processed inbox-table payloads are replaced by a tombstone
+  (intake already does this as it ingests; this is the backstop) — the row stays, so a resubmission
+  of the same message id is still recognised as a duplicate;
 - vault tokens of items whose journey has ended (resolved, rejected, dead-lettered) are deleted;
   items still waiting (e.g. for an approval) keep theirs, because sending the reply needs them.
 

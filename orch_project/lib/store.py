@@ -99,7 +99,7 @@ outbox = sa.Table(
     sa.Column("connector", sa.String(32), nullable=False),
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("payload", sa.JSON, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False, doc="pending | delivered | failed"),
+    sa.Column("status", sa.String(16), nullable=False, doc="pending | delivered | failed | dead (failed for good) | cancelled"),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.Text),
     sa.Column("external_ref", sa.String(255)),
@@ -281,6 +281,25 @@ evaluations = sa.Table(
     sa.Column("metrics", sa.JSON, nullable=False),
     sa.Column("created_at", TS, nullable=False),
     sa.Index("ix_evaluations_model", "model_version"),
+)
+
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("flow", sa.String(64), nullable=False),
+    sa.Column("dedup_key", sa.String(255), nullable=False, doc="flow:rule:window start (or run id): raised once"),
+    sa.Column("rule", sa.String(128), nullable=False, doc="the brief's rule text, or run_failure"),
+    sa.Column("metric", sa.String(64), nullable=False),
+    sa.Column("observed", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("source", sa.String(128), nullable=False, doc="the sensor that raised it"),
+    sa.Column("window_start", TS, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("channels", sa.JSON, nullable=False, doc="{channel: delivered | error text}"),
+    sa.Column("created_at", TS, nullable=False),
+    sa.UniqueConstraint("dedup_key", name="uq_alerts_dedup_key"),
+    sa.Index("ix_alerts_flow_created", "flow", "created_at"),
 )
 
 

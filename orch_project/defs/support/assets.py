@@ -142,6 +142,16 @@ def support_escalations(context: dg.AssetExecutionContext, app_db: AppDatabase, 
     return _result(context, report)
 
 
+@dg.asset(**OPS, deps=[support_actions, support_surveys], retry_policy=EXTERNAL_RETRY,
+          description="Self-healing: effects still in the outbox (a connector was down) are delivered again behind "
+                      "the connectors' circuit breakers; items waiting for them are resolved and surveyed, or "
+                      "compensated and dead-lettered once an effect has failed for good (connectors.yaml).")
+def support_outbox_redelivery(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace,
+                              connectors: Connectors):
+    report = logic.redelivery_stage(_ops_env(context, app_db, workspace), CFG, connectors.client())
+    return _result(context, report)
+
+
 @dg.asset(**OPS, deps=[support_csat],
           description="Insights to the backlog: top intents, rising intents and worst-CSAT intents.")
 def support_insights(context: dg.AssetExecutionContext, app_db: AppDatabase):
@@ -155,7 +165,7 @@ def support_insights(context: dg.AssetExecutionContext, app_db: AppDatabase):
     })
 
 
-@dg.asset(**OPS, deps=[support_insights, support_escalations, support_csat],
+@dg.asset(**OPS, deps=[support_insights, support_escalations, support_csat, support_outbox_redelivery],
           description="KPI report: success and failure rates, latency by stage, retries, DLQ, overrides, tokens, "
                       "cache hits, CSAT, time to resolution and the brief's alerts. Markdown here, HTML + PNG charts "
                       "on disk.")
@@ -177,4 +187,4 @@ def support_kpi_report(context: dg.AssetExecutionContext, app_db: AppDatabase, w
     })
 
 
-OPS_ASSETS = [support_csat, support_escalations, support_insights, support_kpi_report]
+OPS_ASSETS = [support_outbox_redelivery, support_csat, support_escalations, support_insights, support_kpi_report]

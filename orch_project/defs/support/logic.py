@@ -9,6 +9,7 @@ CSAT fold-back, SLA escalation, insights to the backlog and the KPI report (repo
 from __future__ import annotations
 
 import hashlib
+import json
 import heapq
 import re
 from collections import Counter
@@ -26,7 +27,7 @@ from ...lib.connectors.embedded import Effect
 from ...lib.contracts import DesignBrief, InboundMessage, LLMOutput, LLMStepRequest, describe_validation_error
 from ...lib.guardrails import injection, pii
 from ...lib.intake import Parsed, pending_sources
-from ...lib.outbox import delivered_keys, dispatch, enqueue, idempotency_key
+from ...lib.outbox import delivered_keys, dispatch, effect_states, enqueue, idempotency_key, settle
 from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items
 from ...lib.store import (Database, approvals, as_utc, audit, chunked, dlq, intake, item_stages, items, utcnow,
                           vault)
@@ -93,6 +94,13 @@ class SupportConfig:
         from ...lib.guardrails.policy import DraftPolicy
 
         return DraftPolicy.load(self.folder / "policy.yaml")
+
+    @cached_property
+    def connector_policy(self):
+        """Circuit breakers, timeout, attempts before compensation and alert windows (connectors.yaml)."""
+        from ...lib.connectors.policy import ConnectorPolicy
+
+        return ConnectorPolicy.load(self.folder / "connectors.yaml")
 
     @property
     def routing_path(self) -> Path:
@@ -213,6 +221,9 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
         env.db.insert_ignore(conn, vault, vault_rows, ["token"])
         if dead:
             conn.execute(dlq.insert(), dead)
+        # data minimisation: once a table row is in the intake log its raw payload is no longer needed
+        # (the masked item, the vault tokens or the dead letter's reason carry what later steps use)
+        minimise_inbox_rows(conn, [r["source_key"] for r in intake_rows], finished)
     outcomes = Counter({"ok": len(accepted), "dead_lettered": len(dead),
                         "duplicate": sum(1 for r in intake_rows if r["outcome"] == "duplicate")})
     md = {"received": len(intake_rows), "accepted": len(accepted), "dead_lettered": len(dead),
@@ -223,6 +234,15 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
     log_event(env.logger, "stage_done", flow=FLOW, stage="intake", run_id=env.run_id, days=env.days,
               items=len(intake_rows), outcomes=dict(outcomes), ms=round(ms, 1))
     return StageReport("intake", len(intake_rows), outcomes, ms, md)
+
+
+def minimise_inbox_rows(conn, source_keys: list[str], now: datetime) -> None:
+    from ...lib.store import inbox
+
+    ids = [int(k.split(":", 1)[1]) for k in source_keys if k.startswith("table:")]
+    tombstone = json.dumps({"purged_at": now.isoformat(), "reason": "ingested; raw payload dropped"})
+    for chunk in chunked(ids, 900):
+        conn.execute(inbox.update().where(inbox.c.id.in_(chunk)).values(payload=tombstone))
 
 
 def _existing_item_ids(db: Database, ids: list[str]) -> set[str]:
@@ -496,29 +516,96 @@ def _action_effects(row: dict[str, Any]) -> list[Effect]:
     ]
 
 
-def actions_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
+# A delivered step whose multi-step effect failed for good is undone by its compensation (same
+# connector, allow-listed action, its own idempotency key). A reply cannot be recalled.
+COMPENSATIONS = {"ticket": ("ticketing", "void_ticket")}
+
+
+def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only: bool = False) -> StageReport:
     """Record ticket, reply and CRM effects in the outbox (with the state change), deliver them,
-    and resolve the items whose effects were all delivered. Undelivered effects stay pending
-    and the item stays approved, so the next run delivers them: nothing lost, nothing twice."""
+    and resolve the items whose effects were all delivered ("completed" in the audit log).
+    Undelivered effects stay pending and the item stays approved, so the next run (or the ops job's
+    redelivery) delivers them: nothing lost, nothing twice. Each connector sits behind its circuit
+    breaker, so an outage neither fails the batch nor keeps hammering a broken system. An effect that
+    failed ``max_attempts`` times has failed for good: the steps already delivered are compensated
+    (the ticket is voided), the rest cancelled, and the item dead-lettered ("compensated")."""
     started = utcnow()
-    rows = load_items(env, "approved")
+    policy = cfg.connector_policy
+    rows = load_items(env, "approved", stage="actions" if waiting_only else None)
     effects = [e for r in rows for e in _action_effects(r)]
     with env.db.begin() as conn:
         enqueue(env.db, conn, FLOW, effects)
-    sent = dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows]) if rows else {"delivered": 0, "failed": 0}
-    done = delivered_keys(env.db, [e.idempotency_key for e in effects])
+    sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=policy) if rows
+            else {"delivered": 0, "failed": 0, "skipped": 0})
+    state = effect_states(env.db, [e.idempotency_key for e in effects])
     now = utcnow()
-    updates = []
+    updates, audit_rows, compensations, cancel, dead = [], [], [], [], []
     for r in rows:
-        keys = [idempotency_key(FLOW, r["item_id"], s) for s in ACTION_STEPS]
-        if all(k in done for k in keys):
-            updates.append(ItemUpdate(r["item_id"], "resolved", r["data"], columns={"resolved_at": now}))
-        else:
-            updates.append(ItemUpdate(r["item_id"], "approved", r["data"], "waiting"))
+        iid, tr = r["item_id"], r["trace_id"]
+        keys = {s: idempotency_key(FLOW, iid, s) for s in ACTION_STEPS}
+        st = {s: state.get(k, {}) for s, k in keys.items()}
+        if all(x.get("status") == "delivered" for x in st.values()):
+            updates.append(ItemUpdate(iid, "resolved", r["data"], columns={"resolved_at": now}))
+            audit_rows.append({"actor": "system:actions", "action": "completed", "flow": FLOW, "item_id": iid,
+                               "trace_id": tr, "reason": "ticket, reply and CRM log delivered",
+                               "outputs": {"steps": list(ACTION_STEPS)}})
+            continue
+        broken = [s for s, x in st.items() if x.get("status") == "failed" and x.get("attempts", 0) >= policy.max_attempts]
+        if not broken:
+            updates.append(ItemUpdate(iid, "approved", r["data"], "waiting"))
+            continue
+        delivered = [s for s, x in st.items() if x.get("status") == "delivered"]
+        undone = []
+        for s in delivered:
+            if s in COMPENSATIONS:
+                connector, action = COMPENSATIONS[s]
+                compensations.append(Effect(idempotency_key(FLOW, iid, f"compensate_{s}"), connector, action, iid, tr,
+                                            {"ticket_key": keys[s], "reason": f"{','.join(broken)} failed for good"}))
+                undone.append(f"{s}:{action}")
+        dead.extend(keys[s] for s in broken)
+        cancel.extend(keys[s] for s, x in st.items() if x.get("status") in ("pending", "failed") and s not in broken)
+        errors = "; ".join(f"{s} ({st[s]['connector']} {st[s]['action']}) failed {st[s]['attempts']} times: "
+                           f"{(st[s].get('last_error') or '')[:120]}" for s in broken)
+        reason = f"{errors}; compensated: {', '.join(undone) or 'nothing to undo'}"
+        kept = [s for s in delivered if s not in COMPENSATIONS]
+        updates.append(ItemUpdate(iid, "dead_lettered", {**r["data"], "compensation": {
+            "failed": broken, "compensated": undone, "left_in_place": kept}}, "dead_lettered",
+            dead_letter=("effect_failed", reason)))
+        audit_rows.append({"actor": "system:actions", "action": "compensated", "flow": FLOW, "item_id": iid,
+                           "trace_id": tr, "reason": reason,
+                           "outputs": {"failed": broken, "compensated": undone, "left_in_place": kept,
+                                       "compensation_keys": [idempotency_key(FLOW, iid, f"compensate_{s}")
+                                                             for s in delivered if s in COMPENSATIONS]}})
     md = {"effects_delivered": sent["delivered"], "effects_failed": sent["failed"],
-          "resolved": sum(1 for u in updates if u.status == "resolved")}
-    return commit_stage(env, "actions", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
-                        metadata=md)
+          "effects_waiting_open_circuit": sent.get("skipped", 0),
+          "resolved": sum(1 for u in updates if u.status == "resolved"),
+          "compensated": sum(1 for u in updates if u.status == "dead_lettered")}
+    report = commit_stage(env, "actions", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                          effects=compensations, audit_rows=audit_rows, metadata=md)
+    if dead or cancel:
+        settle(env.db, dead, "dead")
+        settle(env.db, cancel, "cancelled")
+    if compensations:
+        comp = dispatch(env.db, connectors, FLOW, keys=[e.idempotency_key for e in compensations], policy=policy)
+        report.metadata["compensations_delivered"] = comp["delivered"]
+        log_event(env.logger, "effects_compensated", flow=FLOW, run_id=env.run_id, items=len(compensations),
+                  delivered=comp["delivered"])
+    return report
+
+
+def redelivery_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
+    """The ops job's self-healing step (all partitions): deliver every effect still in the outbox
+    (behind the connectors' circuit breakers), then resolve -- or compensate -- the items that were
+    waiting for them and send their surveys."""
+    started = utcnow()
+    sent = dispatch(env.db, connectors, FLOW, policy=cfg.connector_policy)
+    actions = actions_stage(env, cfg, connectors, waiting_only=True)
+    surveys = survey_stage(env, cfg, connectors)
+    md = {"redelivered": sent["delivered"], "still_failing": sent["failed"],
+          "waiting_open_circuit": sent.get("skipped", 0), "resolved": actions.metadata["resolved"],
+          "compensated": actions.metadata["compensated"], "surveys_sent": surveys.metadata["surveys_sent"]}
+    return StageReport("redelivery", actions.n_in, actions.outcomes, (utcnow() - started).total_seconds() * 1000.0,
+                       md)
 
 
 def survey_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
@@ -532,7 +619,8 @@ def survey_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
                for r in rows]
     with env.db.begin() as conn:
         enqueue(env.db, conn, FLOW, effects)
-    sent = dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows]) if rows else {"delivered": 0, "failed": 0}
+    sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=cfg.connector_policy) if rows
+            else {"delivered": 0, "failed": 0})
     done = delivered_keys(env.db, [e.idempotency_key for e in effects])
     now = utcnow().isoformat()
     updates = []
@@ -610,7 +698,8 @@ def escalation_stage(env: StageEnv, cfg: SupportConfig, connectors, now: datetim
     report = commit_stage(env, "escalation", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
                           effects=effects, audit_rows=audit_rows, metadata={"escalated": len(updates)},
                           set_stage=False)
-    sent = dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows]) if rows else {"delivered": 0}
+    sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=cfg.connector_policy) if rows
+            else {"delivered": 0})
     report.metadata["alerts_delivered"] = sent["delivered"]
     return report
 

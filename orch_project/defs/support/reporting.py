@@ -166,7 +166,7 @@ def experiment_kpis(it, ap) -> list[dict[str, Any]]:
     out = []
     for (name, arm), g in it.dropna(subset=["arm"]).groupby(["experiment", "arm"]):
         res = g[g["status"] == "resolved"]
-        reo = res.apply(reopened, axis=1) if len(res) else res.index.to_series(dtype=bool)
+        reo = res.apply(reopened, axis=1) if len(res) else __import__("pandas").Series(False, index=res.index, dtype=bool)
         no_edit = ~res["item_id"].isin(edited)
         csat_ok = res["csat"].isna() | (res["csat"].astype(float) >= 4)
         wins = int((no_edit & ~reo & csat_ok).sum()) if len(res) else 0

@@ -66,6 +66,17 @@ survey_responses = sa.Table(
     sa.Column("recorded_at", TS, nullable=False),
 )
 
+# Drill/test only: simulated outages per connector, in the connectors database so that every process
+# (webserver, daemon, run workers, a test) sees the same fault. Never written by the flows themselves.
+faults = sa.Table(
+    "faults", cmeta,
+    sa.Column("connector", sa.String(32), primary_key=True),
+    sa.Column("mode", sa.String(16), nullable=False, doc="raise | hang"),
+    sa.Column("remaining", sa.Integer, doc="calls left to fail; NULL = until cleared"),
+    sa.Column("hang_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("created_at", TS, nullable=False),
+)
+
 _TABLE_FOR = {"ticketing": tickets, "crm": crm_activities, "messaging": messages}
 
 
@@ -79,6 +90,10 @@ class Effect:
     item_id: str
     trace_id: str
     payload: dict[str, Any] = field(default_factory=dict)
+
+
+class ConnectorUnavailable(ConnectionError):
+    """The external system did not answer (outage, refused connection)."""
 
 
 @dataclass
@@ -97,8 +112,47 @@ class EmbeddedConnectors:
         self.db = Database(url, auto_migrate=False)
         cmeta.create_all(make_engine(url))
 
+    # -- drill / test only: simulate an outage of one connector -------------------------
+    def set_fault(self, connector: str, *, mode: str = "raise", remaining: int | None = None,
+                  hang_s: float = 0.0) -> None:
+        """Make ``connector`` fail (``raise``) or stall (``hang`` for ``hang_s`` seconds, then fail) on its
+        next ``remaining`` deliveries (None: until ``clear_fault``). For tests and drills only."""
+        if connector not in _TABLE_FOR or mode not in ("raise", "hang"):
+            raise ValueError(f"unknown connector {connector!r} or fault mode {mode!r}")
+        with self.db.begin() as conn:
+            conn.execute(faults.delete().where(faults.c.connector == connector))
+            conn.execute(faults.insert().values(connector=connector, mode=mode, remaining=remaining,
+                                                hang_s=hang_s, created_at=utcnow()))
+
+    def clear_fault(self, connector: str | None = None) -> None:
+        with self.db.begin() as conn:
+            conn.execute(faults.delete() if connector is None else faults.delete().where(faults.c.connector == connector))
+
+    def _check_fault(self, connector: str) -> None:
+        with self.db.begin() as conn:
+            row = conn.execute(sa.select(faults).where(faults.c.connector == connector)).mappings().first()
+            if row is None:
+                return
+            if row["remaining"] is not None:
+                if row["remaining"] <= 1:
+                    conn.execute(faults.delete().where(faults.c.connector == connector))
+                else:
+                    conn.execute(faults.update().where(faults.c.connector == connector)
+                                 .values(remaining=faults.c.remaining - 1))
+        if row["mode"] == "hang":
+            import time
+
+            time.sleep(row["hang_s"])
+        raise ConnectorUnavailable(f"{connector} unavailable (simulated {row['mode']})")
+
     def deliver(self, connector: str, effects: Sequence[Effect]) -> list[Delivery]:
+        self._check_fault(connector)
         table = _TABLE_FOR[connector]
+        voids = [e for e in effects if connector == "ticketing" and e.action == "void_ticket"]
+        if voids:
+            effects = [e for e in effects if e.action != "void_ticket"]
+            out = self._void_tickets(voids)
+            return out + (self.deliver(connector, effects) if effects else [])
         now = utcnow()
         rows = [self._row(connector, e, now) for e in effects]
         keys = [e.idempotency_key for e in effects]
@@ -113,6 +167,21 @@ class EmbeddedConnectors:
                      None if k in refs else "not recorded")
             for k in keys
         ]
+
+    def _void_tickets(self, effects: Sequence[Effect]) -> list[Delivery]:
+        """Compensation: close the ticket created under ``payload.ticket_key`` as ``voided``. Idempotent:
+        voiding a voided ticket changes nothing and returns the same reference."""
+        out = []
+        with self.db.begin() as conn:
+            for e in effects:
+                key = e.payload["ticket_key"]
+                tid = conn.execute(sa.select(tickets.c.id).where(tickets.c.idempotency_key == key)).scalar()
+                if tid is None:  # nothing was created: nothing to void
+                    out.append(Delivery(e.idempotency_key, True, "ticketing:none:void"))
+                    continue
+                conn.execute(tickets.update().where(tickets.c.id == tid).values(status="voided"))
+                out.append(Delivery(e.idempotency_key, True, f"ticketing:{tid}:void"))
+        return out
 
     @staticmethod
     def _row(connector: str, e: Effect, now) -> dict[str, Any]:

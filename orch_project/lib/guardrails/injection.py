@@ -22,6 +22,7 @@ from dataclasses import dataclass
 ALLOWED_EFFECTS = frozenset({
     ("ticketing", "create_ticket"), ("messaging", "send_reply"), ("crm", "support_interaction"),
     ("messaging", "send_survey"), ("messaging", "send_alert"), ("messaging", "send_notification"),
+    ("ticketing", "void_ticket"),  # compensation of a created ticket (actions stage)
 })
 
 PATTERNS: dict[str, re.Pattern] = {name: re.compile(rx, re.IGNORECASE) for name, rx in {
