@@ -160,8 +160,11 @@ def test_approval_resumes_the_item_and_delivers_it(orch_home, db, with_model, de
     assert item["status"] == "resolved" and item["resolved_at"] is not None
     assert len(_tickets_for(orch_home, target)) == 1
     assert _item(db, other)["status"] == "awaiting_approval", "undecided items keep waiting"
-    trail = [a["action"] for a in _audit(db, target)]
+    trail = [a["action"] for a in _audit(db, target) if not a["action"].startswith("effect_")]
     assert trail[-3:] == ["approval_approved", "approval_resumed", "completed"]  # completed: all effects delivered
+    effects = sorted(a["action"] for a in _audit(db, target) if a["action"].startswith("effect_"))
+    assert effects == ["effect_create_ticket", "effect_send_reply", "effect_send_survey",
+                       "effect_support_interaction"]  # every side effect audited once
     decided = _audit(db, target, "approval_approved")[0]
     assert decided["actor"] == f"user:{LEAD}" and decided["inputs"]["required_role"] == "lead"
     assert decided["outputs"] == {"status": "approved", "edited": False}

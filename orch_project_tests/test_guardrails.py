@@ -135,3 +135,18 @@ def test_a_great_expectations_failure_blocks_downstream(orch_home, db, with_mode
     with db.begin() as conn:
         statuses = {s for (s,) in conn.execute(sa.select(items.c.status).where(items.c.item_id != "corrupt-1"))}
     assert statuses == {"triaged"}  # nobody was assigned, drafted or contacted
+
+
+def test_the_audit_log_is_append_only(db):
+    from sqlalchemy.exc import DatabaseError
+
+    from orch_project.lib.store import audit
+
+    with db.begin() as conn:
+        db.audit(conn, [{"actor": "test", "action": "noted", "reason": "why"}])
+    for stmt in (audit.update().values(reason="rewritten"), audit.delete()):
+        with pytest.raises(DatabaseError, match="append-only"):
+            with db.begin() as conn:
+                conn.execute(stmt)
+    with db.begin() as conn:
+        assert conn.execute(sa.select(audit.c.reason)).scalars().all() == ["why"]

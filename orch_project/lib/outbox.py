@@ -105,7 +105,15 @@ def dispatch(db: Database, connectors: Any, flow: str, item_ids: Sequence[str] |
     now = utcnow()
     ok = [{"k": d.idempotency_key, "ref": d.external_ref, "at": now} for d in deliveries if d.ok]
     bad = [{"k": d.idempotency_key, "err": (d.error or "")[:500]} for d in deliveries if not d.ok]
+    effect_of = {e.idempotency_key: e for effects in by_connector.values() for e in effects}
+    trail = [{"actor": f"connector:{effect_of[d.idempotency_key].connector}",
+              "action": f"effect_{effect_of[d.idempotency_key].action}", "flow": flow,
+              "item_id": effect_of[d.idempotency_key].item_id, "trace_id": effect_of[d.idempotency_key].trace_id,
+              "reason": "delivered", "inputs": {"idempotency_key": d.idempotency_key},
+              "outputs": {"external_ref": d.external_ref}} for d in deliveries if d.ok]
     with db.begin() as conn:
+        if trail:  # every side effect is in the audit log, committed with its delivered state
+            db.audit(conn, trail)
         if ok:
             conn.execute(
                 outbox.update().where(outbox.c.idempotency_key == sa.bindparam("k")).values(

@@ -50,8 +50,26 @@ def _result(context: dg.AssetExecutionContext, report: StageReport) -> dg.Materi
 
 
 def _run(context, stage: Callable[..., StageReport], app_db, workspace, *args) -> dg.MaterializeResult:
+    from ...lib.store import utcnow
+
     env = _env(context, app_db, workspace)
-    return _result(context, stage(env, CFG, *args))
+    since = utcnow()
+    result = _result(context, stage(env, CFG, *args))
+    return dg.MaterializeResult(metadata={**result.metadata, **_audit_summary(env, since)})
+
+
+def _audit_summary(env: StageEnv, since) -> dict:
+    """What this step wrote to the audit log (decisions and side effects), for the UI."""
+    import sqlalchemy as sa
+
+    from ...lib.store import audit
+
+    with env.db.begin() as conn:
+        rows = conn.execute(sa.select(audit.c.action, audit.c.actor, sa.func.count()).where(
+            audit.c.flow == logic.FLOW, audit.c.at >= since).group_by(audit.c.action, audit.c.actor)).all()
+    table = "| action | actor | rows |\n|---|---|---|\n" + "\n".join(f"| {a} | {who} | {n} |" for a, who, n in rows)
+    return {"audit_rows_written": int(sum(n for *_, n in rows)),
+            "audit_trail": dg.MetadataValue.md(table if rows else "nothing audited in this step")}
 
 
 @dg.asset(**COMMON, description="Inbound messages from the inbox folder (.eml/.json) and the inbox table: "
