@@ -30,7 +30,21 @@ _TOKENS = re.compile(r"\w+|[?!]")
 MEMBERS = (("mlp", True, 2.0), ("svc", False, 1.0), ("lr", True, 1.0))  # (model, stemmed view, weight)
 
 
-def normalise(text: str, stem: bool, stemmer=None) -> str:
+_STEMS: dict[str, str] = {}  # word -> stem; the vocabulary of support mail is small and repeats a lot
+
+
+def _stem_words(words: list[str]) -> list[str]:
+    missing = [w for w in set(words) if w not in _STEMS]
+    if missing:
+        import snowballstemmer
+
+        if len(_STEMS) > 200_000:
+            _STEMS.clear()
+        _STEMS.update(zip(missing, snowballstemmer.stemmer("english").stemWords(missing)))
+    return [_STEMS[w] for w in words]
+
+
+def normalise(text: str, stem: bool) -> str:
     t = text.lower().replace("\u2019", "'")
     for a, b in _CONTRACTIONS:
         t = t.replace(a, b)
@@ -39,7 +53,7 @@ def normalise(text: str, stem: bool, stemmer=None) -> str:
     t = _DIGITS.sub(lambda m: " " + "0" * min(len(m.group()), 3) + " ", t)
     if not stem:
         return t
-    return " ".join(stemmer.stemWords(_TOKENS.findall(t)))
+    return " ".join(_stem_words(_TOKENS.findall(t)))
 
 
 def make_view():
@@ -128,10 +142,7 @@ class IntentEnsemble:
         self.n_jobs = n_jobs
 
     def _views(self, texts):
-        import snowballstemmer
-
-        stemmer = snowballstemmer.stemmer("english")
-        return {True: [normalise(t, True, stemmer) for t in texts], False: [normalise(t, False) for t in texts]}
+        return {True: [normalise(t, True) for t in texts], False: [normalise(t, False) for t in texts]}
 
     def fit(self, texts, labels) -> "IntentEnsemble":
         from joblib import Parallel, delayed
