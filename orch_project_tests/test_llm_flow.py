@@ -107,7 +107,8 @@ def test_malformed_answers_dead_letter_with_the_raw_reason(orch_home, db, with_m
     assert all(d["stage"] == "triage" and d["error_type"] == "schema_mismatch" for d in dead)
     assert all(d["reason"].startswith("triage failed: malformed JSON response body") and
                "after one repair attempt" in d["reason"] for d in dead)
-    assert len(srv.requests("gpt-4o-mini")) == 10  # one call + one repair per item, no silent retry loop
+    # per item: call + body retry, repair + body retry; no silent retry loop, no fallback on bad content
+    assert len(srv.requests("gpt-4o-mini")) == 20 and srv.requests("gpt-4.1-mini") == []
 
 
 def test_open_circuits_defer_items_then_the_next_run_resumes_them(orch_home, db, with_model, openai_defs, srv,

@@ -83,6 +83,13 @@ def ledger(db, **where):
         return [dict(r) for r in conn.execute(q).mappings()]
 
 
+def test_a_truncated_body_is_retried_once_before_it_counts(db, srv):
+    srv.configure(script=["malformed", "ok"])
+    gw = make_gateway(db, srv, [openai_cand("model-a")])
+    responses, stats = run(gw, TEXTS[:1])
+    assert responses[0].ok and stats.repairs == 0 and len(srv.requests()) == 2
+
+
 def test_structured_output_and_usage_through_the_sdk(db, srv):
     gw = make_gateway(db, srv, [openai_cand("model-a")])
     responses, stats = run(gw, TEXTS[:3])
@@ -231,14 +238,15 @@ def test_repair_attempt_on_schema_mismatch(db, srv):
 
 
 def test_malformed_json_after_repair_is_a_schema_mismatch_with_the_raw_reason(db, srv):
-    srv.configure(script=["malformed", "truncated"])
+    srv.configure(script=["malformed", "malformed", "truncated"])  # the body is retried once, then repair
     local = EchoLocal()
     cands = [openai_cand("model-a"), Candidate(provider="local", model="echo", capabilities=("classification",))]
     gw = make_gateway(db, srv, cands, local=local)
     responses, _ = run(gw, TEXTS[:1])
     r = responses[0]
     assert not r.ok and r.error == "schema_mismatch" and local.seen == 0  # no silent fallback on bad content
-    assert r.reason.startswith("malformed JSON response body: ")
+    assert r.reason.startswith("malformed JSON response body (after 1 retry): ")
+    assert [q["outcome"] for q in srv.requests()] == ["malformed", "malformed", "truncated"]
     assert "after one repair attempt: content is not valid JSON" in r.reason
 
 

@@ -6,7 +6,8 @@ OPENAI_API_KEY (the key is never logged, stored or put in metadata).
 Retries are the SDK's: exponential backoff with jitter that honours Retry-After, on connection
 errors, timeouts, 408/409/429 and 5xx. What the SDK raises after its retries is classified into
 the step contract's errors. Malformed JSON bodies and content that is not JSON are NOT OpenAIError
-subclasses; they are caught here and classified as ``schema_mismatch`` with the raw reason.
+subclasses; they are caught here: a malformed body is retried once (transport fault), then it and
+non-JSON content are classified as ``schema_mismatch`` with the raw reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 from .gateway import ProviderResult
 
+# A truncated response body is a transport fault: one immediate retry before it counts as a schema
+# mismatch (which then gets the gateway's one repair attempt, then the dead-letter queue).
+MALFORMED_BODY_RETRIES = 1
 _CLIENTS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 
@@ -70,11 +74,17 @@ class OpenAIProvider:
             return ProviderResult(latency_ms=(time.perf_counter() - t0) * 1000.0, **kw)
 
         try:
-            resp = client.chat.completions.create(
-                model=model, messages=messages, temperature=0, max_tokens=max_tokens,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": schema_name, "schema": schema, "strict": False}},
-            )
+            for attempt in range(1 + MALFORMED_BODY_RETRIES):
+                try:
+                    resp = client.chat.completions.create(
+                        model=model, messages=messages, temperature=0, max_tokens=max_tokens,
+                        response_format={"type": "json_schema",
+                                         "json_schema": {"name": schema_name, "schema": schema, "strict": False}},
+                    )
+                    break
+                except ValueError:  # a body cut off in transit: the SDK does not retry it, we do once
+                    if attempt == MALFORMED_BODY_RETRIES:
+                        raise
         except openai.APITimeoutError:
             return done(output=None, error="timeout", reason=f"no answer within {timeout_s or self.timeout_s:g} s "
                                                              f"after {self.max_retries} retries")
@@ -88,7 +98,8 @@ class OpenAIProvider:
         except openai.APIConnectionError as exc:
             return done(output=None, error="provider_error", reason=f"connection failed: {_short(str(exc))}")
         except ValueError as exc:  # json.JSONDecodeError: a malformed response body (not an OpenAIError)
-            return done(output=None, error="schema_mismatch", reason=f"malformed JSON response body: {_short(str(exc))}")
+            return done(output=None, error="schema_mismatch",
+                        reason=f"malformed JSON response body (after {MALFORMED_BODY_RETRIES} retry): {_short(str(exc))}")
         if isinstance(resp, str) or not getattr(resp, "choices", None):
             return done(output=None, error="schema_mismatch", reason="response without choices")
         usage = getattr(resp, "usage", None)
