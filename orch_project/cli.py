@@ -57,6 +57,11 @@ def _db(s: Settings):
     return Database(s.database_url)
 
 
+def open_db():
+    """The app database as the environment configures it (for the command groups in other modules)."""
+    return _db(_settings())
+
+
 def _out(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 

@@ -16,23 +16,16 @@ from pathlib import Path
 
 import click
 
-FLOW = "support"
-
-
-def _db():
-    from .cli import _db as db, _settings
-
-    return db(_settings())
 
 
 def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str | None) -> None:
+    from .cli import FLOW, open_db
     from .defs.support.logic import SupportConfig
     from .lib import approvals as hitl
 
     cfg = SupportConfig()
     try:
-        out = hitl.decide(_db(), item_id, decision, reviewer, reason, edited, cfg.roster, cfg.brief.approval,
-                          flow=FLOW)
+        out = hitl.decide(open_db(), item_id, decision, reviewer, reason, edited, cfg.roster, flow=FLOW)
     except hitl.ApprovalError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"{out['item_id']}: {out['status']} by {out['decided_by']}"
@@ -74,9 +67,10 @@ def review() -> None:
                              "overdue flag.")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def review_list(as_json: bool) -> None:
+    from .cli import FLOW, open_db
     from .lib import approvals as hitl
 
-    rows = hitl.pending(_db(), FLOW)
+    rows = hitl.pending(open_db(), FLOW)
 
     def _iso(v):
         return v.isoformat() if isinstance(v, datetime) else v

@@ -14,25 +14,21 @@ import click
 TASK = "triage"
 
 
-def _db():
-    from .cli import _db as db_for, _settings
-
-    return db_for(_settings())
 
 
-def _report_served(version: str, previous: str | None, actor: str) -> None:
+def _report_served(out: dict, actor: str) -> None:
     """Tell the Dagster instance that the served model changed (a runless materialisation of
     triage_model_promotion with the model id as data version), so the UI marks the triage stale."""
     import dagster as dg
 
-    from .cli import _dagster_home, _settings
+    from .cli import _dagster_home, _settings, open_db
+    from .defs.governance.assets import served_model_event
+    from .lib.llm import registry
 
     _dagster_home(_settings())
+    metrics = (registry.get(open_db(), out["promoted"]) or {}).get("metrics", {})
     with dg.DagsterInstance.get() as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            asset_key="triage_model_promotion", description=f"served model changed by {actor}",
-            metadata={"serving_version": version, "previous_version": previous or "none", "changed_by": actor},
-            tags={"dagster/data_version": version}))
+        instance.report_runless_asset_event(served_model_event(out, metrics, actor))
 
 
 @click.group(help="The model registry: which triage model serves, and its history.")
@@ -43,9 +39,10 @@ def model() -> None:
 @model.command("list", help="Every registered version, newest first, with its status and metrics.")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def model_list(as_json: bool) -> None:
+    from .cli import open_db
     from .lib.llm import registry
 
-    rows = registry.list_versions(_db(), TASK)
+    rows = registry.list_versions(open_db(), TASK)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -64,14 +61,15 @@ def model_list(as_json: bool) -> None:
 @click.option("--as", "actor", default="cli", show_default=True, help="who asks for it (audit log)")
 @click.option("--reason", default="", help="why (audit log)")
 def model_promote(version: str, actor: str, reason: str) -> None:
+    from .cli import open_db
     from .lib.llm import registry
 
     try:
-        out = registry.promote(_db(), version, actor=actor, reason=reason)
+        out = registry.promote(open_db(), version, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
     if out["changed"]:
-        _report_served(out["promoted"], out["previous"], actor)
+        _report_served(out, actor)
     click.echo(json.dumps(out))
 
 
@@ -79,13 +77,14 @@ def model_promote(version: str, actor: str, reason: str) -> None:
 @click.option("--as", "actor", default="cli", show_default=True, help="who asks for it (audit log)")
 @click.option("--reason", default="", help="why (audit log)")
 def model_rollback(actor: str, reason: str) -> None:
+    from .cli import open_db
     from .lib.llm import registry
 
     try:
-        out = registry.rollback(_db(), TASK, actor=actor, reason=reason)
+        out = registry.rollback(open_db(), TASK, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
-    _report_served(out["promoted"], out["previous"], actor)
+    _report_served(out, actor)
     click.echo(json.dumps(out))
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -181,11 +181,3 @@ def check_rules(db: Database, connectors: Any, flow: str, rules: list[AlertRule]
         if a is not None:
             raised.append(a)
     return {"observed": observed, "breached": found, "raised": raised, "window_start": start}
-
-
-def recent(db: Database, flow: str, since: timedelta | None = None) -> list[dict[str, Any]]:
-    q = sa.select(alerts).where(alerts.c.flow == flow).order_by(alerts.c.id)
-    if since is not None:
-        q = q.where(alerts.c.created_at >= utcnow() - since)
-    with db.begin() as conn:
-        return [dict(r) for r in conn.execute(q).mappings()]

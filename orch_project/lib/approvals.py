@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from .connectors.embedded import Effect
 from .outbox import dispatch, enqueue, idempotency_key
-from .store import Database, approvals, as_utc, audit, items, utcnow
+from .store import Database, approvals, as_utc, items, utcnow
 
 # Roles in increasing authority: a reviewer may decide when their role is the required one or above.
 ROLE_ORDER = ("agent", "lead", "supervisor")
@@ -118,13 +118,12 @@ def pending(db: Database, flow: str | None = None, now: datetime | None = None) 
 def _refuse(db: Database, reviewer: str, item_id: str, flow: str | None, trace_id: str | None, reason: str,
             inputs: dict[str, Any], now: datetime) -> None:
     with db.begin() as conn:
-        conn.execute(audit.insert(), [{"at": now, "actor": f"user:{reviewer}", "action": "approval_refused",
-                                       "flow": flow, "item_id": item_id, "trace_id": trace_id, "reason": reason,
-                                       "inputs": inputs, "outputs": None}])
+        db.audit(conn, [{"at": now, "actor": f"user:{reviewer}", "action": "approval_refused", "flow": flow,
+                         "item_id": item_id, "trace_id": trace_id, "reason": reason, "inputs": inputs}])
 
 
 def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str, edited_draft: str | None,
-           roster: Sequence[Mapping[str, Any]], policy: Any, now: datetime | None = None,
+           roster: Sequence[Mapping[str, Any]], now: datetime | None = None,
            flow: str | None = None) -> dict[str, Any]:
     """Apply a reviewer's decision to a pending approval.
 
@@ -198,9 +197,9 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
             raise AlreadyDecided(f"approval for item {item_id!r} was decided by someone else just now")
         if edited_draft is not None and data is not None:
             conn.execute(items.update().where(items.c.item_id == item_id).values(data=data, updated_at=now))
-        conn.execute(audit.insert(), [{"at": now, "actor": f"user:{person['id']}", "action": f"approval_{status}",
-                                       "flow": row["flow"], "item_id": item_id, "trace_id": trace_id,
-                                       "reason": reason or None, "inputs": inputs, "outputs": outputs}])
+        db.audit(conn, [{"at": now, "actor": f"user:{person['id']}", "action": f"approval_{status}",
+                         "flow": row["flow"], "item_id": item_id, "trace_id": trace_id,
+                         "reason": reason or None, "inputs": inputs, "outputs": outputs}])
     return {"item_id": item_id, "status": status, "decided_by": person["id"], "decided_at": now,
             "edited": edited_draft is not None, "required_role": row["required_role"]}
 
@@ -251,7 +250,7 @@ def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: 
                                "outputs": {"item_status": r.status,
                                            "next": "actions" if r.status == "approved" else "terminal"}})
         if audit_rows:
-            conn.execute(audit.insert(), audit_rows)
+            db.audit(conn, audit_rows)
     return Resumed(approved, rejected)
 
 
@@ -350,7 +349,7 @@ def escalate_overdue(db: Database, flow: str, policy: Any, roster: Sequence[Mapp
         if effects:
             enqueue(db, conn, flow, effects)
         if audit_rows:
-            conn.execute(audit.insert(), audit_rows)
+            db.audit(conn, audit_rows)
     report = EscalationReport(escalated, rejected)
     if escalated and connectors is not None:
         report.alerts_delivered = dispatch(db, connectors, flow, escalated)["delivered"]

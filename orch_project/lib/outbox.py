@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .connectors.embedded import Delivery, Effect
+from .guardrails.injection import ALLOWED_EFFECTS
 from .store import Database, chunked, outbox, utcnow
 
 
@@ -24,8 +25,6 @@ class EffectNotAllowed(ValueError):
 
 
 def enqueue(db: Database, conn: Connection, flow: str, effects: Sequence[Effect]) -> None:
-    from .guardrails.injection import ALLOWED_EFFECTS
-
     bad = sorted({(e.connector, e.action) for e in effects} - ALLOWED_EFFECTS)
     if bad:
         raise EffectNotAllowed(f"side effects outside the allow-list refused: {bad}")

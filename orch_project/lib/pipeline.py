@@ -20,6 +20,9 @@ from .outbox import enqueue
 from .store import Database, approvals, as_utc, chunked, dlq, item_stages, items, utcnow
 from .telemetry import log_event
 
+# Where an item's journey ends: delivered, refused by a reviewer (or the approval timeout), or dead-lettered.
+TERMINAL_STATUSES = ("resolved", "rejected", "dead_lettered")
+
 ITEM_COLUMNS = (items.c.item_id, items.c.trace_id, items.c.day, items.c.channel, items.c.status, items.c.stage,
                 items.c.received_at, items.c.ingested_at, items.c.due_at, items.c.data)
 

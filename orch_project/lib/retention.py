@@ -20,10 +20,24 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .pipeline import TERMINAL_STATUSES
 from .store import Database, chunked, inbox, intake, items, utcnow, vault
 
 DEFAULT_RETENTION_DAYS = 30
-TERMINAL = ("resolved", "rejected", "dead_lettered")
+_TOMBSTONE_PREFIX = '{"purged_at"'
+
+
+def tombstone_inbox_rows(conn, source_keys: list[str], now: datetime, reason: str) -> int:
+    """Replace the raw payload of the inbox-table rows behind ``source_keys`` (``table:<id>``) by a
+    tombstone; rows already tombstoned are left alone. Returns how many rows changed."""
+    ids = [int(k.split(":", 1)[1]) for k in source_keys if k.startswith("table:")]
+    tombstone = json.dumps({"purged_at": now.isoformat(), "reason": reason})  # starts with _TOMBSTONE_PREFIX
+    changed = 0
+    for chunk in chunked(ids, 900):
+        res = conn.execute(inbox.update().where(inbox.c.id.in_(chunk), ~inbox.c.payload.like(_TOMBSTONE_PREFIX + "%"))
+                           .values(payload=tombstone))
+        changed += res.rowcount
+    return changed
 
 
 def retention_days_from_env() -> int:
@@ -43,19 +57,13 @@ def purge(db: Database, flow: str, inbox_dir: Path | None, *, retention_days: in
           now: datetime | None = None, actor: str = "system:retention") -> dict[str, Any]:
     now = now or utcnow()
     cutoff = now - timedelta(days=retention_days)
-    tombstone = json.dumps({"purged_at": now.isoformat(), "reason": f"raw retention {retention_days} days"})
     with db.begin() as conn:
         processed = conn.execute(sa.select(intake.c.source_key).where(
             intake.c.flow == flow, intake.c.ingested_at < cutoff)).scalars().all()
-    table_ids = [int(k.split(":", 1)[1]) for k in processed if k.startswith("table:")]
     file_names = [k.split(":", 1)[1] for k in processed if k.startswith("file:")]
-    rows_purged = 0
     with db.begin() as conn:
-        for chunk in chunked(table_ids, 900):
-            res = conn.execute(inbox.update().where(inbox.c.id.in_(chunk), ~inbox.c.payload.like('{"purged_at"%'))
-                               .values(payload=tombstone))
-            rows_purged += res.rowcount
-        ended = sa.select(items.c.item_id).where(items.c.flow == flow, items.c.status.in_(TERMINAL),
+        rows_purged = tombstone_inbox_rows(conn, processed, now, f"raw retention {retention_days} days")
+        ended = sa.select(items.c.item_id).where(items.c.flow == flow, items.c.status.in_(TERMINAL_STATUSES),
                                                  items.c.updated_at < cutoff)
         tokens = conn.execute(vault.delete().where(vault.c.item_id.in_(ended)))
         vault_purged = tokens.rowcount

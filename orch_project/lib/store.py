@@ -159,6 +159,7 @@ audit = sa.Table(
     sa.Column("inputs", sa.JSON),
     sa.Column("outputs", sa.JSON),
     sa.Index("ix_audit_item", "item_id"),
+    sa.Index("ix_audit_flow_at", "flow", "at"),
 )
 
 vault = sa.Table(

@@ -160,12 +160,23 @@ def triage_model_promotion(context: dg.AssetExecutionContext, app_db: AppDatabas
     return promotion_result(out, cand["metrics"])
 
 
+def served_metadata(out: dict, metrics: dict, changed_by: str | None = None) -> dict:
+    """What triage_model_promotion shows for a change of the served model (by the gate, a job or the CLI)."""
+    md = {"serving_version": out["promoted"], "previous_version": out["previous"] or "none",
+          "validation_accuracy": dg.FloatMetadataValue(float(metrics.get("validation_accuracy", 0.0)))}
+    return {**md, "changed_by": changed_by} if changed_by else md
+
+
 def promotion_result(out: dict, metrics: dict) -> dg.MaterializeResult:
-    return dg.MaterializeResult(
-        metadata={"serving_version": out["promoted"], "previous_version": out["previous"] or "none",
-                  "validation_accuracy": dg.FloatMetadataValue(float(metrics.get("validation_accuracy", 0.0)))},
-        data_version=dg.DataVersion(out["promoted"]),
-    )
+    return dg.MaterializeResult(metadata=served_metadata(out, metrics), data_version=dg.DataVersion(out["promoted"]))
+
+
+def served_model_event(out: dict, metrics: dict, changed_by: str) -> dg.AssetMaterialization:
+    """A materialisation of triage_model_promotion recorded outside its own step (model_admin_job, the
+    CLI): the model id as data version, so the UI marks the triage assets stale."""
+    return dg.AssetMaterialization(asset_key="triage_model_promotion", description=f"served model changed by "
+                                   f"{changed_by}", metadata=served_metadata(out, metrics, changed_by),
+                                   tags={"dagster/data_version": out["promoted"]})
 
 
 train_triage_model_job = dg.define_asset_job(
@@ -199,9 +210,7 @@ def change_served_triage_model(context: dg.OpExecutionContext, config: ModelAdmi
     except registry.RegistryError as exc:
         raise dg.Failure(str(exc)) from exc
     metrics = (registry.get(db, out["promoted"]) or {}).get("metrics", {})
-    res = promotion_result(out, metrics)
-    context.log_event(dg.AssetMaterialization(asset_key=triage_model_promotion.key, metadata=res.metadata,
-                                              tags={"dagster/data_version": out["promoted"]}))
+    context.log_event(served_model_event(out, metrics, config.actor))
     context.log.info(f"triage model serving {out['promoted']} (was {out['previous']})")
     return out
 

@@ -2,9 +2,6 @@
 items (no run waits for a human), and a sensor that escalates or auto-rejects overdue approvals.
 The logic lives in orch_project/lib/approvals.py; the `orch approve|reject|review` CLI calls the same."""
 
-
-import hashlib
-
 import dagster as dg
 from pydantic import Field
 
@@ -12,6 +9,7 @@ from ...lib import approvals as hitl
 from ..resources import AppDatabase, Connectors
 from . import logic
 from .assets import CFG, daily, support_actions, support_surveys
+from .sensors import day_run_requests
 
 
 class ApprovalDecisionConfig(dg.Config):
@@ -30,7 +28,7 @@ def apply_approval_decision(context: dg.OpExecutionContext, config: ApprovalDeci
                             app_db: AppDatabase) -> dict:
     try:
         out = hitl.decide(app_db.database(), config.item_id, config.decision, config.reviewer, config.reason,
-                          config.edited_draft, CFG.roster, CFG.brief.approval, flow=logic.FLOW)
+                          config.edited_draft, CFG.roster, flow=logic.FLOW)
     except hitl.ApprovalError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False,
                          metadata={"item_id": config.item_id, "reviewer": config.reviewer,
@@ -60,12 +58,8 @@ approval_resume_job = dg.define_asset_job(
 
 
 def resume_run_requests(by_day: dict[str, list[str]]) -> list[dg.RunRequest]:
-    reqs = []
-    for day, ids in sorted(by_day.items()):
-        digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-        reqs.append(dg.RunRequest(partition_key=day, run_key=f"approval-resume:{day}:{digest}",
-                                  tags={"orch/trigger": "approval_resume_sensor", "orch/approved_items": str(len(ids))}))
-    return reqs
+    return day_run_requests(by_day, key_prefix="approval-resume", trigger="approval_resume_sensor",
+                            count_tag="orch/approved_items")
 
 
 @dg.sensor(job=approval_resume_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,

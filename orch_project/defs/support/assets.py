@@ -29,12 +29,8 @@ def _env(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Work
 
 def flow_gateway(llm: LLMGateway, env: StageEnv):
     """The gateway the flow's model steps use (benchmarks/support_batch.py builds it the same way)."""
-    from ...lib.llm.gateway import Budget
-
-    b = CFG.brief.budget
     return llm.gateway(env.db, flow=logic.FLOW, run_id=env.run_id, routing_path=CFG.routing_path,
-                       prompts_dir=CFG.prompts_dir, prompt_versions=CFG.prompt_versions,
-                       budget=Budget(max_tokens_per_run=b.max_tokens_per_run, daily_token_cap=b.daily_token_cap))
+                       prompts_dir=CFG.prompts_dir, prompt_versions=CFG.prompt_versions, budget=CFG.brief.budget)
 
 
 def _result(context: dg.AssetExecutionContext, report: StageReport) -> dg.MaterializeResult:

@@ -80,13 +80,12 @@ def triage_labels_valid(context: dg.AssetCheckExecutionContext, app_db: AppDatab
     with db.begin() as conn:
         rows = conn.execute(sa.select(items.c.item_id, items.c.data, items.c.due_at).where(
             items.c.flow == logic.FLOW, items.c.day.in_(_days(context)),
-            items.c.status.notin_(("received", "dead_lettered")),
-            ~sa.and_(items.c.status == "deferred", items.c.stage == "intake"))).all()  # not triaged yet
+            items.c.stage != "intake", items.c.status != "dead_lettered")).all()  # triaged and still in the flow
     frame = pd.DataFrame([{"item_id": i, "intent": d.get("intent"), "confidence": d.get("confidence"),
                            "priority": d.get("priority"), "queue": d.get("queue"), "due_at": due}
                           for i, d, due in rows])
     result = quality.validate("support_triage", frame,
-                              quality.triage_expectations([*CFG.taxonomy, logic.UNKNOWN_INTENT]))
+                              quality.triage_expectations(CFG.intent_labels))
     return _gx_result(result)
 
 

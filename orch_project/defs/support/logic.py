@@ -9,7 +9,6 @@ CSAT fold-back, SLA escalation, insights to the backlog and the KPI report (repo
 from __future__ import annotations
 
 import hashlib
-import json
 import heapq
 import re
 from collections import Counter
@@ -28,7 +27,8 @@ from ...lib.contracts import DesignBrief, InboundMessage, LLMOutput, LLMStepRequ
 from ...lib.guardrails import injection, pii
 from ...lib.intake import Parsed, pending_sources
 from ...lib.outbox import delivered_keys, dispatch, effect_states, enqueue, idempotency_key, settle
-from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items
+from ...lib.pipeline import TERMINAL_STATUSES, ItemUpdate, StageEnv, StageReport, commit_stage, load_items
+from ...lib.retention import tombstone_inbox_rows
 from ...lib.store import (Database, approvals, as_utc, audit, chunked, dlq, intake, item_stages, items, utcnow,
                           vault)
 from ...lib.telemetry import log_event, new_trace_id
@@ -38,12 +38,12 @@ FOLDER = Path(__file__).parent
 FIRST_DAY = date(2026, 1, 1)  # first daily partition
 OPEN_STATUSES = ("received", "deferred", "triaged", "assigned", "grounded", "drafted", "awaiting_approval",
                  "approved")
-# Where an item's journey ends: delivered, refused by a reviewer (or the approval timeout), or dead-lettered.
-TERMINAL_STATUSES = ("resolved", "rejected", "dead_lettered")
+# open and not waiting for a person: the flow itself still has work to do on these
+IN_PROGRESS_STATUSES = tuple(st for st in OPEN_STATUSES if st != "awaiting_approval")
 # The model's answer when a message fits no intent (below the calibrated out-of-scope threshold):
 # a human triages it, from the general account queue.
 UNKNOWN_INTENT = "unknown"
-OUT_OF_SCOPE = {"queue": "account", "priority": "medium", "article": None}
+OUT_OF_SCOPE = {"queue": "account", "priority": "medium"}
 # Gateway errors that say "not now" rather than "bad item": the item waits for the next run.
 DEFER_ERRORS = {"quota_exceeded", "circuit_open"}
 URGENT = re.compile(r"\b(urgent|urgently|asap|immediately|right now|emergency|fraud|stolen)\b", re.I)
@@ -72,6 +72,11 @@ class SupportConfig:
     @cached_property
     def taxonomy(self) -> dict[str, dict[str, str]]:
         return yaml.safe_load((self.folder / "taxonomy.yaml").read_text())["intents"]
+
+    @cached_property
+    def intent_labels(self) -> list[str]:
+        """Every label triage may give: the taxonomy's intents and ``unknown`` (out of scope)."""
+        return [*sorted(self.taxonomy), UNKNOWN_INTENT]
 
     @cached_property
     def roster(self) -> list[dict[str, Any]]:
@@ -223,7 +228,7 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
             conn.execute(dlq.insert(), dead)
         # data minimisation: once a table row is in the intake log its raw payload is no longer needed
         # (the masked item, the vault tokens or the dead letter's reason carry what later steps use)
-        minimise_inbox_rows(conn, [r["source_key"] for r in intake_rows], finished)
+        tombstone_inbox_rows(conn, [r["source_key"] for r in intake_rows], finished, "ingested; raw payload dropped")
     outcomes = Counter({"ok": len(accepted), "dead_lettered": len(dead),
                         "duplicate": sum(1 for r in intake_rows if r["outcome"] == "duplicate")})
     md = {"received": len(intake_rows), "accepted": len(accepted), "dead_lettered": len(dead),
@@ -234,15 +239,6 @@ def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt
     log_event(env.logger, "stage_done", flow=FLOW, stage="intake", run_id=env.run_id, days=env.days,
               items=len(intake_rows), outcomes=dict(outcomes), ms=round(ms, 1))
     return StageReport("intake", len(intake_rows), outcomes, ms, md)
-
-
-def minimise_inbox_rows(conn, source_keys: list[str], now: datetime) -> None:
-    from ...lib.store import inbox
-
-    ids = [int(k.split(":", 1)[1]) for k in source_keys if k.startswith("table:")]
-    tombstone = json.dumps({"purged_at": now.isoformat(), "reason": "ingested; raw payload dropped"})
-    for chunk in chunked(ids, 900):
-        conn.execute(inbox.update().where(inbox.c.id.in_(chunk)).values(payload=tombstone))
 
 
 def _existing_item_ids(db: Database, ids: list[str]) -> set[str]:
@@ -288,7 +284,7 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     texts = {r["item_id"]: injection.neutralise(_text(r)) if r["data"].get("injection") else _text(r) for r in rows}
     reqs = [LLMStepRequest(id=r["item_id"], inputs={"text": texts[r["item_id"]], "context": {"channel": r["channel"]}})
             for r in rows]
-    intents = [*sorted(cfg.taxonomy), UNKNOWN_INTENT]
+    intents = cfg.intent_labels
     responses, stats = gateway.run("triage", reqs, TriageOutput, label_choices=intents,
                                    prompt_vars={"allowed_intents": ", ".join(intents)}) if reqs else ([], None)
     updates = []
@@ -725,7 +721,7 @@ def status_counts(db: Database, flow: str = FLOW) -> dict[str, Any]:
     total = sum(states.values())
     return {"flow": flow, "received": int(received), "states": dict(sorted(states.items())),
             "accounted": total, "lost": int(received) - total, "escalated": int(escalated), "dlq_open": int(dlq_open),
-            "in_progress": sum(states.get(s, 0) for s in OPEN_STATUSES if s != "awaiting_approval"),
+            "in_progress": sum(states.get(s, 0) for s in IN_PROGRESS_STATUSES),
             "terminal": sum(states.get(s, 0) for s in TERMINAL_STATUSES)}
 
 

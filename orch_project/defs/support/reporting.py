@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ...lib.store import Database, approvals, backlog, dlq, intake, item_stages, items, llm_calls, utcnow
-from .logic import FLOW, FLOW_STAGES, SupportConfig
+from .logic import FLOW, FLOW_STAGES, IN_PROGRESS_STATUSES, SupportConfig
 
 
 def _frames(db: Database):
@@ -151,22 +151,24 @@ def experiment_kpis(it, ap) -> list[dict[str, Any]]:
     """Outcomes per A/B arm. An item *wins* when it was resolved, its draft went out without a
     reviewer's edit, the customer did not come back within REOPEN_WINDOW_DAYS (a re-open: another
     message from the same customer reference after resolution) and its CSAT, if answered, is >= 4."""
+    import pandas as pd
+
     if it.empty or "arm" not in it or it["arm"].isna().all():
         return []
     edited = set(ap.loc[ap["edited"].astype(bool), "item_id"]) if not ap.empty else set()
     by_customer = it.dropna(subset=["customer_ref"]).groupby("customer_ref")["received_at"].apply(sorted).to_dict()
 
     def reopened(row) -> bool:
-        if row["resolved_at"] is None or row["resolved_at"] != row["resolved_at"]:
+        if pd.isna(row["resolved_at"]):
             return False
         later = by_customer.get(row["customer_ref"], [])
-        end = row["resolved_at"] + __import__("pandas").Timedelta(days=REOPEN_WINDOW_DAYS)
+        end = row["resolved_at"] + pd.Timedelta(days=REOPEN_WINDOW_DAYS)
         return any(row["resolved_at"] < t <= end for t in later)
 
     out = []
     for (name, arm), g in it.dropna(subset=["arm"]).groupby(["experiment", "arm"]):
         res = g[g["status"] == "resolved"]
-        reo = res.apply(reopened, axis=1) if len(res) else __import__("pandas").Series(False, index=res.index, dtype=bool)
+        reo = res.apply(reopened, axis=1) if len(res) else pd.Series(False, index=res.index, dtype=bool)
         no_edit = ~res["item_id"].isin(edited)
         csat_ok = res["csat"].isna() | (res["csat"].astype(float) >= 4)
         wins = int((no_edit & ~reo & csat_ok).sum()) if len(res) else 0
@@ -191,8 +193,7 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
     k: dict[str, Any] = {
         "received": received, "resolved": resolved, "awaiting_approval": int(counts.get("awaiting_approval", 0)),
         "dead_lettered": dead, "duplicates": int((ik["outcome"] == "duplicate").sum()) if not ik.empty else 0,
-        "in_progress": int(sum(counts.get(s, 0) for s in ("received", "triaged", "assigned", "grounded",
-                                                           "drafted", "approved", "deferred"))),
+        "in_progress": int(sum(counts.get(s, 0) for s in IN_PROGRESS_STATUSES)),
         "deferred": int(counts.get("deferred", 0)),
         "success_rate": (resolved / finished) if finished else None,
         "dlq_open": int((dl["status"] == "open").sum()) if not dl.empty else 0,

@@ -24,7 +24,7 @@ def support_raw_retention(context: dg.AssetExecutionContext, config: RetentionCo
     counts = purge(app_db.database(), logic.FLOW, workspace.settings().inbox_dir, retention_days=days,
                    actor=f"dagster:run:{context.run_id}")
     context.log.info(f"raw retention ({days} days): {counts}")
-    return dg.MaterializeResult(metadata={k: v for k, v in counts.items()})
+    return dg.MaterializeResult(metadata=counts)
 
 
 retention_purge_job = dg.define_asset_job(

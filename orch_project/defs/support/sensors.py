@@ -45,13 +45,21 @@ def scan_new_sources(db, inbox_dir, cursor: dict) -> tuple[dict[str, list[str]],
     return by_day, {"file": list(new_file_mark), "table": table_mark}
 
 
-def intake_run_requests(by_day: dict[str, list[str]]) -> list[dg.RunRequest]:
+def day_run_requests(by_day: dict[str, list[str]], *, key_prefix: str, trigger: str,
+                     count_tag: str) -> list[dg.RunRequest]:
+    """One run request per day partition; the run key hashes the day's ids, so a repeated sensor
+    tick with the same work starts nothing new."""
     reqs = []
-    for day, keys in sorted(by_day.items()):
-        digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
-        reqs.append(dg.RunRequest(partition_key=day, run_key=f"support-intake:{day}:{digest}",
-                                  tags={"orch/trigger": "support_intake_sensor", "orch/new_sources": str(len(keys))}))
+    for day, ids in sorted(by_day.items()):
+        digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+        reqs.append(dg.RunRequest(partition_key=day, run_key=f"{key_prefix}:{day}:{digest}",
+                                  tags={"orch/trigger": trigger, count_tag: str(len(ids))}))
     return reqs
+
+
+def intake_run_requests(by_day: dict[str, list[str]]) -> list[dg.RunRequest]:
+    return day_run_requests(by_day, key_prefix="support-intake", trigger="support_intake_sensor",
+                            count_tag="orch/new_sources")
 
 
 @dg.sensor(job=support_flow_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,

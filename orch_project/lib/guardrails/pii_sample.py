@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 from stdnum import iban as _iban
 
+from .pii import ENTITIES
 from ..sampledata import (EMAIL_DOMAINS, _fake_card_number, _fake_iban, _fake_ipv4, _fake_ssn, _intl_phone,
                           _slug, load_banking77)
 
@@ -43,8 +44,7 @@ ADDRESS_LOCALES = ("en_GB", "en_US", "de_DE", "fr_FR", "es_ES", "it_IT")
 NAME_LOCALES = (("en_GB", 10), ("en_US", 6), ("de_DE", 10), ("fr_FR", 10), ("es_ES", 9), ("it_IT", 9),
                 ("pl_PL", 6), ("tr_TR", 6), ("nl_NL", 5), ("pt_BR", 6), ("yo_NG", 5), ("en_IN", 5),
                 ("id_ID", 4), ("sw", 3), ("ru_RU", 2), ("zh_CN", 2), ("ar_AA", 2))
-ENTITY_TYPES = ("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS",
-                "LOCATION")
+ENTITY_TYPES = ENTITIES  # the sample labels exactly the entity types the detector reports
 
 _GREETINGS = ("Hi,", "Hello,", "Hello support team,", "Good morning,", "Dear Northwind Bank team,", "Hi there,")
 _SIGN_OFFS = {

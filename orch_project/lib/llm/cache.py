@@ -50,7 +50,7 @@ def semantic_get(db: Database, *, task: str, models: list[str], prompt_version: 
     ``threshold``, or None."""
     if not texts:
         return []
-    q = (sa.select(llm_cache.c.input_text, llm_cache.c.output, llm_cache.c.model)
+    q = (sa.select(llm_cache.c.input_text, llm_cache.c.key, llm_cache.c.model)
          .where(llm_cache.c.task == task, llm_cache.c.model.in_(models),
                 llm_cache.c.prompt_version == prompt_version, llm_cache.c.input_text.is_not(None))
          .order_by(llm_cache.c.created_at.desc()).limit(SEMANTIC_SCAN_LIMIT))
@@ -61,16 +61,16 @@ def semantic_get(db: Database, *, task: str, models: list[str], prompt_version: 
     vec = _vectorizer()
     sims = vec.transform(texts) @ vec.transform([r.input_text for r in rows]).T  # cosine: rows are l2-normalised
     sims = sims.tocsr()
-    out: list[tuple[dict[str, Any], float, str] | None] = []
+    best: list[tuple[int, float] | None] = []
     for i in range(len(texts)):
         row = sims.getrow(i)
-        if row.nnz == 0:
-            out.append(None)
-            continue
-        j = row.indices[row.data.argmax()]
-        best = float(row.data.max())
-        out.append((rows[j].output, best, rows[j].model) if best >= threshold else None)
-    return out
+        if row.nnz == 0 or float(row.data.max()) < threshold:
+            best.append(None)
+        else:
+            best.append((int(row.indices[row.data.argmax()]), float(row.data.max())))
+    # only the answers that matched are read (a scan holds up to SEMANTIC_SCAN_LIMIT cached inputs)
+    outputs = exact_get(db, sorted({rows[b[0]].key for b in best if b is not None}))
+    return [None if b is None else (outputs[rows[b[0]].key], b[1], rows[b[0]].model) for b in best]
 
 
 def put(db: Database, conn, rows: list[dict[str, Any]]) -> None:

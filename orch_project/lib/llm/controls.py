@@ -130,10 +130,6 @@ class CircuitBreaker:
             conn.execute(circuit_breakers.update().where(t.key == key).values(**values))
             return values.get("state", row.state)
 
-    def snapshot(self) -> list[dict]:
-        with self.db.begin() as conn:
-            return [dict(r) for r in conn.execute(sa.select(circuit_breakers)).mappings()]
-
 
 @dataclass
 class Reservation:
@@ -166,10 +162,6 @@ class TokenBudget:
                 conn.execute(token_budgets.update().where(token_budgets.c.scope == s, token_budgets.c.cap != c)
                              .values(cap=c, updated_at=now))
 
-    @property
-    def day(self) -> str:
-        return next(s for s in self.caps if s.startswith("day:")).rsplit(":", 1)[1]
-
     def reserve(self, tokens: int, *, count_refusal: bool = True) -> Reservation:
         """Reserve ``tokens`` in every scope or in none; raises BudgetRefused naming the scope."""
         t = token_budgets.c
@@ -196,8 +188,3 @@ class TokenBudget:
         conn.execute(token_budgets.update().where(t.scope.in_(reservation.scopes)).values(
             reserved=t.reserved - reservation.tokens, used=t.used + used_tokens, cost_usd=t.cost_usd + cost_usd,
             updated_at=utcnow()))
-
-    def totals(self) -> dict[str, dict]:
-        with self.db.begin() as conn:
-            rows = conn.execute(sa.select(token_budgets).where(token_budgets.c.scope.in_(list(self.caps)))).mappings()
-            return {r["scope"]: dict(r) for r in rows}

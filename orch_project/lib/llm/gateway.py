@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import string
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from ..contracts import LLMOutput, LLMStepRequest, LLMStepResponse, describe_validation_error
+from ..contracts import Budget, LLMOutput, LLMStepRequest, LLMStepResponse, describe_validation_error
 from ..guardrails.pii import find_unmasked
 from ..store import Database, llm_calls, utcnow
 from . import cache
@@ -75,12 +74,6 @@ class CallProvider(Protocol):
 
 
 @dataclass
-class Budget:
-    max_tokens_per_run: int
-    daily_token_cap: int
-
-
-@dataclass
 class GatewayStats:
     calls: int = 0
     cache_hits: int = 0
@@ -93,8 +86,6 @@ class GatewayStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
-    by_model: Counter = field(default_factory=Counter)
-    by_error: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_call(self, res: ProviderResult, cost: float) -> None:
@@ -107,11 +98,9 @@ class GatewayStats:
     def merge(self, other: "GatewayStats") -> "GatewayStats":
         """Sum of two batches' figures (e.g. the arms of an A/B test)."""
         out = GatewayStats()
-        for f in ("calls", "cache_hits", "semantic_cache_hits", "errors", "fallbacks", "repairs", "circuit_skips",
-                  "budget_refusals", "input_tokens", "output_tokens", "cost_usd"):
-            setattr(out, f, getattr(self, f) + getattr(other, f))
-        out.by_model = self.by_model + other.by_model
-        out.by_error = self.by_error + other.by_error
+        for f in fields(GatewayStats):
+            if not f.name.startswith("_"):
+                setattr(out, f.name, getattr(self, f.name) + getattr(other, f.name))
         return out
 
     def count(self, name: str, n: int = 1) -> None:
@@ -143,9 +132,10 @@ def delimit(text: str) -> str:
 
 
 class Gateway:
-    def __init__(self, db: Database, providers: dict[str, Any], routing: RoutingConfig, *, flow: str,
-                 run_id: str | None = None, default_provider: str = "local", prompts: dict[str, str] | None = None,
-                 prompt_versions: dict[str, str] | None = None, budget: Budget | None = None):
+    def __init__(self, db: Database, providers: dict[str, BatchProvider | CallProvider], routing: RoutingConfig,
+                 *, flow: str, run_id: str | None = None, default_provider: str = "local",
+                 prompts: dict[str, str] | None = None, prompt_versions: dict[str, str] | None = None,
+                 budget: Budget | None = None):
         self.db = db
         self.providers = providers
         self.routing = routing
@@ -186,7 +176,7 @@ class Gateway:
                 provider, model = key.split(":", 1)
                 q = (sa.select(llm_calls.c.latency_ms).where(
                     llm_calls.c.provider == provider, llm_calls.c.model == model, llm_calls.c.ok.is_(True),
-                    llm_calls.c.cached.is_(False)).order_by(llm_calls.c.id.desc()).limit(window))
+                    llm_calls.c.cached.is_(False)).order_by(llm_calls.c.created_at.desc()).limit(window))
                 vals = sorted(v for (v,) in conn.execute(q).all())
                 if vals:
                     out[key] = vals[len(vals) // 2]
@@ -274,7 +264,6 @@ class _Call:
         for r in responses:
             if r is not None and not r.ok:
                 self.stats.errors += 1
-                self.stats.by_error[r.error] += 1
         with self.gw.db.begin() as conn:
             if ledger:
                 conn.execute(llm_calls.insert(), ledger)
@@ -318,7 +307,6 @@ class _Call:
         self.stats.count("cache_hits")
         if kind == "semantic":
             self.stats.count("semantic_cache_hits")
-        self.stats.by_model[cand.key] += 1
         ledger.append(self._row(i, cand, 0, ProviderResult(output), f"cache {kind} {note}".strip(), cache_kind=kind))
         return True
 
@@ -387,7 +375,6 @@ class _Call:
 
     def _one(self, provider, ranked, i: int) -> tuple[ProviderResult, LLMOutput | None]:
         """One item on one HTTP candidate: breaker, budget, call, validation, one repair."""
-        cand = ranked.candidate
         req = self.requests[i]
         messages = [{"role": "system", "content": self._system(req)},
                     {"role": "user", "content": delimit(req.inputs.text)}]
@@ -480,7 +467,6 @@ class _Call:
                 "key": cache.cache_key(self.task, cand.model, self.version, req), "task": self.task,
                 "model": cand.model, "prompt_version": self.version, "output": out.model_dump(mode="json"),
                 "created_at": self.now, "input_text": req.inputs.text if pol.semantic else None})
-            self.stats.by_model[cand.key] += 1
 
     def _row(self, i, cand: Candidate, route_rank: int, res: ProviderResult, reason: str, *, cost: float = 0.0,
              repair: bool = False, reserved: int = 0, cache_kind: str | None = None) -> dict[str, Any]:

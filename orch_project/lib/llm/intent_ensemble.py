@@ -44,16 +44,17 @@ def _stem_words(words: list[str]) -> list[str]:
     return [_STEMS[w] for w in words]
 
 
-def normalise(text: str, stem: bool) -> str:
+def _stemmed(plain: str) -> str:
+    return " ".join(_stem_words(_TOKENS.findall(plain)))
+
+
+def _plain(text: str) -> str:
     t = text.lower().replace("\u2019", "'")
     for a, b in _CONTRACTIONS:
         t = t.replace(a, b)
     t = _NEG.sub(lambda m: _NEG_FIX.get(m.group(1), m.group(1)[:-2] + " not"), t)
     t = t.replace("£", " gbp ").replace("$", " usd ").replace("€", " eur ")
-    t = _DIGITS.sub(lambda m: " " + "0" * min(len(m.group()), 3) + " ", t)
-    if not stem:
-        return t
-    return " ".join(_stem_words(_TOKENS.findall(t)))
+    return _DIGITS.sub(lambda m: " " + "0" * min(len(m.group()), 3) + " ", t)
 
 
 def make_view():
@@ -142,7 +143,8 @@ class IntentEnsemble:
         self.n_jobs = n_jobs
 
     def _views(self, texts):
-        return {True: [normalise(t, True) for t in texts], False: [normalise(t, False) for t in texts]}
+        plain = [_plain(t) for t in texts]
+        return {True: [_stemmed(p) for p in plain], False: plain}
 
     def fit(self, texts, labels) -> "IntentEnsemble":
         from joblib import Parallel, delayed

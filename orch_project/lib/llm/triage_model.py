@@ -16,11 +16,12 @@ validation reaches ``min_precision_below`` (0.5: reject only where the model is 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CODE_VERSION = "ensemble-mlp-svc-lr-v3"
+DEFAULT_TEMPERATURE = 0.15  # used when no in-scope validation example is left to fit one
 UNKNOWN = "unknown"
 
 
@@ -30,9 +31,8 @@ class TriageModel:
     version: str
     labels: list[str]
     metrics: dict[str, Any]
-    temperature: float = 0.15
+    temperature: float = DEFAULT_TEMPERATURE
     threshold: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def scores(self, texts: list[str]):
         import numpy as np
@@ -74,7 +74,7 @@ class TriageModel:
         import joblib
 
         d = joblib.load(path)
-        return cls(d["pipeline"], d["version"], d["labels"], d["metrics"], d.get("temperature", 0.15),
+        return cls(d["pipeline"], d["version"], d["labels"], d["metrics"], d.get("temperature", DEFAULT_TEMPERATURE),
                    d.get("threshold", 0.0))
 
 
@@ -170,7 +170,7 @@ def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
     va_in = in_scope[va]
     known = np.array([lab in classes for lab in y[va]]) & va_in
     y_idx = np.array([classes.index(lab) if k else 0 for lab, k in zip(y[va], known)])
-    temperature = fit_temperature(scores[known], y_idx[known]) if known.any() else 0.15
+    temperature = fit_temperature(scores[known], y_idx[known]) if known.any() else DEFAULT_TEMPERATURE
     probs = softmax(scores, temperature)
     top = probs.argmax(axis=1)
     conf = probs[np.arange(len(va)), top]
