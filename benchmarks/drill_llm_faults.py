@@ -34,12 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -47,37 +44,28 @@ from pathlib import Path
 import yaml
 
 warnings.filterwarnings("ignore")
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import flow_process as fp  # noqa: E402
+from flow_process import say  # noqa: E402
+from orch_project_tests import fake_openai  # noqa: E402
+
 DAY = "2026-11-20"
 TARGET_RESOLVED = 0.99
 FAULTS = {"rate_500": 0.20, "rate_429": 0.10, "retry_after_s": 0.2, "rate_hang": 0.05, "hang_s": 3.0,
           "rate_malformed": 0.05}
 INTERMEDIATE = ("received", "deferred", "triaged", "assigned", "grounded", "drafted")
-FLOW_DONE = ("resolved", "awaiting_approval", "approved")
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def start_server(seed: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "orch_project_tests.fake_openai", "--port", "0", "--seed", str(seed)]
-    for k, v in FAULTS.items():
-        cmd += ["--" + k.replace("_", "-"), str(v)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise SystemExit(f"fake OpenAI server did not start: {line!r}")
-    return proc, line.removeprefix("listening on ")
-
-
-def write_routing(src: Path, dst: Path, *, timeout_s: float, max_retries: int | None) -> dict:
+def write_routing(src: Path, dst: Path, *, timeout_s: float, max_retries: int | None,
+                  concurrency: int | None = None) -> dict:
     """routing.yaml with only the OpenAI candidates, no caches, a short per-call timeout."""
     routing = yaml.safe_load(src.read_text())
     routing["timeout_s"] = timeout_s
     if max_retries is not None:
         routing["max_retries"] = max_retries
+    if concurrency:
+        routing["concurrency"] = concurrency
     for task in routing["tasks"].values():
         task["timeout_s"] = timeout_s
         task["cache"] = {"exact": False, "semantic": False}
@@ -88,16 +76,13 @@ def write_routing(src: Path, dst: Path, *, timeout_s: float, max_retries: int | 
     return routing
 
 
-def figures(db, connectors, n_items: int) -> dict:
+def figures(db, n_items: int) -> dict:
+    """flow_process.figures plus the resolved rate, the items left mid-flow and why items failed."""
     import sqlalchemy as sa
 
-    from orch_project.defs.support import logic
     from orch_project.lib.store import dlq, items, llm_calls
 
-    st = logic.status_counts(db)
-    states = st["states"]
-    dups = connectors.duplicates()
-    resolved = sum(states.get(s, 0) for s in FLOW_DONE)
+    fig = fp.figures(db, n_items)
     with db.begin() as conn:
         reasons = Counter()
         for stage, err, reason in conn.execute(sa.select(dlq.c.stage, dlq.c.error_type, dlq.c.reason)
@@ -110,14 +95,11 @@ def figures(db, connectors, n_items: int) -> dict:
             deferred[f"after {stage}/{note.get('error')}: {str(note.get('reason'))[:80]}"] += 1
         opened = dict(conn.execute(sa.select(llm_calls.c.model, sa.func.count()).where(
             llm_calls.c.error == "circuit_open").group_by(llm_calls.c.model)).all())
-    return {"items": n_items, "received": st["received"], "resolved": resolved,
-            "dead_lettered": states.get("dead_lettered", 0), "lost": st["lost"],
-            "duplicate_effects": sum(dups.values()),
-            "resolved_rate": round(resolved / n_items, 4) if n_items else 0.0,
-            "resolved_status": states.get("resolved", 0), "awaiting_approval": states.get("awaiting_approval", 0),
-            "approved": states.get("approved", 0),
+    states = fig.pop("states")
+    del fig["in_progress"]
+    return {**fig, "resolved_rate": round(fig["resolved"] / n_items, 4) if n_items else 0.0,
             "intermediate": {s: states[s] for s in INTERMEDIATE if states.get(s)},
-            "dlq_open": st["dlq_open"], "dead_letter_reasons": dict(reasons.most_common(8)),
+            "dead_letter_reasons": dict(reasons.most_common(8)),
             "deferred_reasons": dict(deferred.most_common(5)), "calls_refused_circuit_open": opened}
 
 
@@ -134,19 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--items must be positive")
     with tempfile.TemporaryDirectory(prefix="drill_llm_faults_") as tmp:
         work = Path(tmp)
-        os.environ.update({
-            "ORCH_HOME": str(work), "ORCH_DATABASE_URL": f"sqlite:///{work / 'app.sqlite'}",
-            "ORCH_CONNECTORS_URL": f"sqlite:///{work / 'connectors.sqlite'}", "ORCH_INBOX_DIR": str(work / "inbox"),
-            "ORCH_LLM_PROVIDER": "openai",
-        })
-        for var in ("ORCH_MODELS_DIR", "ORCH_LOGS_DIR", "ORCH_REPORTS_DIR"):
-            os.environ.pop(var, None)
-        proc, base_url = start_server(args.seed)
-        try:
+        fp.work_env(work, ORCH_LLM_PROVIDER="openai")
+        with fake_openai.spawn(seed=args.seed, **FAULTS) as base_url:
             return run(args, work, base_url)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 def run(args, work: Path, base_url: str) -> int:
@@ -167,10 +139,8 @@ def run(args, work: Path, base_url: str) -> int:
     msgs = generate_messages(args.items, seed=args.seed, days=[DAY])
     submitted = submit_to_table(db, logic.FLOW, msgs, "drill")
     routing_path = work / "routing.drill.yaml"
-    routing = write_routing(CFG.routing_path, routing_path, timeout_s=args.timeout_s, max_retries=args.max_retries)
-    if args.concurrency:
-        routing["concurrency"] = args.concurrency
-        routing_path.write_text(yaml.safe_dump(routing))
+    routing = write_routing(CFG.routing_path, routing_path, timeout_s=args.timeout_s, max_retries=args.max_retries,
+                            concurrency=args.concurrency)
     say(f"drill llm_faults: {submitted} items, faults {FAULTS}, timeout {args.timeout_s:g} s, "
         f"max_retries {routing['max_retries']}, candidates "
         f"{ {t: [c['model'] for c in p['candidates']] for t, p in routing['tasks'].items()} }, server {base_url}")
@@ -201,12 +171,12 @@ def run(args, work: Path, base_url: str) -> int:
     say("pass 1: the flow under faults")
     run_stages("drill-1")
     first_s = time.perf_counter() - t0
-    before = figures(db, connectors, submitted)
+    before = figures(db, submitted)
     say(f"    -> {json.dumps(before)}")
 
     say("pass 2: re-execution of the same stages")
     run_stages("drill-2")
-    reexec = figures(db, connectors, submitted)
+    reexec = figures(db, submitted)
     say(f"    -> duplicate effects {reexec['duplicate_effects']}, lost {reexec['lost']}")
 
     replay_info = None
@@ -217,10 +187,10 @@ def run(args, work: Path, base_url: str) -> int:
         replay_info = {"replayed": out["replayed"], "not_replayable": out["not_replayable"]}
         say(f"    {out['message']}")
         run_stages("drill-3")
-        after = figures(db, connectors, submitted)
+        after = figures(db, submitted)
     seconds = time.perf_counter() - t0
 
-    stats = json.load(urllib.request.urlopen(base_url.removesuffix("/v1") + "/_control/requests"))
+    stats = fake_openai.requests_log(base_url)
     outcomes = Counter(r["outcome"] for r in stats["requests"])
     result = {"drill": "llm_faults", **{k: after[k] for k in ("items", "resolved", "dead_lettered", "lost",
                                                                "duplicate_effects", "resolved_rate")},

@@ -27,17 +27,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import time
 import traceback
 import warnings
 from collections import Counter
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flow_process import say, work_env  # noqa: E402
+
 DAY = "2026-11-20"
 SECRET_EMAIL = "zq.secret.sender@example.com"
 SECRET_BODY = "zqmarker my card was blocked at the shop yesterday"
@@ -48,10 +51,6 @@ TEMPLATE = {"id": "", "channel": "email", "received_at": f"{DAY}T10:00:00Z",
 FIELDS = ["id", "channel", "received_at", "sender", "sender.email", "sender.name", "subject", "body", "attachments",
           "attachments.0", "attachments.0.size_bytes", "attachments.0.filename"]
 TEXT_FIELDS = ["id", "subject", "body", "sender.name", "sender.email", "channel", "received_at"]
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -173,17 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.inputs <= 0:
         ap.error("--inputs must be positive")
     with tempfile.TemporaryDirectory(prefix="drill_malformed_") as tmp:
-        work = Path(tmp)
-        os.environ.update({
-            "ORCH_HOME": str(work), "ORCH_DATABASE_URL": f"sqlite:///{work / 'app.sqlite'}",
-            "ORCH_CONNECTORS_URL": f"sqlite:///{work / 'connectors.sqlite'}", "ORCH_INBOX_DIR": str(work / "inbox"),
-        })
-        for var in ("ORCH_MODELS_DIR", "ORCH_LOGS_DIR", "ORCH_REPORTS_DIR"):
-            os.environ.pop(var, None)
-        return run(args, work)
+        work_env(Path(tmp))
+        return run(args)
 
 
-def run(args, work: Path) -> int:
+def run(args) -> int:
     import sqlalchemy as sa
 
     from orch_project.defs.resources import Connectors, reset_process_caches
@@ -217,10 +210,8 @@ def run(args, work: Path) -> int:
             rows.append({"flow": logic.FLOW, "external_id": None, "payload": content, "submitted_at": now,
                          "submitted_by": "drill"})
     with db.begin() as conn:
-        first = None
         for row in rows:  # one by one to learn each row's id (the table's source key)
             rid = conn.execute(inbox.insert().values(**row)).inserted_primary_key[0]
-            first = first or rid
             expected_keys.add(f"table:{rid}")
     n = len(expected_keys)
     say(f"    {n - len(rows)} inbox files, {len(rows)} inbox-table rows")

@@ -90,8 +90,7 @@ def restart_point(kind: str):
             return st.get("received", 0) > 0
         if kind == "actions":
             return ob.get("pending", 0) > 0 and st.get("approved", 0) > 0
-        past = sum(v for k, v in st.items() if k in fp.PAST_TRIAGE)
-        return past > 0 and st.get("resolved", 0) == 0
+        return fp.mid_run(st)
     return ready
 
 

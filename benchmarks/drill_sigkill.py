@@ -58,8 +58,7 @@ def kill_point(kind: str):
             return ob.get("pending", 0) > 0 and ob.get("delivered", 0) == 0 and st.get("approved", 0) > 0
         if kind == "draft":
             return st.get("grounded", 0) > 0
-        past = sum(v for k, v in st.items() if k in fp.PAST_TRIAGE)
-        return past > 0 and st.get("resolved", 0) == 0
+        return fp.mid_run(st)
     return ready
 
 
@@ -91,13 +90,8 @@ def setup(args, work: Path):
     s = Settings.from_env().ensure_dirs()
     db = Database(s.database_url)
     if args.model_json:
-        from orch_project.lib.llm import registry
-
         m = json.loads(Path(args.model_json).read_text())
-        registry.register(db, task="triage", version=m["version"], path=m["path"],
-                          train_data_hash=m["metrics"]["train_data_hash"],
-                          code_version=m["metrics"]["code_version"], metrics=m["metrics"])
-        registry.promote(db, m["version"], actor="drill", reason="drill setup")
+        fp.register_and_promote(db, m["version"], m["path"], m["metrics"])
     else:
         fp.say("training the triage model...")
         fp.train_and_promote(db, s.models_dir)

@@ -82,18 +82,27 @@ def _child(argv: list[str]) -> int:
 
 # --- drill setup (parent process) ---------------------------------------------------------------------
 
+def work_env(work: Path, **extra: str) -> dict[str, str]:
+    """Point the process at a work dir (os.environ): ORCH_HOME, app + connector databases (SQLite in
+    ``work``), the inbox folder, plus ``extra``; ORCH_MODELS_DIR / LOGS_DIR / REPORTS_DIR are unset so
+    everything stays under ``work``. Returns the variables set."""
+    env = {"ORCH_HOME": str(work), "ORCH_DATABASE_URL": f"sqlite:///{work / 'app.sqlite'}",
+           "ORCH_CONNECTORS_URL": f"sqlite:///{work / 'connectors.sqlite'}", "ORCH_INBOX_DIR": str(work / "inbox"),
+           **extra}
+    os.environ.update(env)
+    for var in ("ORCH_MODELS_DIR", "ORCH_LOGS_DIR", "ORCH_REPORTS_DIR"):
+        os.environ.pop(var, None)
+    return env
+
+
 def drill_env(work: Path, database_url: str | None = None, dagster_yaml: str = "dagster.yaml",
               extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a fresh work dir: ORCH_HOME, app + connector databases, empty inbox, DAGSTER_HOME."""
     dh = work / "dagster_home"
     dh.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(REPO / dagster_yaml, dh / "dagster.yaml")
-    env = {"ORCH_HOME": str(work), "ORCH_DATABASE_URL": database_url or f"sqlite:///{work / 'app.sqlite'}",
-           "ORCH_CONNECTORS_URL": f"sqlite:///{work / 'connectors.sqlite'}", "ORCH_INBOX_DIR": str(work / "inbox"),
-           "DAGSTER_HOME": str(dh), "PYTHONWARNINGS": "ignore", **(extra or {})}
-    os.environ.update(env)
-    for var in ("ORCH_MODELS_DIR", "ORCH_LOGS_DIR", "ORCH_REPORTS_DIR"):
-        os.environ.pop(var, None)
+    env = work_env(work, **({"ORCH_DATABASE_URL": database_url} if database_url else {}),
+                   DAGSTER_HOME=str(dh), PYTHONWARNINGS="ignore", **(extra or {}))
     from orch_project.defs.resources import reset_process_caches
 
     reset_process_caches()
@@ -104,19 +113,23 @@ def train_and_promote(db, models_dir: Path) -> str:
     """Train the triage model (about 10 s) and register + promote it in ``db``."""
     import csv
 
-    from orch_project.lib.llm import registry
     from orch_project.lib.llm import triage_model as tm
     from orch_project.lib.settings import BANKING77_DIR
 
     with open(BANKING77_DIR / "train.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     model = tm.train([r["text"] for r in rows], [r["category"] for r in rows])
-    path = model.save(models_dir)
-    registry.register(db, task="triage", version=model.version, path=path,
-                      train_data_hash=model.metrics["train_data_hash"], code_version=model.metrics["code_version"],
-                      metrics=model.metrics)
-    registry.promote(db, model.version, actor="drill", reason="drill setup")
+    register_and_promote(db, model.version, model.save(models_dir), model.metrics)
     return model.version
+
+
+def register_and_promote(db, version: str, path, metrics: dict) -> None:
+    """Register a trained triage model in ``db`` and promote it (the drills' setup)."""
+    from orch_project.lib.llm import registry
+
+    registry.register(db, task="triage", version=version, path=path, train_data_hash=metrics["train_data_hash"],
+                      code_version=metrics["code_version"], metrics=metrics)
+    registry.promote(db, version, actor="drill", reason="drill setup")
 
 
 def submit(db, n: int, day: str, seed: int) -> int:
@@ -154,6 +167,12 @@ def progress(db) -> dict:
     return {"items": {k: int(v) for k, v in st.items()}, "outbox": {k: int(v) for k, v in ob.items()}}
 
 
+def mid_run(items: dict) -> bool:
+    """Item statuses (``progress(db)["items"]``) of a run in the middle: some items past triage, none resolved."""
+    past = sum(v for k, v in items.items() if k in PAST_TRIAGE)
+    return past > 0 and items.get("resolved", 0) == 0
+
+
 def latest_run_id(instance) -> str | None:
     runs = instance.get_runs(limit=1)
     return runs[0].run_id if runs else None
@@ -187,7 +206,7 @@ def figures(db, n_items: int) -> dict:
             "dead_lettered": states.get("dead_lettered", 0), "lost": st["lost"],
             "duplicate_effects": sum(dups.values()), "resolved_status": states.get("resolved", 0),
             "awaiting_approval": states.get("awaiting_approval", 0), "approved": states.get("approved", 0),
-            "in_progress": st["in_progress"], "states": states}
+            "in_progress": st["in_progress"], "dlq_open": st["dlq_open"], "states": states}
 
 
 def wait_until(pred, timeout: float, interval: float = 0.02):

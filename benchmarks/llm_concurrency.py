@@ -18,35 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import yaml
 
 warnings.filterwarnings("ignore")
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flow_process import say, work_env  # noqa: E402
+from orch_project_tests import fake_openai  # noqa: E402
+
 DAY = "2026-11-20"
 TARGET_FRACTION = 0.90
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "orch_project_tests.fake_openai", "--port", "0",
-                             "--latency-ms", str(latency_ms)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise SystemExit(f"fake OpenAI server did not start: {line!r}")
-    return proc, line.removeprefix("listening on ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,16 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="llm_concurrency_") as tmp:
         work = Path(tmp)
-        os.environ.update({
-            "ORCH_HOME": str(work), "ORCH_DATABASE_URL": f"sqlite:///{work / 'app.sqlite'}",
-            "ORCH_CONNECTORS_URL": f"sqlite:///{work / 'connectors.sqlite'}", "ORCH_INBOX_DIR": str(work / "inbox"),
-        })
-        proc, base_url = start_server(args.latency_ms)
-        try:
+        work_env(work)
+        with fake_openai.spawn(latency_ms=args.latency_ms) as base_url:
             return run(args, work, base_url)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 def run(args, work: Path, base_url: str) -> int:
@@ -125,7 +105,7 @@ def run(args, work: Path, base_url: str) -> int:
     with db.begin() as conn:
         calls = conn.execute(sa.select(sa.func.count()).select_from(llm_calls).where(
             llm_calls.c.run_id == env.run_id, llm_calls.c.provider == "openai")).scalar_one()
-    stats = json.load(urllib.request.urlopen(base_url.removesuffix("/v1") + "/_control/requests"))
+    stats = fake_openai.requests_log(base_url)
     if len(stats["requests"]) != calls:
         raise SystemExit(f"ledger has {calls} calls but the server saw {len(stats['requests'])}")
     limit = args.concurrency / (args.latency_ms / 1000.0)

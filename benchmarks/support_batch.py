@@ -34,16 +34,15 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flow_process import say, work_env  # noqa: E402
 
 TARGET_TICKETS_PER_S = 1000
 TARGET_RATIO = 1.15
 WARMUP_TICKETS = 50
 WARMUP_DAY = "2026-11-19"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- environment per path ------------------------------------------------------------------
@@ -54,17 +53,8 @@ def use_home(home: Path) -> dict[str, str]:
 
     reset_process_caches(keep_models=True)  # the loaded model stays warm for both paths
     home.mkdir(parents=True, exist_ok=True)
-    (home / "inbox").mkdir(exist_ok=True)
-    env = {
-        "ORCH_HOME": str(home),
-        "ORCH_DATABASE_URL": f"sqlite:///{home / 'app.sqlite'}",
-        "ORCH_CONNECTORS_URL": f"sqlite:///{home / 'connectors.sqlite'}",
-        "ORCH_INBOX_DIR": str(home / "inbox"),  # empty: intake reads the inbox table only
-    }
-    os.environ.update(env)
-    for var in ("ORCH_MODELS_DIR", "ORCH_LOGS_DIR", "ORCH_REPORTS_DIR"):
-        os.environ.pop(var, None)  # keep everything under the work dir
-    return env
+    (home / "inbox").mkdir(exist_ok=True)  # empty: intake reads the inbox table only
+    return work_env(home)
 
 
 def train_model(work: Path, instance) -> list[dict]:

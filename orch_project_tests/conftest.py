@@ -1,10 +1,12 @@
 """Shared fixtures: an isolated ORCH_HOME per test, a triage model trained once per session,
-a Dagster test instance, and the shipped sample corpus."""
+a Dagster test instance, the shipped sample corpus, the fake OpenAI server and temporary
+PostgreSQL databases."""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from orch_project.lib.settings import SAMPLES_DIR  # noqa: E402
 
 SAMPLE_TABLE = SAMPLES_DIR / "inbox_table.jsonl"
 MALFORMED = SAMPLES_DIR / "malformed"
+OPENAI_TEST_KEY = "sk-test-do-not-leak-4242"
+PG_HOST = os.environ.get("ORCH_TEST_PG_HOST", "127.0.0.1")
+PG_USER = os.environ.get("ORCH_TEST_PG_USER", "postgres")
 
 
 def require_services() -> bool:
@@ -85,6 +90,75 @@ def instance():
 
     with dg.instance_for_test() as inst:
         yield inst
+
+
+@pytest.fixture
+def fake_openai():
+    """A fake OpenAI-compatible server (fake_openai.FakeOpenAI, seed 3) for this test."""
+    from .fake_openai import FakeOpenAI
+
+    with FakeOpenAI(seed=3) as srv:
+        yield srv
+
+
+@pytest.fixture
+def openai_env(orch_home, fake_openai, monkeypatch):
+    """Definitions loaded with the environment a user sets for an OpenAI-compatible server (the
+    fake one, key OPENAI_TEST_KEY)."""
+    from orch_project.definitions import build_defs
+
+    monkeypatch.setenv("ORCH_LLM_PROVIDER", "openai")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_TEST_KEY)
+    return build_defs()
+
+
+def pg_admin():
+    """An autocommit connection to the ``postgres`` database of the test server (PG_HOST:5432)."""
+    import psycopg2
+
+    conn = psycopg2.connect(host=PG_HOST, port=5432, user=PG_USER, dbname="postgres", connect_timeout=3)
+    conn.autocommit = True
+    return conn
+
+
+def postgres_url(name: str) -> str:
+    return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{name}"
+
+
+@pytest.fixture
+def pg_database():
+    """A factory: ``pg_database(prefix)`` creates a temporary database on the test PostgreSQL server and
+    returns its name; every database created is dropped at teardown. Skipped with a message where no
+    server runs; a failure in CI (ORCH_REQUIRE_SERVICES=1)."""
+    try:
+        admin = pg_admin()
+    except Exception as exc:
+        if require_services():
+            pytest.fail(f"PostgreSQL on {PG_HOST}:5432 is required in CI but unreachable: {exc}")
+        pytest.skip(f"PostgreSQL on {PG_HOST}:5432 not reachable ({exc}); start it to run production-path tests")
+    created: list[str] = []
+
+    def create(prefix: str = "orch_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return name
+
+    yield create
+    from orch_project.lib.store import dispose_engines
+
+    dispose_engines()
+    try:
+        with admin.cursor() as cur:
+            for name in created:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", (created,))
+            left = cur.fetchall()
+    finally:
+        admin.close()
+    assert not left, f"temporary databases not dropped: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -23,19 +23,26 @@ the process, e.g. that no personal data did.
 In-process:   with FakeOpenAI() as srv: srv.base_url ...; srv.configure(rate_500=0.2)
 Subprocess:   python -m orch_project_tests.fake_openai --port 8089 --latency-ms 200
               (prints ``listening on http://127.0.0.1:PORT/v1``; POST /_control/config to change faults)
+              or, from Python: with spawn(seed=1, rate_500=0.2) as base_url: ...; requests_log(base_url)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 OUTCOMES = ("ok", "500", "429", "hang", "malformed", "truncated", "schema", "quota")
@@ -298,6 +305,32 @@ class FakeOpenAI:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def spawn(**faults: Any) -> Iterator[str]:
+    """The server in a subprocess (``python -m orch_project_tests.fake_openai --port 0``); yields its
+    base URL (``http://127.0.0.1:PORT/v1``) and terminates it at exit. ``faults`` are the command-line
+    options by their Python names, e.g. ``seed=3, latency_ms=200, rate_500=0.2``."""
+    cmd = [sys.executable, "-m", "orch_project_tests.fake_openai", "--port", "0"]
+    for k, v in faults.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            proc.kill()
+            raise SystemExit(f"fake OpenAI server did not start: {line!r}")
+        yield line.removeprefix("listening on ")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def requests_log(base_url: str) -> dict[str, Any]:
+    """``GET /_control/requests`` of a running server: {"requests": [...], "peak_in_flight": N}."""
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/_control/requests") as resp:
+        return json.load(resp)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ from orch_project.lib.intake import submit_to_table
 from orch_project.lib.store import audit, dlq, items
 
 from .conftest import QUIET, run_flow, sample_messages
-from .fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,28 +59,12 @@ def test_malformed_inputs_drill_small():
 # --- dead-letter replay ------------------------------------------------------------------------------
 
 @pytest.fixture
-def srv():
-    with FakeOpenAI(seed=5) as s:
-        yield s
-
-
-@pytest.fixture
-def openai_defs(orch_home, srv, monkeypatch):
-    from orch_project.definitions import build_defs
-
-    monkeypatch.setenv("ORCH_LLM_PROVIDER", "openai")
-    monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-drills")
-    return build_defs()
-
-
-@pytest.fixture
-def dead_letters(orch_home, db, openai_defs, srv, instance):
+def dead_letters(orch_home, db, openai_env, fake_openai, instance):
     """Three items dead-lettered at triage (malformed model answers) and one intake dead letter."""
     submit_to_table(db, "support", sample_messages(DAY)[:3] + [BAD_ROW], "test")
-    srv.configure(rate_malformed=1.0)
-    assert run_flow(openai_defs, instance, DAY).success
-    srv.reset()  # the provider recovers
+    fake_openai.configure(rate_malformed=1.0)
+    assert run_flow(openai_env, instance, DAY).success
+    fake_openai.reset()  # the provider recovers
     with db.begin() as conn:
         rows = [dict(r) for r in conn.execute(sa.select(dlq).order_by(dlq.c.id)).mappings()]
     assert [(r["stage"], r["status"]) for r in rows] == [("intake", "open")] + [("triage", "open")] * 3
@@ -102,7 +85,7 @@ def _orch(*args: str, check: bool = True):
     return out
 
 
-def test_cli_dlq_show_and_replay(orch_home, db, openai_defs, dead_letters, instance):
+def test_cli_dlq_show_and_replay(orch_home, db, openai_env, dead_letters, instance):
     intake_dl, tri = dead_letters[0], dead_letters[1]
     before = _items(db)[tri["item_id"]]
     assert before["status"] == "dead_lettered" and before["trace_id"] == tri["trace_id"]
@@ -126,7 +109,7 @@ def test_cli_dlq_show_and_replay(orch_home, db, openai_defs, dead_letters, insta
     assert everything["replayed"] == 2 and everything["not_replayable"] == 1
 
     # the next run of the partition reprocesses the replayed items; trace ids are kept
-    assert run_flow(openai_defs, instance, DAY).success
+    assert run_flow(openai_env, instance, DAY).success
     after = _items(db)
     for r in dead_letters[1:]:
         assert after[r["item_id"]]["status"] in ("resolved", "awaiting_approval")
@@ -143,10 +126,10 @@ def test_cli_dlq_show_and_replay(orch_home, db, openai_defs, dead_letters, insta
     assert st["lost"] == 0 and st["dlq_open"] == 1
 
 
-def test_replay_job_then_next_run_reprocesses(orch_home, db, openai_defs, dead_letters, instance):
+def test_replay_job_then_next_run_reprocesses(orch_home, db, openai_env, dead_letters, instance):
     import dagster as dg
 
-    job = openai_defs.resolve_job_def("dlq_replay_job")
+    job = openai_env.resolve_job_def("dlq_replay_job")
     bad = job.execute_in_process(instance=instance, raise_on_error=False, run_config={
         **QUIET, "ops": {"replay_dead_letters": {"config": {"dlq_id": dead_letters[0]["id"], "all": False}}}})
     assert not bad.success  # an intake dead letter cannot be replayed: the job says so
@@ -158,7 +141,7 @@ def test_replay_job_then_next_run_reprocesses(orch_home, db, openai_defs, dead_l
     assert mats[-1].metadata["dlq_open"].value == 1 and mats[-1].metadata["dlq_open_stage_intake"].value == 1
     assert {i["status"] for k, i in _items(db).items()} == {"received"}
 
-    assert run_flow(openai_defs, instance, DAY).success
+    assert run_flow(openai_env, instance, DAY).success
     after = _items(db)
     for r in dead_letters[1:]:
         assert after[r["item_id"]]["status"] in ("resolved", "awaiting_approval")

@@ -13,7 +13,7 @@ from orch_project.lib.guardrails.policy import DraftPolicy
 from orch_project.lib.intake import submit_to_table
 from orch_project.lib.outbox import EffectNotAllowed, enqueue
 from orch_project.lib.settings import SAMPLES_DIR
-from orch_project.lib.store import approvals, items, outbox
+from orch_project.lib.store import items, outbox
 
 from .conftest import run_flow, sample_messages
 
@@ -47,7 +47,6 @@ def test_injection_samples_change_neither_routing_nor_side_effects(orch_home, db
     assert run_flow(defs, instance, DAY).success
     with db.begin() as conn:
         rows = {i: (st, d) for i, st, d in conn.execute(sa.select(items.c.item_id, items.c.status, items.c.data))}
-        held = {i: r for i, r in conn.execute(sa.select(approvals.c.item_id, approvals.c.reason))}
         effects = [(i, c, a) for i, c, a in conn.execute(sa.select(outbox.c.item_id, outbox.c.connector,
                                                                    outbox.c.action))]
     for s in samples:
@@ -85,20 +84,13 @@ def test_draft_policy_rules():
     assert pol.check("x" * 401 + "Northwind Bank Support")[0].startswith("too long")
 
 
-def test_a_draft_breaking_policy_goes_to_review_not_out(orch_home, db, with_model, instance, monkeypatch):
-    from orch_project.definitions import build_defs
-
-    from .fake_openai import FakeOpenAI
-
-    with FakeOpenAI() as srv:
-        monkeypatch.setenv("ORCH_LLM_PROVIDER", "openai")
-        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        srv.configure(draft_text="Hello, good news: we will refund 900 EUR to your account straight away.\n"
-                                 "Northwind Bank Support")
-        msgs = sample_messages(DAY)[:6]
-        submit_to_table(db, "support", msgs, "test")
-        assert run_flow(build_defs(), instance, DAY).success
+def test_a_draft_breaking_policy_goes_to_review_not_out(orch_home, db, with_model, instance, fake_openai,
+                                                        openai_env):
+    fake_openai.configure(draft_text="Hello, good news: we will refund 900 EUR to your account straight away.\n"
+                                     "Northwind Bank Support")
+    msgs = sample_messages(DAY)[:6]
+    submit_to_table(db, "support", msgs, "test")
+    assert run_flow(openai_env, instance, DAY).success
     with db.begin() as conn:
         rows = [(st, d) for st, d in conn.execute(sa.select(items.c.status, items.c.data))]
         sent = conn.execute(sa.select(sa.func.count()).select_from(outbox)

@@ -11,43 +11,20 @@ import sqlalchemy as sa
 from orch_project.lib.intake import submit_to_table
 from orch_project.lib.store import dlq, items, llm_calls, token_budgets, vault
 
-from .conftest import QUIET, sample_messages
-from .fake_openai import FakeOpenAI
+from .conftest import OPENAI_TEST_KEY as SECRET
+from .conftest import run_flow, sample_messages
 
 DAY = "2026-11-20"
-SECRET = "sk-test-do-not-leak-4242"
 
 
-@pytest.fixture
-def srv():
-    with FakeOpenAI(seed=3) as s:
-        yield s
-
-
-@pytest.fixture
-def openai_defs(orch_home, srv, monkeypatch):
-    """Definitions loaded with the environment a user sets for an OpenAI-compatible server."""
-    from orch_project.definitions import build_defs
-
-    monkeypatch.setenv("ORCH_LLM_PROVIDER", "openai")
-    monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    return build_defs()
-
-
-def run_day(defs, instance):
-    return defs.resolve_job_def("support_flow_job").execute_in_process(
-        instance=instance, partition_key=DAY, run_config=QUIET, raise_on_error=False)
-
-
-def test_flow_runs_through_the_sdk_without_leaking_pii_or_the_key(orch_home, db, with_model, openai_defs, srv,
+def test_flow_runs_through_the_sdk_without_leaking_pii_or_the_key(orch_home, db, with_model, openai_env, fake_openai,
                                                                  instance):
     msgs = sample_messages(DAY)
     submit_to_table(db, "support", msgs, "test")
-    result = run_day(openai_defs, instance)
+    result = run_flow(openai_env, instance, DAY)
     assert result.success
 
-    reqs = srv.requests()
+    reqs = fake_openai.requests()
     models = {r["model"] for r in reqs}
     assert models == {"gpt-4o-mini", "gpt-4.1-mini"}  # triage (cheapest) and drafts (ordered) candidates
     assert all(r["authorization"] == f"Bearer {SECRET}" for r in reqs)
@@ -95,11 +72,12 @@ def test_flow_runs_through_the_sdk_without_leaking_pii_or_the_key(orch_home, db,
     assert k["llm_calls"] == len(reqs) and k["exact_cache_hit_rate"] == 0.0
 
 
-def test_malformed_answers_dead_letter_with_the_raw_reason(orch_home, db, with_model, openai_defs, srv, instance):
+def test_malformed_answers_dead_letter_with_the_raw_reason(orch_home, db, with_model, openai_env, fake_openai,
+                                                           instance):
     msgs = sample_messages(DAY)[:5]
     submit_to_table(db, "support", msgs, "test")
-    srv.configure(model="gpt-4o-mini", rate_malformed=1.0)
-    result = run_day(openai_defs, instance)
+    fake_openai.configure(model="gpt-4o-mini", rate_malformed=1.0)
+    result = run_flow(openai_env, instance, DAY)
     assert result.success  # per-item failures never fail the batch
     with db.begin() as conn:
         dead = [dict(r) for r in conn.execute(sa.select(dlq.c.stage, dlq.c.error_type, dlq.c.reason)).mappings()]
@@ -108,14 +86,14 @@ def test_malformed_answers_dead_letter_with_the_raw_reason(orch_home, db, with_m
     assert all(d["reason"].startswith("triage failed: malformed JSON response body") and
                "after one repair attempt" in d["reason"] for d in dead)
     # per item: call + body retry, repair + body retry; no silent retry loop, no fallback on bad content
-    assert len(srv.requests("gpt-4o-mini")) == 20 and srv.requests("gpt-4.1-mini") == []
+    assert len(fake_openai.requests("gpt-4o-mini")) == 20 and fake_openai.requests("gpt-4.1-mini") == []
 
 
-def test_open_circuits_defer_items_then_the_next_run_resumes_them(orch_home, db, with_model, openai_defs, srv,
+def test_open_circuits_defer_items_then_the_next_run_resumes_them(orch_home, db, with_model, openai_env, fake_openai,
                                                                   instance):
     """Every candidate's circuit open (seen from the shared database): items are deferred with a
     clear state instead of failing; the next run after recovery completes them."""
-    defs = openai_defs
+    defs = openai_env
     msgs = sample_messages(DAY)[:8]
     submit_to_table(db, "support", msgs, "test")
     from orch_project.lib.llm.controls import CircuitBreaker
@@ -124,8 +102,8 @@ def test_open_circuits_defer_items_then_the_next_run_resumes_them(orch_home, db,
     breaker = CircuitBreaker(db, BreakerPolicy(failure_threshold=1, cooldown_s=3600))
     for key in ("openai:gpt-4o-mini", "openai:gpt-4.1-mini", f"local:triage-{with_model['version']}"):
         breaker.record(key, "provider_error", "down for the test")
-    result = run_day(defs, instance)
-    assert result.success and srv.requests() == []
+    result = run_flow(defs, instance, DAY)
+    assert result.success and fake_openai.requests() == []
     with db.begin() as conn:
         rows = [dict(r) for r in conn.execute(sa.select(items.c.status, items.c.stage, items.c.data)).mappings()]
     assert {(r["status"], r["stage"]) for r in rows} == {("deferred", "intake")}
@@ -133,7 +111,7 @@ def test_open_circuits_defer_items_then_the_next_run_resumes_them(orch_home, db,
 
     with db.begin() as conn:  # the provider recovers (an operator could also wait for the cool-down)
         conn.execute(sa.text("DELETE FROM circuit_breakers"))
-    result = run_day(defs, instance)
+    result = run_flow(defs, instance, DAY)
     assert result.success
     with db.begin() as conn:
         statuses = {s for (s,) in conn.execute(sa.select(items.c.status))}

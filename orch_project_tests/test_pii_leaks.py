@@ -18,7 +18,6 @@ from stdnum import iban, luhn
 from orch_project.lib.intake import submit_to_table
 
 from .conftest import sample_messages
-from .fake_openai import FakeOpenAI
 
 CARD = re.compile(r"(?:\d[ -]?){12,18}\d")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
@@ -61,9 +60,7 @@ def dump_tables(url: str, skip: set[str]) -> str:
         eng.dispose()
 
 
-def test_no_raw_personal_value_leaves_the_vault(orch_home, db, with_model, instance, monkeypatch):
-    from orch_project.definitions import build_defs
-
+def test_no_raw_personal_value_leaves_the_vault(orch_home, db, with_model, instance, fake_openai, openai_env):
     msgs = sample_messages()
     seeded = seeded_values(msgs)
     kinds = {"card": any(luhn.is_valid(re.sub(r"\D", "", v)) for v in seeded if CARD.fullmatch(v)),
@@ -72,14 +69,10 @@ def test_no_raw_personal_value_leaves_the_vault(orch_home, db, with_model, insta
     assert len(seeded) > 150 and all(kinds.values()), kinds  # the corpus really carries each kind
     submit_to_table(db, "support", msgs, "test")
     days = sorted({m["received_at"][:10] for m in msgs})
-    with FakeOpenAI() as srv:
-        monkeypatch.setenv("ORCH_LLM_PROVIDER", "openai")
-        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        job = build_defs().resolve_job_def("support_flow_job")
-        runs = [job.execute_in_process(instance=instance, partition_key=d, raise_on_error=False) for d in days]
-        bodies = json.dumps([r["body"] for r in srv.requests()])
-    assert all(r.success for r in runs) and len(srv.requests()) >= len(msgs)
+    job = openai_env.resolve_job_def("support_flow_job")
+    runs = [job.execute_in_process(instance=instance, partition_key=d, raise_on_error=False) for d in days]
+    bodies = json.dumps([r["body"] for r in fake_openai.requests()])
+    assert all(r.success for r in runs) and len(fake_openai.requests()) >= len(msgs)
 
     places = {
         "dagster event log": "\n".join(str(e) for r in runs for e in instance.all_logs(r.run_id)),

@@ -4,45 +4,16 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 
-from .conftest import register_promoted, require_services, run_flow, sample_messages
-
-PG_HOST = os.environ.get("ORCH_TEST_PG_HOST", "127.0.0.1")
-PG_USER = os.environ.get("ORCH_TEST_PG_USER", "postgres")
-
-
-def _admin():
-    import psycopg2
-
-    conn = psycopg2.connect(host=PG_HOST, port=5432, user=PG_USER, dbname="postgres", connect_timeout=3)
-    conn.autocommit = True
-    return conn
+from .conftest import postgres_url, register_promoted, run_flow, sample_messages
 
 
 @pytest.fixture
-def pg_url(monkeypatch, orch_home):
-    try:
-        admin = _admin()
-    except Exception as exc:
-        if require_services():
-            pytest.fail(f"PostgreSQL on {PG_HOST}:5432 is required in CI but unreachable: {exc}")
-        pytest.skip(f"PostgreSQL on {PG_HOST}:5432 not reachable ({exc}); start it to run production-path tests")
-    name = f"orch_test_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{name}"
+def pg_url(monkeypatch, orch_home, pg_database):
+    url = postgres_url(pg_database("orch_test"))
     monkeypatch.setenv("ORCH_DATABASE_URL", url)
-    yield url
-    from orch_project.lib.store import dispose_engines
-
-    dispose_engines()
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    return url
 
 
 def test_support_flow_on_postgres(pg_url, trained_model, defs, instance):

@@ -13,29 +13,18 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import register_promoted, require_services, sample_messages
+from .conftest import PG_HOST, PG_USER, postgres_url, register_promoted, sample_messages
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG_HOST = os.environ.get("ORCH_TEST_PG_HOST", "127.0.0.1")
-PG_USER = os.environ.get("ORCH_TEST_PG_USER", "postgres")
 DAY = "2026-11-20"
 FLOW_STEPS = {"support_inbound", "support_triage", "support_assignment", "support_knowledge", "support_drafts",
               "support_approval_gate", "support_actions", "support_surveys"}
-
-
-def _admin():
-    import psycopg2
-
-    conn = psycopg2.connect(host=PG_HOST, port=5432, user=PG_USER, dbname="postgres", connect_timeout=3)
-    conn.autocommit = True
-    return conn
 
 
 def _env_vars(node) -> set[str]:
@@ -48,39 +37,19 @@ def _env_vars(node) -> set[str]:
 
 
 @pytest.fixture
-def pg_instance_env(monkeypatch, orch_home, tmp_path):
+def pg_instance_env(monkeypatch, orch_home, tmp_path, pg_database):
     """Two temporary databases (Dagster storage, app) and a DAGSTER_HOME with dagster.postgres.yaml."""
-    try:
-        admin = _admin()
-    except Exception as exc:
-        if require_services():
-            pytest.fail(f"PostgreSQL on {PG_HOST}:5432 is required in CI but unreachable: {exc}")
-        pytest.skip(f"PostgreSQL on {PG_HOST}:5432 not reachable ({exc}); start it to run production-path tests")
-    tag = uuid.uuid4().hex[:10]
-    dagster_db, app_db = f"orch_dg_{tag}", f"orch_app_{tag}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{dagster_db}"')
-        cur.execute(f'CREATE DATABASE "{app_db}"')
+    dagster_db, app_db = pg_database("orch_dg"), pg_database("orch_app")
     home = tmp_path / "dagster_pg_home"
     home.mkdir()
     shutil.copyfile(REPO / "dagster.postgres.yaml", home / "dagster.yaml")
     env = {"DAGSTER_HOME": str(home), "DAGSTER_PG_HOST": PG_HOST, "DAGSTER_PG_PORT": "5432",
            "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": os.environ.get("ORCH_TEST_PG_PASSWORD", "unused"),
            "DAGSTER_PG_DB": dagster_db,
-           "ORCH_DATABASE_URL": f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{app_db}"}
+           "ORCH_DATABASE_URL": postgres_url(app_db)}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    yield {"env": env, "dagster_db": dagster_db, "app_db": app_db}
-    from orch_project.lib.store import dispose_engines
-
-    dispose_engines()
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{dagster_db}" WITH (FORCE)')
-        cur.execute(f'DROP DATABASE IF EXISTS "{app_db}" WITH (FORCE)')
-        cur.execute("SELECT datname FROM pg_database WHERE datname IN (%s, %s)", (dagster_db, app_db))
-        left = cur.fetchall()
-    admin.close()
-    assert not left, f"temporary databases not dropped: {left}"
+    return {"env": env, "dagster_db": dagster_db, "app_db": app_db}
 
 
 def _dagster_job_execute(day: str) -> subprocess.CompletedProcess:
