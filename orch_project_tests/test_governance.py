@@ -62,6 +62,23 @@ def test_gate_refuses_a_worse_model_and_the_promoted_version_keeps_serving(orch_
     assert {e["dataset"] for e in evals} == {"validation", "banking77-test"}
 
 
+def test_retraining_on_the_same_data_is_evaluated_and_served_again(orch_home, db, defs, instance):
+    """Same code and data give the same version: a second training run must evaluate and promote
+    that version again (not fail for want of a "candidate")."""
+    config = {**QUIET, "ops": {"triage_model": {"config": {"train_limit": 2000, "min_validation_accuracy": 0.0}}}}
+    job = defs.resolve_job_def("train_triage_model_job")
+    runs = [job.execute_in_process(instance=instance, run_config=config, raise_on_error=False) for _ in range(2)]
+    assert [r.success for r in runs] == [True, True]
+    versions = [{e.event_specific_data.materialization.asset_key.to_user_string():
+                 e.event_specific_data.materialization.metadata for e in r.get_asset_materialization_events()}
+                for r in runs]
+    trained = versions[0]["triage_model"]["version"].value
+    assert versions[1]["triage_model"]["version"].value == trained
+    assert versions[1]["triage_model_promotion"]["serving_version"].value == trained
+    assert versions[1]["triage_model_promotion"]["previous_version"].value == trained  # unchanged, still serving
+    assert registry.promoted_model_path(db, "triage")[1] == trained
+
+
 def test_rollback_restores_the_previous_version_cli_and_job(orch_home, db, with_model, defs, instance, tmp_path):
     small = _small_model(tmp_path, 3000)
     registry.register(db, task="triage", version=small["version"], path=small["path"],

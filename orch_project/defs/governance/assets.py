@@ -91,9 +91,7 @@ def triage_model_evaluation(context: dg.AssetExecutionContext, app_db: AppDataba
     from ...lib.llm import registry, triage_model as tm
 
     db = app_db.database()
-    cand = registry.latest(db, TASK, "candidate")
-    if cand is None:
-        raise dg.Failure("no candidate triage model to evaluate: materialise triage_model first")
+    cand = _materialised_version(context, db, triage_model.key)
     model = tm.TriageModel.load(cand["path"])
     prompt_version = _triage_prompt_version()
     test_texts, test_labels = read_labelled(BANKING77_DIR / "test.csv")
@@ -106,7 +104,7 @@ def triage_model_evaluation(context: dg.AssetExecutionContext, app_db: AppDataba
                                dataset="banking77-test", metrics=test)
     gate = float(cand["metrics"].get("gate_min_accuracy", DEFAULT_MIN_ACCURACY))
     passed = val["validation_accuracy"] >= gate
-    if not passed:
+    if not passed and cand["status"] != "promoted":  # never unseat the serving model from here
         registry.set_status(db, cand["version"], "refused", actor="system:gate",
                             reason=f"validation accuracy {val['validation_accuracy']:.4f} < gate {gate:.4f}")
     context.log.info(f"candidate {cand['version']}: validation {val['validation_accuracy']:.4f} "
@@ -121,26 +119,23 @@ def triage_model_evaluation(context: dg.AssetExecutionContext, app_db: AppDataba
 
 
 @dg.asset_check(asset=triage_model_evaluation, blocking=True,
-                description="Promotion gate: the newest candidate's held-out accuracy must reach the configured "
+                description="Promotion gate: the evaluated model's held-out accuracy must reach the configured "
                             "threshold; otherwise promotion does not run and the promoted version keeps serving.")
-def triage_model_gate(app_db: AppDatabase) -> dg.AssetCheckResult:
+def triage_model_gate(context: dg.AssetCheckExecutionContext, app_db: AppDatabase) -> dg.AssetCheckResult:
     from ...lib.llm import registry
 
-    db = app_db.database()
-    cand = registry.latest(db, TASK, "candidate")
-    refused = registry.latest(db, TASK, "refused")
-    newest = max([c for c in (cand, refused) if c], key=lambda c: c["created_at"], default=None)
-    if newest is None:
-        return dg.AssetCheckResult(passed=False, description="no candidate has been trained")
-    m = newest["metrics"]
-    ok = newest["status"] == "candidate" and m["validation_accuracy"] >= m.get("gate_min_accuracy", DEFAULT_MIN_ACCURACY)
+    event = context.instance.get_latest_materialization_event(triage_model_evaluation.key)
+    if event is None:
+        return dg.AssetCheckResult(passed=False, description="no model has been evaluated")
+    md = event.asset_materialization.metadata  # the evaluation's own verdict: one place decides
+    ok = bool(md["gate_passed"].value)
+    accuracy, gate = md["validation_accuracy"].value, md["gate_min_accuracy"].value
     return dg.AssetCheckResult(
         passed=ok, severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"version": newest["version"], "validation_accuracy": float(m["validation_accuracy"]),
-                  "gate_min_accuracy": float(m.get("gate_min_accuracy", DEFAULT_MIN_ACCURACY)),
-                  "serving": registry.promoted_model_path(db, TASK)[1]},
-        description=None if ok else f"candidate {newest['version']} refused: validation accuracy "
-                                    f"{m['validation_accuracy']:.4f} below the gate")
+        metadata={"version": md["version"].value, "validation_accuracy": float(accuracy),
+                  "gate_min_accuracy": float(gate), "serving": registry.promoted_model_path(app_db.database(), TASK)[1]},
+        description=None if ok else f"model {md['version'].value} refused: validation accuracy {accuracy:.4f} "
+                                    f"below the gate {gate:.4f}")
 
 
 @dg.asset(
@@ -152,12 +147,23 @@ def triage_model_promotion(context: dg.AssetExecutionContext, app_db: AppDatabas
     from ...lib.llm import registry
 
     db = app_db.database()
-    cand = registry.latest(db, TASK, "candidate")
-    if cand is None:
-        raise dg.Failure("no candidate passed evaluation; nothing to promote")
+    cand = _materialised_version(context, db, triage_model_evaluation.key)
     out = registry.promote(db, cand["version"], actor=f"dagster:run:{context.run_id}",
                            reason=f"passed the gate: validation accuracy {cand['metrics']['validation_accuracy']}")
     return promotion_result(out, cand["metrics"])
+
+
+def _materialised_version(context, db, key: dg.AssetKey) -> dict:
+    """The registry row of the model version the latest materialisation of ``key`` was about (the
+    version is a hash of code and data, so retraining on the same data names the same version)."""
+    from ...lib.llm import registry
+
+    event = context.instance.get_latest_materialization_event(key)
+    version = event.asset_materialization.metadata["version"].value if event else None
+    row = registry.get(db, version) if version else None
+    if row is None:
+        raise dg.Failure(f"no trained triage model recorded by {key.to_user_string()}: run train_triage_model_job")
+    return row
 
 
 def served_metadata(out: dict, metrics: dict, changed_by: str | None = None) -> dict:

@@ -105,13 +105,6 @@ def get(db: Database, version: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def latest(db: Database, task: str, status: str) -> dict[str, Any] | None:
-    with db.begin() as conn:
-        row = conn.execute(sa.select(models).where(models.c.task == task, models.c.status == status)
-                           .order_by(models.c.created_at.desc())).mappings().first()
-    return dict(row) if row else None
-
-
 def promoted_model_path(db: Database, task: str) -> tuple[Path | None, str]:
     with db.begin() as conn:
         row = conn.execute(sa.select(models.c.path, models.c.version).where(
