@@ -110,7 +110,7 @@ def drill_env(work: Path, database_url: str | None = None, dagster_yaml: str = "
 
 
 def train_and_promote(db, models_dir: Path) -> str:
-    """Train the triage model (about 10 s) and register + promote it in ``db``."""
+    """Train the triage model (about 20-25 s) and register + promote it in ``db``."""
     import csv
 
     from orch_project.lib.llm import triage_model as tm
