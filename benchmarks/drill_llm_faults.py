@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, work: Path, base_url: str) -> int:
+    import sqlalchemy as sa
+
     from orch_project.defs.resources import Connectors, LLMGateway, reset_process_caches
     from orch_project.defs.support import logic
     from orch_project.defs.support.assets import CFG
@@ -131,7 +133,7 @@ def run(args, work: Path, base_url: str) -> int:
     from orch_project.lib.pipeline import StageEnv
     from orch_project.lib.sampledata import generate_messages
     from orch_project.lib.settings import Settings
-    from orch_project.lib.store import Database
+    from orch_project.lib.store import Database, llm_calls
 
     reset_process_caches()
     s = Settings.from_env().ensure_dirs()
@@ -190,6 +192,9 @@ def run(args, work: Path, base_url: str) -> int:
         after = figures(db, submitted)
     seconds = time.perf_counter() - t0
 
+    with db.begin() as conn:  # every model call the gateway ledgered, by provider
+        providers = dict(conn.execute(sa.select(llm_calls.c.provider, sa.func.count())
+                                      .group_by(llm_calls.c.provider)).all())
     stats = fake_openai.requests_log(base_url)
     outcomes = Counter(r["outcome"] for r in stats["requests"])
     result = {"drill": "llm_faults", **{k: after[k] for k in ("items", "resolved", "dead_lettered", "lost",
@@ -205,7 +210,7 @@ def run(args, work: Path, base_url: str) -> int:
               "replay": replay_info, "dead_letter_reasons_after_replay": after["dead_letter_reasons"],
               "server_requests": len(stats["requests"]), "server_outcomes": dict(sorted(outcomes.items())),
               "faults": FAULTS, "timeout_s": args.timeout_s, "max_retries": routing["max_retries"],
-              "candidates": "openai only", "target_resolved_rate": TARGET_RESOLVED}
+              "ledgered_calls_by_provider": providers, "target_resolved_rate": TARGET_RESOLVED}
     result["meets_target"] = (result["lost"] == 0 and result["duplicate_effects"] == 0
                               and reexec["duplicate_effects"] == 0 and result["resolved_rate"] >= TARGET_RESOLVED)
     result["meets_target_before_replay"] = (before["lost"] == 0 and before["duplicate_effects"] == 0

@@ -13,7 +13,9 @@ Asserts: intake never crashes; every input is in the intake log exactly once (ac
 dead_lettered); every rejected input has a dlq row (stage intake) with an error type and a reason that
 names fields without echoing the input's values; nothing is lost (logic.status_counts); a second intake
 run (re-execution) reads nothing again. Some mutations leave a message valid (e.g. control characters
-other than NUL are allowed text): those are accepted as items, reported as ``resolved``.
+other than NUL are allowed text): those are accepted as items, reported as ``resolved``. The drill
+runs intake alone, which has no outside effects: ``duplicate_effects`` is there to keep the drills'
+JSON alike and can only be 0 here.
 
 Progress goes to stderr; the last line on stdout is one JSON object:
 

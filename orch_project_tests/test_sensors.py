@@ -9,7 +9,7 @@ import dagster as dg
 from orch_project.defs.resources import default_resources
 from orch_project.lib.intake import submit_to_table
 
-from .conftest import sample_messages, write_file
+from .conftest import QUIET, run_flow, sample_messages, write_file
 
 
 def _tick(defs, instance, cursor):
@@ -54,7 +54,22 @@ def test_sensor_puts_undated_bad_files_on_their_arrival_day(orch_home, db, defs,
     assert result.run_requests[0].partition_key == datetime.now(timezone.utc).date().isoformat()
 
 
-def test_ops_sensor_requests_the_ops_job_after_a_successful_flow_run(defs):
+def test_ops_sensor_requests_the_ops_job_after_a_successful_flow_run(orch_home, db, with_model, defs, instance):
     sensor = defs.get_sensor_def("support_ops_after_flow")
-    targets = {t.job_name for t in sensor.targets}
-    assert targets == {"support_ops_job"}
+    assert {t.job_name for t in sensor.targets} == {"support_ops_job"}
+
+    def tick(cursor):
+        with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs) as ctx:
+            return sensor.evaluate_tick(ctx)
+
+    first = tick(None)  # a new sensor starts from the present: nothing yet
+    assert first.run_requests == []
+    submit_to_table(db, "support", sample_messages("2026-11-20")[:3], "test")
+    flow = run_flow(defs, instance, "2026-11-20")
+    assert flow.success
+    ops = defs.resolve_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET)
+    assert ops.success  # a successful run of another job must not trigger it
+
+    after = tick(first.cursor)
+    assert [r.run_key for r in after.run_requests] == [f"ops-after:{flow.run_id}"]  # for the sensor's target job
+    assert tick(after.cursor).run_requests == []  # each flow run triggers once
