@@ -38,7 +38,7 @@ def run_demo(s: Settings, dagster_home, samples: Path, submit_paths) -> int:
     _step(f"Dagster instance at {home}")
 
     if promoted_model_path(db, "triage")[0] is None:
-        _step("training the triage model (first run only, ~20-25 s)")
+        _step("training the triage model (first run only, ~40 s)")
         res = defs.resolve_job_def("train_triage_model_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
         if not res.success:
             click.echo("training failed; see the run in the Dagster UI (make dev)", err=True)

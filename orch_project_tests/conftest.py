@@ -29,7 +29,7 @@ def require_services() -> bool:
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
-    """Train the triage model once per session (about 20-25 s) and reuse the file everywhere."""
+    """Train the triage model once per session (about 40 s) and reuse the file everywhere."""
     import csv
 
     from orch_project.lib.llm import triage_model as tm

@@ -2,16 +2,19 @@
 
 Text is normalised (lower case, contractions expanded, currency symbols and digits folded, Snowball
 stems for the stemmed view) and turned into TF-IDF word 1-2-gram + character 2-5-gram features.
-Three members score every intent:
+Four members score every intent:
 
-- a one-hidden-layer ReLU network on the stemmed view (input and hidden dropout, label smoothing,
-  Adam; numpy on sparse input), weight 2;
+- a one-hidden-layer ReLU network (input and hidden dropout, label smoothing, Adam; numpy on sparse
+  input) on the stemmed view, weight 3, and a narrower second one on the unstemmed view, weight 1;
 - a linear SVM on the unstemmed view, weight 1;
 - logistic regression on the stemmed view, weight 1.
 
-Each member's scores are standardised per text and the weighted mean is the ensemble's decision
-score. On BANKING77 this gains about 1.4 points of test accuracy over the linear SVM alone (see
-benchmarks/README.md for the measured figures).
+Training data rarely holds every intent equally often (BANKING77's train.csv: 35 to 187 examples per
+intent), and a model fitted to it favours the frequent intents. The probabilistic members' logits are
+therefore adjusted by the log of the training prior (logit adjustment, Menon et al. 2021), so every
+intent is judged on its evidence alone. Each member's scores are then standardised per text and the
+weighted mean is the ensemble's decision score. These choices were made on 5-fold cross-validation
+of BANKING77's train.csv (balanced accuracy); benchmarks/README.md has the figures.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ _CONTRACTIONS = (("can't", "can not"), ("won't", "will not"), ("n't", " not"), (
 _NEG_FIX = {"dont": "do not", "cant": "can not", "wont": "will not"}
 _DIGITS = re.compile(r"\d+")
 _TOKENS = re.compile(r"\w+|[?!]")
-MEMBERS = (("mlp", True, 2.0), ("svc", False, 1.0), ("lr", True, 1.0))  # (model, stemmed view, weight)
+# (name, model, stemmed view, weight, logits adjusted by the training prior, model options); longest
+# fits first, so two workers finish together
+MEMBERS = (("mlp_stemmed", "mlp", True, 3.0, True, {}), ("mlp_plain", "mlp", False, 1.0, True, {"hidden": 128}),
+           ("lr", "lr", True, 1.0, True, {}), ("svc", "svc", False, 1.0, False, {}))
 
 
 _STEMS: dict[str, str] = {}  # word -> stem; the vocabulary of support mail is small and repeats a lot
@@ -68,9 +74,9 @@ def make_view():
 
 class SparseMLP:
     """ReLU network with one hidden layer on sparse input; Adam updates only the input-weight rows a
-    batch touches."""
+    batch touches, gathering and scattering the weights and both moments of those rows together."""
 
-    def __init__(self, hidden=256, epochs=20, lr=4e-3, batch=256, p_in=0.5, p_hidden=0.5, smoothing=0.1, seed=0):
+    def __init__(self, hidden=256, epochs=12, lr=6e-3, batch=256, p_in=0.5, p_hidden=0.5, smoothing=0.1, seed=0):
         self.hidden, self.epochs, self.lr, self.batch = hidden, epochs, lr, batch
         self.p_in, self.p_hidden, self.smoothing, self.seed = p_in, p_hidden, smoothing, seed
 
@@ -79,43 +85,53 @@ class SparseMLP:
         X = sp.csr_matrix(X, dtype=np.float32)
         n, d = X.shape
         k, H = int(y.max()) + 1, self.hidden
-        P = [(rng.uniform(-1, 1, (d, H)) * np.sqrt(6 / (d + H)) * 8).astype(np.float32), np.zeros(H, np.float32),
-             (rng.standard_normal((H, k)) * np.sqrt(0.5 / H)).astype(np.float32), np.zeros(k, np.float32)]
-        M = [np.zeros_like(p) for p in P]
-        V = [np.zeros_like(p) for p in P]
+        rows = np.zeros((3, d, H), np.float32)  # input weights, their first and second Adam moments
+        rows[0] = rng.uniform(-1, 1, (d, H)) * np.sqrt(6 / (d + H)) * 8
+        dense = [np.zeros(H, np.float32), (rng.standard_normal((H, k)) * np.sqrt(0.5 / H)).astype(np.float32),
+                 np.zeros(k, np.float32)]  # hidden bias, output weights, output bias
+        moments = [(np.zeros_like(p), np.zeros_like(p)) for p in dense]
         Y = np.full((n, k), self.smoothing / k, np.float32)
         Y[np.arange(n), y] += 1 - self.smoothing
         b1, b2, t = 0.9, 0.999, 0
         steps = self.epochs * -(-n // self.batch)
 
-        def adam(j, g, lr, rows=slice(None)):
-            M[j][rows] = m = b1 * M[j][rows] + (1 - b1) * g
-            V[j][rows] = v = b2 * V[j][rows] + (1 - b2) * g * g
-            P[j][rows] = P[j][rows] - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
+        def adam(p, m, v, g, step, eps):  # in place; bias correction folded into step and eps
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            u = np.sqrt(v)
+            u += eps
+            np.divide(m, u, out=u)
+            u *= step
+            p -= u
 
         for _ in range(self.epochs):
             perm = rng.permutation(n)
             for i in range(0, n, self.batch):
                 t += 1
                 lr = self.lr * min(1.0, (steps - t + 1) / (0.5 * steps))  # flat, then linear decay
+                step, eps = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t), 1e-8 * np.sqrt(1 - b2 ** t)
                 idx = perm[i:i + self.batch]
                 Xb = X[idx]
                 cols = np.unique(Xb.indices)
                 Xs = Xb[:, cols].tocsr()
                 Xs.data *= (rng.random(Xs.data.shape) > self.p_in) / (1 - self.p_in)
-                z = Xs @ P[0][cols] + P[1]
+                block = rows[:, cols]
+                c1, W2, c2 = dense
+                z = Xs @ block[0] + c1
                 mask = ((rng.random(z.shape) > self.p_hidden) / (1 - self.p_hidden)).astype(np.float32)
                 h = np.maximum(z, 0) * mask
-                o = h @ P[2] + P[3]
+                o = h @ W2 + c2
                 o = np.exp(o - o.max(1, keepdims=True))
                 o /= o.sum(1, keepdims=True)
                 g = (o - Y[idx]) / len(idx)
-                dh = (g @ P[2].T) * mask * (z > 0)
-                adam(2, h.T @ g, lr)
-                adam(3, g.sum(0), lr)
-                adam(1, dh.sum(0), lr)
-                adam(0, Xs.T @ dh, lr, cols)
-        self.params = P
+                dh = (g @ W2.T) * mask * (z > 0)
+                for p, (m, v), grad in zip(dense, moments, (dh.sum(0), h.T @ g, g.sum(0))):
+                    adam(p, m, v, grad, step, eps)
+                adam(*block, Xs.T @ dh, step, eps)
+                rows[:, cols] = block
+        self.params = [rows[0].copy(), *dense]
         return self
 
     def decision_function(self, X):
@@ -123,11 +139,11 @@ class SparseMLP:
         return np.maximum(sp.csr_matrix(X, dtype=np.float32) @ W1 + c1, 0) @ W2 + c2
 
 
-def _fit_member(kind: str, X, y):
+def _fit_member(kind: str, X, y, seed: int, options: dict):
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
-    model = {"mlp": SparseMLP, "svc": lambda: LinearSVC(C=0.5),
+    model = {"mlp": lambda: SparseMLP(seed=seed, **options), "svc": lambda: LinearSVC(C=0.5),
              "lr": lambda: LogisticRegression(C=20, max_iter=200, tol=1e-3)}[kind]()
     return model.fit(X, y)
 
@@ -153,13 +169,22 @@ class IntentEnsemble:
         norm = self._views(list(texts))
         self.vectorisers = {stem: make_view() for stem in (True, False)}
         X = {stem: v.fit_transform(norm[stem]) for stem, v in self.vectorisers.items()}
-        self.members = Parallel(n_jobs=self.n_jobs)(delayed(_fit_member)(kind, X[stem], y)
-                                                    for kind, stem, _ in MEMBERS)
+        counts = np.bincount(y, minlength=len(self.classes_))
+        self.log_prior_ = np.log(counts / counts.sum())
+        self.members = Parallel(n_jobs=self.n_jobs)(delayed(_fit_member)(kind, X[stem], y, seed, options)
+                                                    for seed, (_, kind, stem, _, _, options) in enumerate(MEMBERS))
         return self
 
-    def decision_function(self, texts):
+    def member_scores(self, texts) -> dict[str, np.ndarray]:
+        """Each member's standardised scores, by member name."""
         norm = self._views(list(texts))
         X = {stem: v.transform(norm[stem]) for stem, v in self.vectorisers.items()}
-        total = sum(w for *_, w in MEMBERS)
-        return sum(w * _standardise(np.asarray(m.decision_function(X[stem]), dtype=np.float64))
-                   for m, (_, stem, w) in zip(self.members, MEMBERS)) / total
+        out = {}
+        for m, (name, _, stem, _, adjusted, _) in zip(self.members, MEMBERS):
+            s = np.asarray(m.decision_function(X[stem]), dtype=np.float64)
+            out[name] = _standardise(s - self.log_prior_ if adjusted else s)
+        return out
+
+    def decision_function(self, texts):
+        scores = self.member_scores(texts)
+        return sum(w * scores[name] for name, _, _, w, *_ in MEMBERS) / sum(m[3] for m in MEMBERS)

@@ -1,16 +1,20 @@
 """The embedded intent model, trained on CPU in seconds from labelled text (BANKING77 by default,
 or anyone's own tickets through `orch triage train`).
 
-Training holds out a stratified validation split of the training data. The classifier is fitted
-on the rest; the validation split calibrates the confidence (a softmax over decision scores with a
-temperature fitted by log-loss) and the out-of-scope threshold, and gives the figures the promotion
-gate reads. Test data is never touched here.
+Training holds out a stratified validation split of the training data. A classifier fitted on the
+rest is scored on it: the validation split calibrates the confidence (a softmax over decision scores
+with a temperature fitted by log-loss) and the out-of-scope threshold, and gives the figures the
+promotion gate reads. The classifier that is saved and served is then fitted again, with the same
+settings, on every in-scope example (``refit``, on by default), so no labelled example is left unused;
+it carries the calibration of the first fit, and its validation figures are those of the first fit
+(an estimate for a classifier trained on less data). Test data is never touched here.
 
 Out-of-scope: below the threshold the prediction is ``unknown`` (the item goes to a human). With
-out-of-scope examples in the training data (``oos_label``) they are kept out of the classifier and
-the threshold maximises validation accuracy with "unknown" counted correct for them; without them
-the threshold is the lowest confidence at which an isotonic fit of P(correct | confidence) on
-validation reaches ``min_precision_below`` (0.5: reject only where the model is more likely wrong).
+out-of-scope examples in the training data (``oos_label``) they are a class of their own, answered
+as ``unknown``, and the threshold maximises validation accuracy with "unknown" counted correct for
+them; without them
+the threshold is the confidence at which a logistic fit of P(correct | confidence) on validation
+reaches ``min_precision_below`` (0.5: reject only where the model is more likely wrong).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CODE_VERSION = "ensemble-mlp-svc-lr-v3"
+CODE_VERSION = "ensemble-2mlp-svc-lr-prior-adjusted-refit-v4"
 DEFAULT_TEMPERATURE = 0.15  # used when no in-scope validation example is left to fit one
 UNKNOWN = "unknown"
 
@@ -33,6 +37,7 @@ class TriageModel:
     metrics: dict[str, Any]
     temperature: float = DEFAULT_TEMPERATURE
     threshold: float = 0.0
+    oos_class: str | None = None  # the classifier's class of out-of-scope examples, answered UNKNOWN
 
     def scores(self, texts: list[str]):
         import numpy as np
@@ -44,14 +49,15 @@ class TriageModel:
         return softmax(self.scores(texts), self.temperature)
 
     def predict_top1(self, texts: list[str]) -> tuple[list[str], list[float]]:
+        """The best class (``unknown`` when it is the out-of-scope class) and its probability."""
         import numpy as np
 
         if not texts:
             return [], []
         probs = self.probabilities(texts)
         best = probs.argmax(axis=1)
-        classes = self.pipeline.classes_
-        return [str(classes[i]) for i in best], [float(p) for p in probs[np.arange(len(texts)), best]]
+        names = [UNKNOWN if c == self.oos_class else str(c) for c in self.pipeline.classes_]
+        return [names[i] for i in best], [float(p) for p in probs[np.arange(len(texts)), best]]
 
     def predict(self, texts: list[str]) -> tuple[list[str], list[float]]:
         """Labels with ``unknown`` below the out-of-scope threshold, and the confidence."""
@@ -65,7 +71,8 @@ class TriageModel:
         path = folder / f"triage-{self.version}.joblib"
         tmp = path.with_suffix(".tmp")
         joblib.dump({"pipeline": self.pipeline, "version": self.version, "labels": self.labels,
-                     "metrics": self.metrics, "temperature": self.temperature, "threshold": self.threshold}, tmp)
+                     "metrics": self.metrics, "temperature": self.temperature, "threshold": self.threshold,
+                     "oos_class": self.oos_class}, tmp)
         tmp.replace(path)
         return path
 
@@ -75,7 +82,7 @@ class TriageModel:
 
         d = joblib.load(path)
         return cls(d["pipeline"], d["version"], d["labels"], d["metrics"], d.get("temperature", DEFAULT_TEMPERATURE),
-                   d.get("threshold", 0.0))
+                   d.get("threshold", 0.0), d.get("oos_class"))
 
 
 def softmax(scores, temperature: float):
@@ -97,8 +104,8 @@ def data_hash(texts: list[str], labels: list[str]) -> str:
 
 
 def build_estimator():
-    """The classifier (lib/llm/intent_ensemble.py): a small network, a linear SVM and logistic
-    regression on TF-IDF word + character n-grams of normalised text, scores averaged."""
+    """The classifier (lib/llm/intent_ensemble.py): two small networks, a linear SVM and logistic
+    regression on TF-IDF word + character n-grams of normalised text, prior-adjusted scores averaged."""
     from .intent_ensemble import IntentEnsemble
 
     return IntentEnsemble()
@@ -118,7 +125,8 @@ def fit_temperature(scores, y_idx) -> float:
 
 
 def calibrate_threshold(conf, correct, oos_mask=None, *, min_precision_below: float = 0.5) -> float:
-    """The out-of-scope threshold from validation confidences (see the module docstring)."""
+    """The out-of-scope threshold from validation confidences (see the module docstring). ``correct``:
+    the top-1 answer was right (for an out-of-scope example: it was ``unknown``)."""
     import numpy as np
 
     conf = np.asarray(conf)
@@ -126,16 +134,22 @@ def calibrate_threshold(conf, correct, oos_mask=None, *, min_precision_below: fl
     candidates = np.unique(np.concatenate([[0.0], conf]))
     if oos_mask is not None and np.asarray(oos_mask).any():
         oos = np.asarray(oos_mask, dtype=bool)
-        accs = [((conf >= t) & correct & ~oos).sum() + ((conf < t) & oos).sum() for t in candidates]
+        accs = [((conf >= t) & correct & ~oos).sum() + (((conf < t) | correct) & oos).sum() for t in candidates]
         return float(candidates[int(np.argmax(accs))])
     # no out-of-scope examples: reject where the model is more likely wrong than right, i.e. below the
-    # lowest confidence at which the isotonic fit of P(correct | confidence) reaches min_precision_below
-    from sklearn.isotonic import IsotonicRegression
+    # confidence at which a logistic fit of P(correct | logit(confidence)) crosses min_precision_below
+    # (two parameters: steadier on a few hundred examples than a step-wise fit)
+    if correct.all() or not correct.any():
+        return 0.0 if correct.all() else 1.0
+    from sklearn.linear_model import LogisticRegression
 
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(conf, correct.astype(float))
-    grid = np.unique(conf)
-    ok = grid[iso.predict(grid) >= min_precision_below]
-    return float(ok.min()) if len(ok) else 0.0
+    c = np.clip(conf, 1e-6, 1 - 1e-6)
+    fit = LogisticRegression(C=1e6).fit(np.log(c / (1 - c))[:, None], correct)
+    a, b = float(fit.intercept_[0]), float(fit.coef_[0, 0])
+    target = np.log(min_precision_below / (1 - min_precision_below))
+    if b <= 0:  # confidence says nothing about correctness: all or nothing by the overall rate
+        return 0.0 if correct.mean() >= min_precision_below else 1.0
+    return float(1 / (1 + np.exp(-(target - a) / b)))
 
 
 def validation_share_for(n: int) -> float:
@@ -144,7 +158,7 @@ def validation_share_for(n: int) -> float:
 
 
 def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
-          validation_share: float | None = None, seed: int = 0) -> TriageModel:
+          validation_share: float | None = None, seed: int = 0, refit: bool = True) -> TriageModel:
     import numpy as np
     from sklearn.metrics import f1_score
     from sklearn.model_selection import train_test_split
@@ -160,38 +174,45 @@ def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
     counts = {lab: int((y == lab).sum()) for lab in set(labels)}
     stratify = y if min(counts.values()) >= 2 else None
     tr, va = train_test_split(idx, test_size=validation_share, random_state=seed, stratify=stratify)
-    tr_in = tr[in_scope[tr]]
-    if len(set(y[tr_in])) < 2:
+    if len(set(y[tr[in_scope[tr]]])) < 2:
         raise ValueError("training needs at least two in-scope labels")
-    pipeline = build_estimator().fit([texts[i] for i in tr_in], y[tr_in].astype(str))
+    # out-of-scope examples, if any, are a class of their own
+    pipeline = build_estimator().fit([texts[i] for i in tr], y[tr].astype(str))
     classes = list(pipeline.classes_)
-    va_texts = [texts[i] for i in va]
-    scores = np.asarray(pipeline.decision_function(va_texts), dtype=np.float64)
+    scores = np.asarray(pipeline.decision_function([texts[i] for i in va]), dtype=np.float64)
     va_in = in_scope[va]
-    known = np.array([lab in classes for lab in y[va]]) & va_in
+    known = np.array([lab in classes for lab in y[va]])
     y_idx = np.array([classes.index(lab) if k else 0 for lab, k in zip(y[va], known)])
     temperature = fit_temperature(scores[known], y_idx[known]) if known.any() else DEFAULT_TEMPERATURE
     probs = softmax(scores, temperature)
     top = probs.argmax(axis=1)
     conf = probs[np.arange(len(va)), top]
-    pred = np.array([classes[i] for i in top], dtype=object)
-    correct = (pred == y[va]) & va_in
+    pred = np.array([UNKNOWN if classes[i] == oos_label else classes[i] for i in top], dtype=object)
+    gold = np.where(va_in, y[va], UNKNOWN)
+    correct = pred == gold
     threshold = calibrate_threshold(conf, correct, ~va_in if oos_label is not None else None)
     final = np.where(conf >= threshold, pred, UNKNOWN)
-    gold = np.where(va_in, y[va], UNKNOWN)
     top1 = float(correct[va_in].mean()) if va_in.any() else 0.0
+    served_on = len(tr)
+    if refit:
+        pipeline = build_estimator().fit(texts, y.astype(str))
+        classes, served_on = list(pipeline.classes_), len(texts)
+    oos_class = oos_label if oos_label in classes else None
+    labels_served = [c for c in classes if c != oos_class]
     h = data_hash(texts, labels)
-    version = hashlib.sha256(f"{CODE_VERSION}:{h}:{oos_label}:{seed}:{validation_share}".encode()).hexdigest()[:12]
+    version = hashlib.sha256(
+        f"{CODE_VERSION}:{h}:{oos_label}:{seed}:{validation_share}:{refit}".encode()).hexdigest()[:12]
     metrics = {
         "validation_accuracy": round(top1, 4),
         "validation_accuracy_with_rejection": round(float((final == gold).mean()), 4),
         "validation_macro_f1": round(float(f1_score(gold.astype(str), final.astype(str), average="macro")), 4),
         "validation_coverage": round(float((conf >= threshold).mean()), 4),
         "oos_threshold": round(threshold, 6), "temperature": round(temperature, 6), "oos_label": oos_label,
-        "n_train": int(len(tr_in)), "n_validation": int(len(va)), "n_labels": len(classes),
+        "n_train": int(len(tr)), "n_validation": int(len(va)), "n_served_fit": int(served_on),
+        "n_labels": len(labels_served),
         "code_version": CODE_VERSION, "train_data_hash": h,
     }
-    return TriageModel(pipeline, version, classes, metrics, temperature, threshold)
+    return TriageModel(pipeline, version, labels_served, metrics, temperature, threshold, oos_class)
 
 
 def evaluate(model: TriageModel, texts: list[str], labels: list[str], oos_label: str | None = None) -> dict[str, Any]:
