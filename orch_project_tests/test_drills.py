@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from orch_project.lib.intake import submit_to_table
 from orch_project.lib.store import audit, dlq, items
 
-from .conftest import QUIET, run_flow, sample_messages
+from .conftest import QUIET, run_flow, run_ops, sample_messages
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -129,6 +129,11 @@ def test_cli_dlq_show_and_replay(orch_home, db, openai_env, dead_letters, instan
 
 def test_replay_job_then_next_run_reprocesses(orch_home, db, openai_env, dead_letters, instance):
     import dagster as dg
+
+    ops = run_ops(openai_env, instance)  # the ops job after each flow run shows the backlog in the UI
+    assert ops.success
+    md = ops.asset_materializations_for_node("support_dlq_backlog")[0].metadata
+    assert (md["dlq_open"].value, md["dlq_open_stage_triage"].value, md["dlq_open_stage_intake"].value) == (4, 3, 1)
 
     job = openai_env.resolve_job_def("dlq_replay_job")
     bad = job.execute_in_process(instance=instance, raise_on_error=False, run_config={

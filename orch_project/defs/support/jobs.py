@@ -4,6 +4,7 @@
 import dagster as dg
 
 from .assets import FLOW_ASSETS, OPS_ASSETS, daily
+from .dlq import support_dlq_backlog
 
 support_flow_job = dg.define_asset_job(
     "support_flow_job",
@@ -16,9 +17,10 @@ support_flow_job = dg.define_asset_job(
 
 support_ops_job = dg.define_asset_job(
     "support_ops_job",
-    selection=dg.AssetSelection.assets(*OPS_ASSETS),
+    selection=dg.AssetSelection.assets(*OPS_ASSETS, support_dlq_backlog),
     executor_def=dg.in_process_executor,
-    description="Across partitions: CSAT fold-back, SLA escalation, insights to the backlog, KPI report.",
+    description="Across partitions: outbox redelivery, CSAT fold-back, SLA escalation, insights to the backlog, "
+                "KPI report, DLQ backlog.",
     tags={"orch/flow": "support"},
 )
 

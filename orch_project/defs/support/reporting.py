@@ -321,6 +321,7 @@ def _charts(k: dict[str, Any], it, out_dir: Path) -> list[Path]:
         ax.set_title("Items by day and state")
         ax.set_xlabel("")
         save(fig, "states_by_day.png")
+    if not it.empty and it["intent"].notna().any():  # none yet when every item failed before triage
         fig, ax = plt.subplots(figsize=(7, 3.5))
         it["intent"].dropna().value_counts().head(12).sort_values().plot.barh(ax=ax, color="#4C72B0")
         ax.set_title("Top intents")
