@@ -204,3 +204,22 @@ def test_ops_job_folds_csat_escalates_and_writes_the_report(orch_home, db, with_
     before = conn_client.counts()["messages"]
     assert run_ops(defs, instance).success
     assert conn_client.counts()["messages"] == before
+
+
+def test_ops_job_reports_on_a_new_install_and_on_a_day_of_bad_input_only(orch_home, db, defs, instance):
+    """The ops job (report, insights, escalation) must not need resolved items to exist."""
+    first = run_ops(defs, instance)
+    assert first.success
+    md = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
+          for e in first.get_asset_materialization_events()}["support_kpi_report"].metadata
+    assert md["received"].value == 0 and md["dlq_open"].value == 0
+
+    from datetime import datetime, timezone
+
+    write_file(orch_home.inbox_dir, "broken.json", b"{not json")  # undated: belongs to its arrival day
+    assert run_flow(defs, instance, datetime.now(timezone.utc).date().isoformat()).success
+    second = run_ops(defs, instance)
+    assert second.success
+    md = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
+          for e in second.get_asset_materialization_events()}["support_kpi_report"].metadata
+    assert md["received"].value == 1 and md["dead_lettered"].value == 1 and md["resolved"].value == 0
