@@ -135,6 +135,26 @@ def test_permanent_crm_failure_compensates_by_voiding_the_ticket(orch_home, db, 
     assert len(_outbox(db, "void_ticket")) == approved
     assert conn_.counts()["crm_activities"] == 0
 
+    # with the CRM back, replaying the dead letters finishes the items: a new ticket (the voided one
+    # stays voided) and the CRM log, under fresh keys; the reply, already sent, is not sent again
+    from orch_project.lib.dlq import replay_all
+
+    assert replay_all(db, "support", actor="test")["replayed"] == approved
+    assert run_flow(defs, instance, DAY).success
+    st = _statuses(db)
+    assert st["resolved"] == approved and st.get("dead_lettered", 0) == 0
+    with conn_.db.begin() as conn:
+        ticket_states = dict(conn.execute(sa.select(tickets.c.status, sa.func.count()).group_by(tickets.c.status)).all())
+        kinds = dict(conn.execute(sa.select(messages.c.kind, sa.func.count()).group_by(messages.c.kind)).all())
+    assert ticket_states == {"voided": approved, "solved": approved}
+    assert conn_.counts()["crm_activities"] == approved and kinds["reply"] == approved
+    assert all(v == 0 for v in conn_.duplicates().values())
+    assert {r["idempotency_key"].rsplit(":", 1)[1] for r in _outbox(db, "create_ticket")} == {"ticket", "ticket#1"}
+    with db.begin() as conn:
+        data = conn.execute(sa.select(items.c.data).where(items.c.item_id == comp[0]["item_id"])).scalar_one()
+    assert data["effect_generation"] == {"crm_log": 1, "ticket": 1} and "compensation" not in data
+    assert data["compensation_history"][0]["compensated"] == ["ticket:void_ticket"]
+
 
 # --- alert channel stubs -------------------------------------------------------------------------
 

@@ -7,6 +7,13 @@ the status the failed stage loads and to the stage before it (triage -> ``receiv
 audited. An intake dead letter has no item (the source never validated): it stays open until the
 source is fixed and submitted again. Replaying a row that is not open changes nothing.
 
+An item whose outside effects failed for good and were compensated carries
+``data["compensation"] = {"failed": [step, ...], "compensated": ["step:action", ...], ...}``. Replaying
+it gives those steps a new effect generation (``data["effect_generation"][step]``), which the flow puts
+in their idempotency keys: the failed and the undone steps are issued afresh, while steps delivered and
+left in place (a reply cannot be recalled) keep their keys and are not repeated. The compensation
+record moves to ``data["compensation_history"]``.
+
 Flow-agnostic: ``targets`` maps a failed stage to (status it loads, previous stage); the default is the
 support flow's stage chain.
 """
@@ -71,6 +78,17 @@ def _plan(row: dict[str, Any], item: dict[str, Any] | None,
     return target, None
 
 
+def _fresh_effects(data: dict[str, Any]) -> dict[str, Any]:
+    """A new effect generation for the steps a compensation failed or undid (see the module docstring)."""
+    comp = data.pop("compensation", None)
+    if not comp:
+        return data
+    gen = dict(data.get("effect_generation") or {})
+    for step in {*comp.get("failed", []), *(c.split(":", 1)[0] for c in comp.get("compensated", []))}:
+        gen[step] = int(gen.get(step, 0)) + 1
+    return {**data, "effect_generation": gen, "compensation_history": [*data.get("compensation_history", []), comp]}
+
+
 def show(db: Database, dlq_id: int, *, targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
     """The dead letter, the item's current status/stage (if there is an item) and what replay would do."""
     with db.begin() as conn:
@@ -102,7 +120,7 @@ def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str 
                     "message": why_not}
         status, stage = target
         now = utcnow()
-        data = {k: v for k, v in (item["data"] or {}).items() if k != "deferred"}
+        data = _fresh_effects({k: v for k, v in (item["data"] or {}).items() if k != "deferred"})
         data["replays"] = int(data.get("replays", 0)) + 1
         moved = conn.execute(items.update().where(items.c.item_id == row["item_id"],
                                                   items.c.status == "dead_lettered")

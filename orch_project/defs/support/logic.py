@@ -497,16 +497,28 @@ def approval_gate_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
 ACTION_STEPS = ("ticket", "reply", "crm_log")
 
 
+def _step_name(data: dict[str, Any], step: str) -> str:
+    """The step's name in its idempotency key: after a replay of compensated effects
+    (lib/dlq.py) the redone steps carry their effect generation, so they are issued afresh."""
+    gen = int((data.get("effect_generation") or {}).get(step, 0))
+    return step if gen == 0 else f"{step}#{gen}"
+
+
+def _action_keys(row: dict[str, Any]) -> dict[str, str]:
+    return {s: idempotency_key(FLOW, row["item_id"], _step_name(row["data"], s)) for s in ACTION_STEPS}
+
+
 def _action_effects(row: dict[str, Any]) -> list[Effect]:
     d, iid, tr = row["data"], row["item_id"], row["trace_id"]
+    keys = _action_keys(row)
     return [
-        Effect(idempotency_key(FLOW, iid, "ticket"), "ticketing", "create_ticket", iid, tr, {
+        Effect(keys["ticket"], "ticketing", "create_ticket", iid, tr, {
             "queue": d["queue"], "priority": d["priority"], "assignee": d["assignee"], "intent": d["intent"],
             "subject": d.get("subject") or d["intent"].replace("_", " "), "status": "solved"}),
-        Effect(idempotency_key(FLOW, iid, "reply"), "messaging", "send_reply", iid, tr, {
+        Effect(keys["reply"], "messaging", "send_reply", iid, tr, {
             "kind": "reply", "recipient": d["customer_token"],
             "subject": "Re: " + (d.get("subject") or "your message"), "body": d["draft"]}),
-        Effect(idempotency_key(FLOW, iid, "crm_log"), "crm", "support_interaction", iid, tr, {
+        Effect(keys["crm_log"], "crm", "support_interaction", iid, tr, {
             "customer_ref": d["customer_ref"],
             "summary": f"{d['intent']} ({d['priority']}) handled by {d['assignee']}; article {d.get('article_id')}"}),
     ]
@@ -538,7 +550,8 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
     updates, audit_rows, compensations, cancel, dead = [], [], [], [], []
     for r in rows:
         iid, tr = r["item_id"], r["trace_id"]
-        keys = {s: idempotency_key(FLOW, iid, s) for s in ACTION_STEPS}
+        keys = _action_keys(r)
+        comp_keys = {s: idempotency_key(FLOW, iid, f"compensate_{_step_name(r['data'], s)}") for s in COMPENSATIONS}
         st = {s: state.get(k, {}) for s, k in keys.items()}
         if all(x.get("status") == "delivered" for x in st.values()):
             updates.append(ItemUpdate(iid, "resolved", r["data"], columns={"resolved_at": now}))
@@ -555,7 +568,7 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
         for s in delivered:
             if s in COMPENSATIONS:
                 connector, action = COMPENSATIONS[s]
-                compensations.append(Effect(idempotency_key(FLOW, iid, f"compensate_{s}"), connector, action, iid, tr,
+                compensations.append(Effect(comp_keys[s], connector, action, iid, tr,
                                             {"ticket_key": keys[s], "reason": f"{','.join(broken)} failed for good"}))
                 undone.append(f"{s}:{action}")
         dead.extend(keys[s] for s in broken)
@@ -570,8 +583,7 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
         audit_rows.append({"actor": "system:actions", "action": "compensated", "flow": FLOW, "item_id": iid,
                            "trace_id": tr, "reason": reason,
                            "outputs": {"failed": broken, "compensated": undone, "left_in_place": kept,
-                                       "compensation_keys": [idempotency_key(FLOW, iid, f"compensate_{s}")
-                                                             for s in delivered if s in COMPENSATIONS]}})
+                                       "compensation_keys": [comp_keys[s] for s in delivered if s in COMPENSATIONS]}})
     md = {"effects_delivered": sent["delivered"], "effects_failed": sent["failed"],
           "effects_waiting_open_circuit": sent.get("skipped", 0),
           "resolved": sum(1 for u in updates if u.status == "resolved"),

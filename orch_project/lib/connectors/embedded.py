@@ -225,12 +225,14 @@ class EmbeddedConnectors:
             }
 
     def duplicates(self) -> dict[str, int]:
-        """Items with more than one record of the same kind: must always be zero."""
+        """Items with more than one record of the same kind (a voided ticket, undone by compensation,
+        does not count): must always be zero."""
         out = {}
         with self.db.begin() as conn:
-            for name, t, cols in (("tickets", tickets, [tickets.c.item_id]),
-                                  ("crm_activities", crm_activities, [crm_activities.c.item_id, crm_activities.c.kind]),
-                                  ("messages", messages, [messages.c.item_id, messages.c.kind])):
-                sub = sa.select(*cols).group_by(*cols).having(sa.func.count() > 1).subquery()
+            for name, cols, where in (
+                    ("tickets", [tickets.c.item_id], tickets.c.status != "voided"),
+                    ("crm_activities", [crm_activities.c.item_id, crm_activities.c.kind], sa.true()),
+                    ("messages", [messages.c.item_id, messages.c.kind], sa.true())):
+                sub = sa.select(*cols).where(where).group_by(*cols).having(sa.func.count() > 1).subquery()
                 out[name] = conn.execute(sa.select(sa.func.count()).select_from(sub)).scalar_one()
         return out
