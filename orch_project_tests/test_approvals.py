@@ -203,6 +203,11 @@ def test_rejection_is_terminal(orch_home, db, with_model, defs, instance):
     st = status_counts(db)
     assert st["states"]["rejected"] == 1 and st["lost"] == 0 and st["received"] == st["accounted"]
     assert st["terminal"] == st["states"].get("resolved", 0) + 1
+    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.reporting import compute_kpis
+
+    k, _ = compute_kpis(db, CFG)  # the KPI report shows the rejection; the flow's success rate ignores it
+    assert k["rejected"] == 1 and k["success_rate"] == k["resolved"] / (k["resolved"] + k["dead_lettered"])
 
 
 def test_overdue_approval_escalates_then_times_out(orch_home, db, with_model, defs, instance):

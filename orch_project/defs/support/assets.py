@@ -188,7 +188,7 @@ def support_kpi_report(context: dg.AssetExecutionContext, app_db: AppDatabase, w
 
     rep = kpi_report(app_db.database(), CFG, workspace.settings().reports_dir)
     k = rep.kpis
-    numeric = {key: float(k[key]) for key in ("received", "resolved", "awaiting_approval", "dead_lettered",
+    numeric = {key: float(k[key]) for key in ("received", "resolved", "awaiting_approval", "rejected", "dead_lettered",
                                               "dlq_open", "success_rate", "cache_hit_rate", "exact_cache_hit_rate",
                                               "semantic_cache_hit_rate", "cost_usd_total", "llm_calls", "deferred",
                                               "csat_mean", "tokens_per_run_mean", "processing_latency_p95_s")

@@ -189,12 +189,12 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
     received = int(len(ik))
     resolved = int(counts.get("resolved", 0))
     dead = int(counts.get("dead_lettered", 0)) + intake_dead
-    finished = resolved + dead
+    finished = resolved + dead  # a reviewer's rejection is a decision, not a flow failure: counted apart
     k: dict[str, Any] = {
         "received": received, "resolved": resolved, "awaiting_approval": int(counts.get("awaiting_approval", 0)),
         "dead_lettered": dead, "duplicates": int((ik["outcome"] == "duplicate").sum()) if not ik.empty else 0,
         "in_progress": int(sum(counts.get(s, 0) for s in IN_PROGRESS_STATUSES)),
-        "deferred": int(counts.get("deferred", 0)),
+        "deferred": int(counts.get("deferred", 0)), "rejected": int(counts.get("rejected", 0)),
         "success_rate": (resolved / finished) if finished else None,
         "dlq_open": int((dl["status"] == "open").sum()) if not dl.empty else 0,
     }
@@ -255,7 +255,8 @@ def _markdown(k: dict[str, Any]) -> str:
         "### Support loop KPIs", "",
         "| KPI | value |", "|---|---|",
         f"| received | {k['received']} |", f"| resolved | {k['resolved']} |",
-        f"| awaiting approval | {k['awaiting_approval']} |", f"| dead-lettered | {k['dead_lettered']} |",
+        f"| awaiting approval | {k['awaiting_approval']} |", f"| rejected by a reviewer | {k['rejected']} |",
+        f"| dead-lettered | {k['dead_lettered']} |",
         f"| in progress | {k['in_progress']} |", f"| flow success rate | {_pct(k['success_rate'])} |",
         f"| DLQ open | {k['dlq_open']} |", f"| override rate | {_pct(k['override_rate'])} |",
         f"| tokens per run (mean / max) | {_num(k['tokens_per_run_mean'], '', 0)} / {_num(k['tokens_per_run_max'], '', 0)} |",
