@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from orch_project.lib.intake import submit_to_table
 from orch_project.lib.llm import registry
+from orch_project.lib.llm import triage_model as tm
 from orch_project.lib.settings import BANKING77_DIR
 from orch_project.lib.store import audit, items
 
@@ -32,8 +33,6 @@ def _rows(path: Path):
 
 def _small_model(tmp_path, n: int, seed_offset: int = 0):
     """A quickly trained (and worse) model on the first n training examples."""
-    from orch_project.lib.llm import triage_model as tm
-
     rows = _rows(BANKING77_DIR / "train.csv")[seed_offset: seed_offset + n]
     model = tm.train([r["text"] for r in rows], [r["category"] for r in rows])
     path = model.save(tmp_path / "models")
@@ -74,6 +73,10 @@ def test_retraining_on_the_same_data_is_evaluated_and_served_again(orch_home, db
                 for r in runs]
     trained = versions[0]["triage_model"]["version"].value
     assert versions[1]["triage_model"]["version"].value == trained
+    md = versions[0]["triage_model"]  # calibrated on a held-out split, then refitted on all 2000 for serving
+    assert md["n_train"].value + md["n_validation"].value == md["n_served_fit"].value == 2000
+    served = tm.TriageModel.load(md["path"].value)
+    assert served.metrics["n_served_fit"] == 2000 and len(served.labels) == md["n_labels"].value
     assert versions[1]["triage_model_promotion"]["serving_version"].value == trained
     assert versions[1]["triage_model_promotion"]["previous_version"].value == trained  # unchanged, still serving
     assert registry.promoted_model_path(db, "triage")[1] == trained
@@ -254,8 +257,6 @@ def test_triage_train_evaluate_round_trip_with_out_of_scope(tmp_path):
 
 def test_out_of_scope_threshold_is_where_the_model_becomes_more_likely_wrong_than_right():
     import numpy as np
-
-    from orch_project.lib.llm import triage_model as tm
 
     rng = np.random.default_rng(0)
     conf = rng.uniform(0.05, 0.999, 4000)

@@ -47,8 +47,9 @@ def _triage_prompt_version() -> str:
     group_name="governance", kinds={"scikitlearn"},
     code_version=TRIAGE_CODE_VERSION,
     description="Candidate intent model for support triage, trained on CPU from BANKING77 train.csv minus a "
-                "held-out validation split; the out-of-scope threshold is calibrated on that split. Registered "
-                "as a candidate in the model registry.",
+                "held-out validation split; the out-of-scope threshold is calibrated on that split, then the "
+                "served classifier is refitted on all examples (n_served_fit). Registered as a candidate in "
+                "the model registry.",
 )
 def triage_model(context: dg.AssetExecutionContext, config: TriageTrainingConfig, app_db: AppDatabase,
                  workspace: Workspace) -> dg.MaterializeResult:
@@ -75,6 +76,7 @@ def triage_model(context: dg.AssetExecutionContext, config: TriageTrainingConfig
         metadata={"version": model.version, "validation_accuracy": dg.FloatMetadataValue(m["validation_accuracy"]),
                   "oos_threshold": dg.FloatMetadataValue(m["oos_threshold"]),
                   "train_seconds": dg.FloatMetadataValue(m["train_seconds"]), "n_train": m["n_train"],
+                  "n_validation": m["n_validation"], "n_served_fit": m["n_served_fit"],
                   "n_labels": m["n_labels"], "train_data_hash": m["train_data_hash"],
                   "path": dg.MetadataValue.path(str(path))},
         data_version=dg.DataVersion(model.version),
