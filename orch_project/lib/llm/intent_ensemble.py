@@ -63,13 +63,36 @@ def _plain(text: str) -> str:
     return _DIGITS.sub(lambda m: " " + "0" * min(len(m.group()), 3) + " ", t)
 
 
+_GRAMS: dict[str, list[str]] = {}  # word -> its character 2-5-grams
+
+
+def char_wb_grams(doc: str) -> list[str]:
+    """scikit-learn's ``analyzer="char_wb"``, ``ngram_range=(2, 5)`` on lower-cased text (the same
+    n-grams, in the same order), memoised per word: a word's n-grams do not depend on its neighbours."""
+    out: list[str] = []
+    for word in doc.lower().split():
+        grams = _GRAMS.get(word)
+        if grams is None:
+            if len(_GRAMS) > 200_000:
+                _GRAMS.clear()
+            w = f" {word} "
+            grams = []
+            for n in range(2, 6):
+                grams.extend(w[i:i + n] for i in range(max(len(w) - n + 1, 1)))
+                if len(w) <= n:  # a short word counts once
+                    break
+            _GRAMS[word] = grams
+        out.extend(grams)
+    return out
+
+
 def make_view():
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.pipeline import make_union
 
     kw = dict(sublinear_tf=True, dtype=np.float32)
     return make_union(TfidfVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b|\?", **kw),
-                      TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), **kw))
+                      TfidfVectorizer(analyzer=char_wb_grams, **kw))
 
 
 class SparseMLP:
