@@ -264,3 +264,15 @@ def test_out_of_scope_threshold_is_where_the_model_becomes_more_likely_wrong_tha
     assert 0.65 < tm.calibrate_threshold(conf, rng.random(4000) < conf ** 2) < 0.76   # crosses 0.5 at 0.71
     assert tm.calibrate_threshold(conf, np.ones(4000, bool)) == 0.0                    # never wrong: keep all
     assert tm.calibrate_threshold(conf, np.zeros(4000, bool)) == 1.0                   # never right: ask a human
+
+
+def test_memoised_character_ngrams_match_scikit_learn():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from orch_project.lib.llm.intent_ensemble import char_wb_grams
+
+    reference = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
+    texts = [r["text"] for r in _rows(BANKING77_DIR / "test.csv")[:300]]
+    texts += ["", "a", "I", "ab", "abcd", "  spaced   out\ttext  ", "ÉCOLE Ünïcode", "??!", "x y z"]
+    for text in texts + texts:  # the second pass is served from the per-word memo
+        assert char_wb_grams(text) == reference(text), text
