@@ -135,10 +135,19 @@ def test_permanent_crm_failure_compensates_by_voiding_the_ticket(orch_home, db, 
     assert len(_outbox(db, "void_ticket")) == approved
     assert conn_.counts()["crm_activities"] == 0
 
-    # with the CRM back, replaying the dead letters finishes the items: a new ticket (the voided one
-    # stays voided) and the CRM log, under fresh keys; the reply, already sent, is not sent again
-    from orch_project.lib.dlq import replay_all
+    # a replay waits until the compensation is delivered (a new ticket must not meet one still to be voided)
+    from orch_project.lib.dlq import replay, replay_all
 
+    void_key = voids[0]["idempotency_key"]
+    with db.begin() as conn:
+        conn.execute(outbox.update().where(outbox.c.idempotency_key == void_key).values(status="failed"))
+    waiting = replay(db, dead[0]["id"], actor="test")
+    assert not waiting["replayed"] and "compensation is not delivered yet" in waiting["message"]
+    with db.begin() as conn:
+        conn.execute(outbox.update().where(outbox.c.idempotency_key == void_key).values(status="delivered"))
+
+    # with the CRM back, replaying the dead letters finishes the items: a new ticket (the voided one
+    # stays voided) and the CRM log under its own key; the reply, already sent, is not sent again
     assert replay_all(db, "support", actor="test")["replayed"] == approved
     assert run_flow(defs, instance, DAY).success
     st = _statuses(db)
@@ -152,8 +161,53 @@ def test_permanent_crm_failure_compensates_by_voiding_the_ticket(orch_home, db, 
     assert {r["idempotency_key"].rsplit(":", 1)[1] for r in _outbox(db, "create_ticket")} == {"ticket", "ticket#1"}
     with db.begin() as conn:
         data = conn.execute(sa.select(items.c.data).where(items.c.item_id == comp[0]["item_id"])).scalar_one()
-    assert data["effect_generation"] == {"crm_log": 1, "ticket": 1} and "compensation" not in data
+    assert data["effect_generation"] == {"ticket": 1} and "compensation" not in data
     assert data["compensation_history"][0]["compensated"] == ["ticket:void_ticket"]
+    assert {(r["idempotency_key"].rsplit(":", 1)[1], r["status"]) for r in _outbox(db, "support_interaction")} \
+        == {("crm_log", "delivered")}
+
+
+def test_replay_after_a_failure_with_nothing_to_undo_delivers_the_failed_and_cancelled_steps(
+        orch_home, db, with_model, defs, instance, monkeypatch):
+    """Ticketing fails for good while the CRM's circuit is open: the ticket is dead, the CRM log
+    cancelled, the reply stays. After the outage a replay delivers ticket and CRM log once each."""
+    _policy(monkeypatch, max_attempts=2)  # a circuit opens on the first failure, for an hour
+    conn_ = _embedded(orch_home.connectors_url)
+    submit_to_table(db, "support", sample_messages(DAY), "test")
+    conn_.set_fault("ticketing")
+    conn_.set_fault("crm")
+    assert run_flow(defs, instance, DAY).success
+    approved = _statuses(db)["approved"]
+
+    def hour_later(key):  # the circuit's cool-down has passed: the next call is a half-open probe
+        with db.begin() as conn:
+            conn.execute(circuit_breakers.update().where(circuit_breakers.c.key == key)
+                         .values(opened_at=utcnow() - timedelta(hours=2)))
+
+    hour_later("connector:ticketing")
+    assert run_ops(defs, instance).success  # the probe fails too: the ticket failed for good
+    dead = _statuses(db)["dead_lettered"]  # the first batch; the circuit opened again for the rest
+    assert 0 < dead <= approved
+    with db.begin() as conn:
+        comp = conn.execute(sa.select(items.c.data).where(items.c.status == "dead_lettered")).scalars().first()[
+            "compensation"]
+    assert (comp["failed"], comp["compensated"], comp["cancelled"], comp["left_in_place"]) == (
+        ["ticket"], [], ["crm_log"], ["reply"])
+
+    conn_.clear_fault()
+    hour_later("connector:ticketing")
+    hour_later("connector:crm")
+    from orch_project.lib.dlq import replay_all
+
+    assert replay_all(db, "support", actor="test")["replayed"] == dead
+    assert run_flow(defs, instance, DAY).success
+    assert _statuses(db).get("resolved", 0) == approved
+    counts = conn_.counts()
+    with conn_.db.begin() as conn:
+        kinds = dict(conn.execute(sa.select(messages.c.kind, sa.func.count()).group_by(messages.c.kind)).all())
+    assert counts["tickets"] == counts["crm_activities"] == kinds["reply"] == approved
+    assert all(v == 0 for v in conn_.duplicates().values())
+    assert {r["status"] for r in _outbox(db, "create_ticket") + _outbox(db, "support_interaction")} == {"delivered"}
 
 
 # --- alert channel stubs -------------------------------------------------------------------------

@@ -7,12 +7,15 @@ the status the failed stage loads and to the stage before it (triage -> ``receiv
 audited. An intake dead letter has no item (the source never validated): it stays open until the
 source is fixed and submitted again. Replaying a row that is not open changes nothing.
 
-An item whose outside effects failed for good and were compensated carries
-``data["compensation"] = {"failed": [step, ...], "compensated": ["step:action", ...], ...}``. Replaying
-it gives those steps a new effect generation (``data["effect_generation"][step]``), which the flow puts
-in their idempotency keys: the failed and the undone steps are issued afresh, while steps delivered and
-left in place (a reply cannot be recalled) keep their keys and are not repeated. The compensation
-record moves to ``data["compensation_history"]``.
+An item whose outside effects failed for good and were compensated carries ``data["compensation"] =
+{"compensated": ["step:action", ...], "retry_keys": [...], "compensation_keys": [...], ...}``. It is
+replayable once every compensation is delivered (until then a new effect could meet the one still to
+be undone). Replaying it puts the failed and cancelled effects (``retry_keys``) back into delivery
+under their own idempotency keys, so a connector that did receive a late first attempt deduplicates
+it, and gives each undone step a new effect generation (``data["effect_generation"][step]``, which the
+flow puts in that step's idempotency key): a voided ticket is replaced by a new one. Steps delivered
+and left in place (a reply cannot be recalled) are not repeated. The compensation record moves to
+``data["compensation_history"]``.
 
 Flow-agnostic: ``targets`` maps a failed stage to (status it loads, previous stage); the default is the
 support flow's stage chain.
@@ -24,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .outbox import revive, undelivered
 from .store import Database, dlq, items, utcnow
 
 # failed stage -> (status that stage loads, the stage that completed before it)
@@ -60,8 +64,13 @@ def _item(conn, item_id: str | None) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def _plan(row: dict[str, Any], item: dict[str, Any] | None,
-          targets: dict[str, tuple[str, str]]) -> tuple[tuple[str, str] | None, str | None]:
+def _compensation_pending(conn, item: dict[str, Any] | None) -> list[str]:
+    comp = ((item or {}).get("data") or {}).get("compensation") or {}
+    return undelivered(conn, comp.get("compensation_keys", [])) if comp else []
+
+
+def _plan(row: dict[str, Any], item: dict[str, Any] | None, targets: dict[str, tuple[str, str]],
+          compensation_pending: list[str] = ()) -> tuple[tuple[str, str] | None, str | None]:
     """(status, stage) the item would go back to, or None and why not."""
     if row["status"] != "open":
         return None, f"dead letter #{row['id']} is already {row['status']}; nothing to do"
@@ -75,16 +84,21 @@ def _plan(row: dict[str, Any], item: dict[str, Any] | None,
     target = targets.get(row["stage"])
     if target is None:
         return None, f"no replay target for stage {row['stage']!r}"
+    if compensation_pending:
+        return None, (f"its compensation is not delivered yet ({', '.join(compensation_pending)}); the ops job's "
+                      "outbox redelivery sends it once the connector is back - replay after that")
     return target, None
 
 
-def _fresh_effects(data: dict[str, Any]) -> dict[str, Any]:
-    """A new effect generation for the steps a compensation failed or undid (see the module docstring)."""
+def _fresh_effects(conn, data: dict[str, Any]) -> dict[str, Any]:
+    """Failed and cancelled effects back into delivery, a new generation for undone steps (see the
+    module docstring)."""
     comp = data.pop("compensation", None)
     if not comp:
         return data
+    revive(conn, comp.get("retry_keys", []))
     gen = dict(data.get("effect_generation") or {})
-    for step in {*comp.get("failed", []), *(c.split(":", 1)[0] for c in comp.get("compensated", []))}:
+    for step in {c.split(":", 1)[0] for c in comp.get("compensated", [])}:
         gen[step] = int(gen.get(step, 0)) + 1
     return {**data, "effect_generation": gen, "compensation_history": [*data.get("compensation_history", []), comp]}
 
@@ -94,7 +108,8 @@ def show(db: Database, dlq_id: int, *, targets: dict[str, tuple[str, str]] = REP
     with db.begin() as conn:
         row = _row(conn, dlq_id)
         item = _item(conn, row["item_id"])
-    target, why_not = _plan(row, item, targets)
+        pending = _compensation_pending(conn, item)
+    target, why_not = _plan(row, item, targets, pending)
     out = {**row, "item": None if item is None else {k: item[k] for k in ("status", "stage", "trace_id", "day")},
            "replayable": target is not None}
     if target is not None:
@@ -113,14 +128,14 @@ def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str 
     with db.write() as conn:
         row = _row(conn, dlq_id)
         item = _item(conn, row["item_id"])
-        target, why_not = _plan(row, item, targets)
+        target, why_not = _plan(row, item, targets, _compensation_pending(conn, item))
         base = {"id": row["id"], "item_id": row["item_id"], "stage": row["stage"], "trace_id": row["trace_id"]}
         if target is None:
             return {**base, "replayed": False, "noop": row["status"] != "open", "replayable": False,
                     "message": why_not}
         status, stage = target
         now = utcnow()
-        data = _fresh_effects({k: v for k, v in (item["data"] or {}).items() if k != "deferred"})
+        data = _fresh_effects(conn, {k: v for k, v in (item["data"] or {}).items() if k != "deferred"})
         data["replays"] = int(data.get("replays", 0)) + 1
         moved = conn.execute(items.update().where(items.c.item_id == row["item_id"],
                                                   items.c.status == "dead_lettered")

@@ -151,6 +151,26 @@ def effect_states(db: Database, keys: Sequence[str]) -> dict[str, dict[str, Any]
     return out
 
 
+def undelivered(conn: Connection, keys: Sequence[str]) -> list[str]:
+    """Those of ``keys`` whose effect is not delivered (or not in the outbox at all)."""
+    done: set[str] = set()
+    for chunk in chunked(list(keys), 900):
+        done.update(conn.execute(sa.select(outbox.c.idempotency_key).where(
+            outbox.c.idempotency_key.in_(chunk), outbox.c.status == "delivered")).scalars())
+    return [k for k in keys if k not in done]
+
+
+def revive(conn: Connection, keys: Sequence[str]) -> int:
+    """Put effects taken out of delivery (dead, cancelled) or failing back to ``pending`` with fresh
+    attempts, under the same idempotency keys (so a late first delivery is still deduplicated)."""
+    n = 0
+    for chunk in chunked(list(keys), 900):
+        n += conn.execute(outbox.update().where(outbox.c.idempotency_key.in_(chunk),
+                                                outbox.c.status.in_(("dead", "cancelled", "failed")))
+                          .values(status="pending", attempts=0, last_error=None)).rowcount
+    return n
+
+
 def settle(db: Database, keys: Sequence[str], status: str) -> None:
     """Take undelivered effects out of delivery: ``dead`` (failed for good) or ``cancelled`` (the
     multi-step effect they belong to was compensated)."""

@@ -571,14 +571,17 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
                 compensations.append(Effect(comp_keys[s], connector, action, iid, tr,
                                             {"ticket_key": keys[s], "reason": f"{','.join(broken)} failed for good"}))
                 undone.append(f"{s}:{action}")
+        cancelled = [s for s, x in st.items() if x.get("status") in ("pending", "failed") and s not in broken]
         dead.extend(keys[s] for s in broken)
-        cancel.extend(keys[s] for s, x in st.items() if x.get("status") in ("pending", "failed") and s not in broken)
+        cancel.extend(keys[s] for s in cancelled)
         errors = "; ".join(f"{s} ({st[s]['connector']} {st[s]['action']}) failed {st[s]['attempts']} times: "
                            f"{(st[s].get('last_error') or '')[:120]}" for s in broken)
         reason = f"{errors}; compensated: {', '.join(undone) or 'nothing to undo'}"
         kept = [s for s in delivered if s not in COMPENSATIONS]
         updates.append(ItemUpdate(iid, "dead_lettered", {**r["data"], "compensation": {
-            "failed": broken, "compensated": undone, "left_in_place": kept}}, "dead_lettered",
+            "failed": broken, "compensated": undone, "left_in_place": kept, "cancelled": cancelled,
+            "retry_keys": [keys[s] for s in broken + cancelled],
+            "compensation_keys": [comp_keys[s] for s in delivered if s in COMPENSATIONS]}}, "dead_lettered",
             dead_letter=("effect_failed", reason)))
         audit_rows.append({"actor": "system:actions", "action": "compensated", "flow": FLOW, "item_id": iid,
                            "trace_id": tr, "reason": reason,
