@@ -107,7 +107,8 @@ def test_permanent_crm_failure_compensates_by_voiding_the_ticket(orch_home, db, 
     conn_.set_fault("crm")
     assert run_flow(defs, instance, DAY).success
     approved = _statuses(db)["approved"]
-    assert run_ops(defs, instance).success  # second attempt fails too: failed for good -> compensate
+    ops = run_ops(defs, instance)  # second attempt fails too: failed for good -> compensate
+    assert ops.success
 
     st = _statuses(db)
     assert st.get("approved", 0) == 0 and st.get("resolved", 0) == 0
@@ -128,6 +129,8 @@ def test_permanent_crm_failure_compensates_by_voiding_the_ticket(orch_home, db, 
     assert comp[0]["outputs"]["compensated"] == ["ticket:void_ticket"]
     assert comp[0]["outputs"]["left_in_place"] == ["reply"]
     assert len(dead) == approved and {d["error_type"] for d in dead} == {"effect_failed"}
+    # the same ops run's DLQ backlog already counts them (it runs after the redelivery)
+    assert ops.asset_materializations_for_node("support_dlq_backlog")[0].metadata["dlq_open"].value == approved
     assert "(crm support_interaction) failed" in dead[0]["reason"] and "ticket:void_ticket" in dead[0]["reason"]
     # compensation is idempotent: more runs change nothing, even after the CRM comes back
     conn_.clear_fault("crm")

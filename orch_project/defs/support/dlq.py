@@ -9,6 +9,7 @@ from pydantic import Field
 from ...lib import dlq as dlq_lib
 from ..resources import AppDatabase
 from . import logic
+from .assets import support_outbox_redelivery
 
 
 def backlog_metadata(db) -> dict:
@@ -27,8 +28,9 @@ def backlog_metadata(db) -> dict:
     return md
 
 
-@dg.asset(group_name="support_ops", kinds={"python"},
-          description="Open dead letters by stage and error type (numeric metadata + a table). Replay with "
+@dg.asset(group_name="support_ops", kinds={"python"}, deps=[support_outbox_redelivery],
+          description="Open dead letters by stage and error type (numeric metadata + a table), counted after the "
+                      "outbox redelivery (which dead-letters effects failed for good). Replay with "
                       "`orch dlq replay ID|--all` or dlq_replay_job; intake dead letters need the source fixed.")
 def support_dlq_backlog(app_db: AppDatabase) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=backlog_metadata(app_db.database()))

@@ -189,7 +189,7 @@ def compute_kpis(db: Database, cfg: SupportConfig, now: datetime | None = None) 
     received = int(len(ik))
     resolved = int(counts.get("resolved", 0))
     dead = int(counts.get("dead_lettered", 0)) + intake_dead
-    finished = resolved + dead  # a reviewer's rejection is a decision, not a flow failure: counted apart
+    finished = resolved + dead  # a rejection (reviewer or approval timeout) is a decision, not a flow failure
     k: dict[str, Any] = {
         "received": received, "resolved": resolved, "awaiting_approval": int(counts.get("awaiting_approval", 0)),
         "dead_lettered": dead, "duplicates": int((ik["outcome"] == "duplicate").sum()) if not ik.empty else 0,
@@ -255,7 +255,7 @@ def _markdown(k: dict[str, Any]) -> str:
         "### Support loop KPIs", "",
         "| KPI | value |", "|---|---|",
         f"| received | {k['received']} |", f"| resolved | {k['resolved']} |",
-        f"| awaiting approval | {k['awaiting_approval']} |", f"| rejected by a reviewer | {k['rejected']} |",
+        f"| awaiting approval | {k['awaiting_approval']} |", f"| rejected (by a reviewer or on approval timeout) | {k['rejected']} |",
         f"| dead-lettered | {k['dead_lettered']} |",
         f"| in progress | {k['in_progress']} |", f"| flow success rate | {_pct(k['success_rate'])} |",
         f"| DLQ open | {k['dlq_open']} |", f"| override rate | {_pct(k['override_rate'])} |",

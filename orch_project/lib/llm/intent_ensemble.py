@@ -34,6 +34,9 @@ _TOKENS = re.compile(r"\w+|[?!]")
 # fits first, so two workers finish together
 MEMBERS = (("mlp_stemmed", "mlp", True, 3.0, True, {}), ("mlp_plain", "mlp", False, 1.0, True, {"hidden": 128}),
            ("lr", "lr", True, 1.0, True, {}), ("svc", "svc", False, 1.0, False, {}))
+# the members of model files from before v4 (registry versions a rollback may still serve)
+_V3_MEMBERS = (("mlp", "mlp", True, 2.0, False, {}), ("svc", "svc", False, 1.0, False, {}),
+               ("lr", "lr", True, 1.0, False, {}))
 
 
 _STEMS: dict[str, str] = {}  # word -> stem; the vocabulary of support mail is small and repeats a lot
@@ -194,20 +197,27 @@ class IntentEnsemble:
         X = {stem: v.fit_transform(norm[stem]) for stem, v in self.vectorisers.items()}
         counts = np.bincount(y, minlength=len(self.classes_))
         self.log_prior_ = np.log(counts / counts.sum())
+        self.spec_ = MEMBERS  # saved with the model: files keep scoring with the members they were fitted with
         self.members = Parallel(n_jobs=self.n_jobs)(delayed(_fit_member)(kind, X[stem], y, seed, options)
                                                     for seed, (_, kind, stem, _, _, options) in enumerate(MEMBERS))
         return self
+
+    @property
+    def _spec(self):
+        return getattr(self, "spec_", _V3_MEMBERS)  # files saved before the spec was stored are v3 models
 
     def member_scores(self, texts) -> dict[str, np.ndarray]:
         """Each member's standardised scores, by member name."""
         norm = self._views(list(texts))
         X = {stem: v.transform(norm[stem]) for stem, v in self.vectorisers.items()}
         out = {}
-        for m, (name, _, stem, _, adjusted, _) in zip(self.members, MEMBERS):
+        for m, (name, _, stem, _, adjusted, _) in zip(self.members, self._spec):
             s = np.asarray(m.decision_function(X[stem]), dtype=np.float64)
+            if s.ndim == 1:  # a two-class linear model scores class 1 against class 0: logits (0, s)
+                s = np.column_stack([np.zeros_like(s), s])
             out[name] = _standardise(s - self.log_prior_ if adjusted else s)
         return out
 
     def decision_function(self, texts):
         scores = self.member_scores(texts)
-        return sum(w * scores[name] for name, _, _, w, *_ in MEMBERS) / sum(m[3] for m in MEMBERS)
+        return sum(w * scores[name] for name, _, _, w, *_ in self._spec) / sum(m[3] for m in self._spec)

@@ -5,7 +5,7 @@ Training holds out a stratified validation split of the training data. A classif
 rest is scored on it: the validation split calibrates the confidence (a softmax over decision scores
 with a temperature fitted by log-loss) and the out-of-scope threshold, and gives the figures the
 promotion gate reads. The classifier that is saved and served is then fitted again, with the same
-settings, on every in-scope example (``refit``, on by default), so no labelled example is left unused;
+settings, on every example (``refit``, on by default), so no labelled example is left unused;
 it carries the calibration of the first fit, and its validation figures are those of the first fit
 (an estimate for a classifier trained on less data). Test data is never touched here.
 
@@ -20,12 +20,14 @@ reaches ``min_precision_below`` (0.5: reject only where the model is more likely
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CODE_VERSION = "ensemble-2mlp-svc-lr-prior-adjusted-refit-v4"
-DEFAULT_TEMPERATURE = 0.15  # used when no in-scope validation example is left to fit one
+DEFAULT_TEMPERATURE = 0.15  # used when no validation example has a label the classifier knows
+REJECT_ALL = math.nextafter(1.0, 2.0)  # above every probability: everything goes to a human
 UNKNOWN = "unknown"
 
 
@@ -129,6 +131,9 @@ def calibrate_threshold(conf, correct, oos_mask=None, *, min_precision_below: fl
     the top-1 answer was right (for an out-of-scope example: it was ``unknown``)."""
     import numpy as np
 
+    if not 0.0 < min_precision_below < 1.0:
+        raise ValueError("min_precision_below must lie strictly between 0 and 1")
+
     conf = np.asarray(conf)
     correct = np.asarray(correct, dtype=bool)
     candidates = np.unique(np.concatenate([[0.0], conf]))
@@ -140,7 +145,7 @@ def calibrate_threshold(conf, correct, oos_mask=None, *, min_precision_below: fl
     # confidence at which a logistic fit of P(correct | logit(confidence)) crosses min_precision_below
     # (two parameters: steadier on a few hundred examples than a step-wise fit)
     if correct.all() or not correct.any():
-        return 0.0 if correct.all() else 1.0
+        return 0.0 if correct.all() else REJECT_ALL
     from sklearn.linear_model import LogisticRegression
 
     c = np.clip(conf, 1e-6, 1 - 1e-6)
@@ -148,7 +153,7 @@ def calibrate_threshold(conf, correct, oos_mask=None, *, min_precision_below: fl
     a, b = float(fit.intercept_[0]), float(fit.coef_[0, 0])
     target = np.log(min_precision_below / (1 - min_precision_below))
     if b <= 0:  # confidence says nothing about correctness: all or nothing by the overall rate
-        return 0.0 if correct.mean() >= min_precision_below else 1.0
+        return 0.0 if correct.mean() >= min_precision_below else REJECT_ALL
     return float(1 / (1 + np.exp(-(target - a) / b)))
 
 
@@ -172,7 +177,9 @@ def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
     in_scope = y != oos_label if oos_label is not None else np.ones(len(y), dtype=bool)
     idx = np.arange(len(texts))
     counts = {lab: int((y == lab).sum()) for lab in set(labels)}
-    stratify = y if min(counts.values()) >= 2 else None
+    n_va = max(1, round(len(texts) * validation_share))
+    # stratified when every label can appear on both sides of the split
+    stratify = y if min(counts.values()) >= 2 and min(n_va, len(texts) - n_va) >= len(counts) else None
     tr, va = train_test_split(idx, test_size=validation_share, random_state=seed, stratify=stratify)
     if len(set(y[tr[in_scope[tr]]])) < 2:
         raise ValueError("training needs at least two in-scope labels")
