@@ -181,8 +181,8 @@ def _standardise(s):
 class IntentEnsemble:
     """fit(texts, labels) / decision_function(texts) / classes_, like a scikit-learn classifier."""
 
-    def __init__(self, n_jobs: int = 2):
-        self.n_jobs = n_jobs
+    def __init__(self, n_jobs: int = 2, seed: int = 0):
+        self.n_jobs, self.seed = n_jobs, seed
 
     def _views(self, texts):
         plain = [_plain(t) for t in texts]
@@ -198,8 +198,9 @@ class IntentEnsemble:
         counts = np.bincount(y, minlength=len(self.classes_))
         self.log_prior_ = np.log(counts / counts.sum())
         self.spec_ = MEMBERS  # saved with the model: files keep scoring with the members they were fitted with
-        self.members = Parallel(n_jobs=self.n_jobs)(delayed(_fit_member)(kind, X[stem], y, seed, options)
-                                                    for seed, (_, kind, stem, _, _, options) in enumerate(MEMBERS))
+        first = getattr(self, "seed", 0) * len(MEMBERS)
+        self.members = Parallel(n_jobs=self.n_jobs)(delayed(_fit_member)(kind, X[stem], y, first + i, options)
+                                                    for i, (_, kind, stem, _, _, options) in enumerate(MEMBERS))
         return self
 
     @property

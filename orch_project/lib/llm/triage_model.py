@@ -105,12 +105,12 @@ def data_hash(texts: list[str], labels: list[str]) -> str:
     return h.hexdigest()
 
 
-def build_estimator():
+def build_estimator(seed: int = 0):
     """The classifier (lib/llm/intent_ensemble.py): two small networks, a linear SVM and logistic
     regression on TF-IDF word + character n-grams of normalised text, prior-adjusted scores averaged."""
     from .intent_ensemble import IntentEnsemble
 
-    return IntentEnsemble()
+    return IntentEnsemble(seed=seed)
 
 
 def fit_temperature(scores, y_idx) -> float:
@@ -184,7 +184,7 @@ def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
     if len(set(y[tr[in_scope[tr]]])) < 2:
         raise ValueError("training needs at least two in-scope labels")
     # out-of-scope examples, if any, are a class of their own
-    pipeline = build_estimator().fit([texts[i] for i in tr], y[tr].astype(str))
+    pipeline = build_estimator(seed).fit([texts[i] for i in tr], y[tr].astype(str))
     classes = list(pipeline.classes_)
     scores = np.asarray(pipeline.decision_function([texts[i] for i in va]), dtype=np.float64)
     va_in = in_scope[va]
@@ -202,7 +202,7 @@ def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
     top1 = float(correct[va_in].mean()) if va_in.any() else 0.0
     served_on = len(tr)
     if refit:
-        pipeline = build_estimator().fit(texts, y.astype(str))
+        pipeline = build_estimator(seed).fit(texts, y.astype(str))
         classes, served_on = list(pipeline.classes_), len(texts)
     oos_class = oos_label if oos_label in classes else None
     labels_served = [c for c in classes if c != oos_class]
