@@ -23,6 +23,7 @@ support flow's stage chain.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -70,7 +71,7 @@ def _compensation_pending(conn, item: dict[str, Any] | None) -> list[str]:
 
 
 def _plan(row: dict[str, Any], item: dict[str, Any] | None, targets: dict[str, tuple[str, str]],
-          compensation_pending: list[str] = ()) -> tuple[tuple[str, str] | None, str | None]:
+          compensation_pending: Sequence[str] = ()) -> tuple[tuple[str, str] | None, str | None]:
     """(status, stage) the item would go back to, or None and why not."""
     if row["status"] != "open":
         return None, f"dead letter #{row['id']} is already {row['status']}; nothing to do"

@@ -160,13 +160,12 @@ def undelivered(conn: Connection, keys: Sequence[str]) -> list[str]:
     return [k for k in keys if k not in done]
 
 
-def revive(conn: Connection, keys: Sequence[str]) -> int:
+def revive(conn: Connection, keys: Sequence[str], statuses: Sequence[str] = ("dead", "cancelled", "failed")) -> int:
     """Put effects taken out of delivery (dead, cancelled) or failing back to ``pending`` with fresh
     attempts, under the same idempotency keys (so a late first delivery is still deduplicated)."""
     n = 0
     for chunk in chunked(list(keys), 900):
-        n += conn.execute(outbox.update().where(outbox.c.idempotency_key.in_(chunk),
-                                                outbox.c.status.in_(("dead", "cancelled", "failed")))
+        n += conn.execute(outbox.update().where(outbox.c.idempotency_key.in_(chunk), outbox.c.status.in_(statuses))
                           .values(status="pending", attempts=0, last_error=None)).rowcount
     return n
 

@@ -26,7 +26,7 @@ from ...lib.connectors.embedded import Effect
 from ...lib.contracts import DesignBrief, InboundMessage, LLMOutput, LLMStepRequest, describe_validation_error
 from ...lib.guardrails import injection, pii
 from ...lib.intake import Parsed, pending_sources
-from ...lib.outbox import delivered_keys, dispatch, effect_states, enqueue, idempotency_key, settle
+from ...lib.outbox import delivered_keys, dispatch, effect_states, enqueue, idempotency_key, revive, settle
 from ...lib.pipeline import TERMINAL_STATUSES, ItemUpdate, StageEnv, StageReport, commit_stage, load_items
 from ...lib.retention import tombstone_inbox_rows
 from ...lib.store import (Database, approvals, as_utc, audit, chunked, dlq, intake, item_stages, items, utcnow,
@@ -543,6 +543,9 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
     effects = [e for r in rows for e in _action_effects(r)]
     with env.db.begin() as conn:
         enqueue(env.db, conn, FLOW, effects)
+        # every effect of an approved item is meant to go out: one taken out of delivery while the item was
+        # dead-lettered (a replay that ran before the dead-lettering settled its effects) goes back in
+        revive(conn, [e.idempotency_key for e in effects], statuses=("dead", "cancelled"))
     sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=policy) if rows
             else {"delivered": 0, "failed": 0, "skipped": 0})
     state = effect_states(env.db, [e.idempotency_key for e in effects])

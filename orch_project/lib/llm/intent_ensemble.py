@@ -205,7 +205,8 @@ class IntentEnsemble:
 
     @property
     def _spec(self):
-        return getattr(self, "spec_", _V3_MEMBERS)  # files saved before the spec was stored are v3 models
+        # files saved before the spec was stored: v3 had three members and no prior adjustment
+        return getattr(self, "spec_", None) or (MEMBERS if hasattr(self, "log_prior_") else _V3_MEMBERS)
 
     def member_scores(self, texts) -> dict[str, np.ndarray]:
         """Each member's standardised scores, by member name."""
@@ -215,7 +216,7 @@ class IntentEnsemble:
         for m, (name, _, stem, _, adjusted, _) in zip(self.members, self._spec):
             s = np.asarray(m.decision_function(X[stem]), dtype=np.float64)
             if s.ndim == 1:  # a two-class linear model scores class 1 against class 0: logits (0, s)
-                s = np.column_stack([np.zeros_like(s), s])
+                s = np.column_stack([np.zeros_like(s), s])  # (standardised, each member then votes +-1)
             out[name] = _standardise(s - self.log_prior_ if adjusted else s)
         return out
 

@@ -177,7 +177,7 @@ def train(texts: list[str], labels: list[str], *, oos_label: str | None = None,
     in_scope = y != oos_label if oos_label is not None else np.ones(len(y), dtype=bool)
     idx = np.arange(len(texts))
     counts = {lab: int((y == lab).sum()) for lab in set(labels)}
-    n_va = max(1, round(len(texts) * validation_share))
+    n_va = math.ceil(len(texts) * validation_share)  # as train_test_split counts it
     # stratified when every label can appear on both sides of the split
     stratify = y if min(counts.values()) >= 2 and min(n_va, len(texts) - n_va) >= len(counts) else None
     tr, va = train_test_split(idx, test_size=validation_share, random_state=seed, stratify=stratify)
