@@ -123,7 +123,7 @@ def submit(paths: tuple[Path, ...]) -> None:
 def status(as_json: bool) -> None:
     from .defs.support.logic import status_counts
 
-    st = status_counts(_db(_settings()))
+    st = status_counts(open_db())
     if as_json:
         _out(st)
     else:
@@ -145,7 +145,7 @@ def dlq_list(as_json: bool, state: str) -> None:
 
     from .lib.store import dlq as dlq_table
 
-    db = _db(_settings())
+    db = open_db()
     q = sa.select(dlq_table).order_by(dlq_table.c.id.desc())
     if state != "all":
         q = q.where(dlq_table.c.status == state)
@@ -167,7 +167,7 @@ def dlq_show(dlq_id: int, as_json: bool) -> None:
     from .lib import dlq as dlq_lib
 
     try:
-        row = dlq_lib.show(_db(_settings()), dlq_id)
+        row = dlq_lib.show(open_db(), dlq_id)
     except dlq_lib.DLQError as exc:
         raise click.ClickException(str(exc))
     if as_json:
@@ -197,7 +197,7 @@ def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
 
     if (dlq_id is None) == (not replay_every):
         raise click.UsageError("give a dead-letter ID or --all (not both)")
-    db = _db(_settings())
+    db = open_db()
     actor = f"cli:{os.environ.get('USER', 'unknown')}"
     if replay_every:
         out = dlq_lib.replay_all(db, FLOW, actor=actor)
@@ -226,7 +226,7 @@ def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
 def audit(item_id: str) -> None:
     from .defs.support.logic import audit_for
 
-    rows = audit_for(_db(_settings()), item_id)
+    rows = audit_for(open_db(), item_id)
     if not rows:
         raise click.ClickException(f"no audit entries for {item_id!r}; check the id with `orch status` / the items table")
     _out(rows)

@@ -197,8 +197,8 @@ def test_replay_after_a_failure_with_nothing_to_undo_delivers_the_failed_and_can
     assert (comp["failed"], comp["compensated"], comp["cancelled"], comp["left_in_place"]) == (
         ["ticket"], [], ["crm_log"], ["reply"])
 
-    # one record as an earlier version wrote it (no retry keys): the actions stage itself puts an approved
-    # item's dead or cancelled effects back into delivery (also the case of a replay that beat the settle)
+    # one record as an earlier version wrote it (no compensation keys): replay relies on the actions stage,
+    # which puts an approved item's dead or cancelled effects back into delivery
     with db.begin() as conn:
         iid, data = conn.execute(sa.select(items.c.item_id, items.c.data)
                                  .where(items.c.status == "dead_lettered")).first()

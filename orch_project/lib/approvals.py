@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .connectors.embedded import Effect
+from .contracts import ApprovalPolicy
 from .outbox import dispatch, enqueue, idempotency_key
 from .store import Database, approvals, as_utc, items, utcnow
 
@@ -283,7 +284,7 @@ def escalated_due(now: datetime, priority: str | None, sla_hours: Mapping[str, f
     return now + timedelta(hours=float(hours))
 
 
-def escalate_overdue(db: Database, flow: str, policy: Any, roster: Sequence[Mapping[str, Any]],
+def escalate_overdue(db: Database, flow: str, policy: ApprovalPolicy, roster: Sequence[Mapping[str, Any]],
                      sla_hours: Mapping[str, float], connectors: Any = None, now: datetime | None = None
                      ) -> EscalationReport:
     """Pending approvals past their due date: below the escalation role they move one level up
@@ -292,7 +293,7 @@ def escalate_overdue(db: Database, flow: str, policy: Any, roster: Sequence[Mapp
     them (the resume sensor then makes the item ``rejected``); ``escalate`` leaves them waiting."""
     now = now or utcnow()
     role = policy.escalation_role
-    on_timeout = getattr(policy, "on_timeout", "escalate")
+    on_timeout = policy.on_timeout
     people = [p["id"] for p in roster if p.get("role") == role] or [f"{role}s"]
     q = (sa.select(approvals.c.id, approvals.c.item_id, approvals.c.required_role, approvals.c.due_at,
                    items.c.trace_id, items.c.status.label("item_status"), items.c.data, items.c.escalation_level)

@@ -8,13 +8,13 @@ audited. An intake dead letter has no item (the source never validated): it stay
 source is fixed and submitted again. Replaying a row that is not open changes nothing.
 
 An item whose outside effects failed for good and were compensated carries ``data["compensation"] =
-{"compensated": ["step:action", ...], "retry_keys": [...], "compensation_keys": [...], ...}``. It is
-replayable once every compensation is delivered (until then a new effect could meet the one still to
-be undone). Replaying it puts the failed and cancelled effects (``retry_keys``) back into delivery
-under their own idempotency keys, so a connector that did receive a late first attempt deduplicates
-it, and gives each undone step a new effect generation (``data["effect_generation"][step]``, which the
-flow puts in that step's idempotency key): a voided ticket is replaced by a new one. Steps delivered
-and left in place (a reply cannot be recalled) are not repeated. The compensation record moves to
+{"compensated": ["step:action", ...], "compensation_keys": [...], ...}``. It is replayable once every
+compensation is delivered (until then a new effect could meet the one still to be undone). Replaying it
+gives each undone step a new effect generation (``data["effect_generation"][step]``, which the flow puts
+in that step's idempotency key): a voided ticket is replaced by a new one. The failed and cancelled
+effects keep their keys; the flow puts them back into delivery when it meets the item again (so a
+connector that did receive a late first attempt deduplicates it). Steps delivered and left in place (a
+reply cannot be recalled) are not repeated. The compensation record moves to
 ``data["compensation_history"]``.
 
 Flow-agnostic: ``targets`` maps a failed stage to (status it loads, previous stage); the default is the
@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .outbox import revive, undelivered
+from .outbox import undelivered
 from .store import Database, dlq, items, utcnow
 
 # failed stage -> (status that stage loads, the stage that completed before it)
@@ -91,13 +91,11 @@ def _plan(row: dict[str, Any], item: dict[str, Any] | None, targets: dict[str, t
     return target, None
 
 
-def _fresh_effects(conn, data: dict[str, Any]) -> dict[str, Any]:
-    """Failed and cancelled effects back into delivery, a new generation for undone steps (see the
-    module docstring)."""
+def _fresh_effects(data: dict[str, Any]) -> dict[str, Any]:
+    """A new effect generation for the undone steps (see the module docstring)."""
     comp = data.pop("compensation", None)
     if not comp:
         return data
-    revive(conn, comp.get("retry_keys", []))
     gen = dict(data.get("effect_generation") or {})
     for step in {c.split(":", 1)[0] for c in comp.get("compensated", [])}:
         gen[step] = int(gen.get(step, 0)) + 1
@@ -136,7 +134,7 @@ def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str 
                     "message": why_not}
         status, stage = target
         now = utcnow()
-        data = _fresh_effects(conn, {k: v for k, v in (item["data"] or {}).items() if k != "deferred"})
+        data = _fresh_effects({k: v for k, v in (item["data"] or {}).items() if k != "deferred"})
         data["replays"] = int(data.get("replays", 0)) + 1
         moved = conn.execute(items.update().where(items.c.item_id == row["item_id"],
                                                   items.c.status == "dead_lettered")

@@ -129,14 +129,17 @@ def dispatch(db: Database, connectors: Any, flow: str, item_ids: Sequence[str] |
     return {"delivered": len(ok), "failed": len(bad), "skipped": skipped}
 
 
-def delivered_keys(db: Database, keys: Sequence[str]) -> set[str]:
+def _delivered(conn: Connection, keys: Sequence[str]) -> set[str]:
     out: set[str] = set()
-    with db.begin() as conn:
-        for chunk in chunked(list(keys), 900):
-            q = sa.select(outbox.c.idempotency_key).where(
-                outbox.c.idempotency_key.in_(chunk), outbox.c.status == "delivered")
-            out.update(conn.execute(q).scalars())
+    for chunk in chunked(list(keys), 900):
+        out.update(conn.execute(sa.select(outbox.c.idempotency_key).where(
+            outbox.c.idempotency_key.in_(chunk), outbox.c.status == "delivered")).scalars())
     return out
+
+
+def delivered_keys(db: Database, keys: Sequence[str]) -> set[str]:
+    with db.begin() as conn:
+        return _delivered(conn, keys)
 
 
 def effect_states(db: Database, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -153,19 +156,17 @@ def effect_states(db: Database, keys: Sequence[str]) -> dict[str, dict[str, Any]
 
 def undelivered(conn: Connection, keys: Sequence[str]) -> list[str]:
     """Those of ``keys`` whose effect is not delivered (or not in the outbox at all)."""
-    done: set[str] = set()
-    for chunk in chunked(list(keys), 900):
-        done.update(conn.execute(sa.select(outbox.c.idempotency_key).where(
-            outbox.c.idempotency_key.in_(chunk), outbox.c.status == "delivered")).scalars())
+    done = _delivered(conn, keys)
     return [k for k in keys if k not in done]
 
 
-def revive(conn: Connection, keys: Sequence[str], statuses: Sequence[str] = ("dead", "cancelled", "failed")) -> int:
-    """Put effects taken out of delivery (dead, cancelled) or failing back to ``pending`` with fresh
-    attempts, under the same idempotency keys (so a late first delivery is still deduplicated)."""
+def revive(conn: Connection, keys: Sequence[str]) -> int:
+    """Put effects taken out of delivery (dead, cancelled) back to ``pending`` with fresh attempts,
+    under the same idempotency keys (so a late first delivery is still deduplicated)."""
     n = 0
     for chunk in chunked(list(keys), 900):
-        n += conn.execute(outbox.update().where(outbox.c.idempotency_key.in_(chunk), outbox.c.status.in_(statuses))
+        n += conn.execute(outbox.update().where(outbox.c.idempotency_key.in_(chunk),
+                                                outbox.c.status.in_(("dead", "cancelled")))
                           .values(status="pending", attempts=0, last_error=None)).rowcount
     return n
 

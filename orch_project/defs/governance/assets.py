@@ -29,12 +29,13 @@ class TriageTrainingConfig(dg.Config):
                                                       "(experiments, tests)")
 
 
-def read_labelled(path, text_column: str = "text", label_column: str = "category"):
+def read_labelled(path):
+    """BANKING77's CSV: texts and intents."""
     import csv
 
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    return [r[text_column] for r in rows], [r[label_column] for r in rows]
+    return [r["text"] for r in rows], [r["category"] for r in rows]
 
 
 def _triage_prompt_version() -> str:

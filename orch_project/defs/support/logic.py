@@ -543,9 +543,9 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
     effects = [e for r in rows for e in _action_effects(r)]
     with env.db.begin() as conn:
         enqueue(env.db, conn, FLOW, effects)
-        # every effect of an approved item is meant to go out: one taken out of delivery while the item was
-        # dead-lettered (a replay that ran before the dead-lettering settled its effects) goes back in
-        revive(conn, [e.idempotency_key for e in effects], statuses=("dead", "cancelled"))
+        # every effect of an approved item is meant to go out: one taken out of delivery (dead, cancelled)
+        # while the item was dead-lettered goes back in, with fresh attempts, after a replay
+        revive(conn, [e.idempotency_key for e in effects])
     sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=policy) if rows
             else {"delivered": 0, "failed": 0, "skipped": 0})
     state = effect_states(env.db, [e.idempotency_key for e in effects])
@@ -567,13 +567,14 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
             updates.append(ItemUpdate(iid, "approved", r["data"], "waiting"))
             continue
         delivered = [s for s, x in st.items() if x.get("status") == "delivered"]
-        undone = []
+        undone, undo_keys = [], []
         for s in delivered:
             if s in COMPENSATIONS:
                 connector, action = COMPENSATIONS[s]
                 compensations.append(Effect(comp_keys[s], connector, action, iid, tr,
                                             {"ticket_key": keys[s], "reason": f"{','.join(broken)} failed for good"}))
                 undone.append(f"{s}:{action}")
+                undo_keys.append(comp_keys[s])
         cancelled = [s for s, x in st.items() if x.get("status") in ("pending", "failed") and s not in broken]
         dead.extend(keys[s] for s in broken)
         cancel.extend(keys[s] for s in cancelled)
@@ -583,13 +584,12 @@ def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only
         kept = [s for s in delivered if s not in COMPENSATIONS]
         updates.append(ItemUpdate(iid, "dead_lettered", {**r["data"], "compensation": {
             "failed": broken, "compensated": undone, "left_in_place": kept, "cancelled": cancelled,
-            "retry_keys": [keys[s] for s in broken + cancelled],
-            "compensation_keys": [comp_keys[s] for s in delivered if s in COMPENSATIONS]}}, "dead_lettered",
+            "compensation_keys": undo_keys}}, "dead_lettered",
             dead_letter=("effect_failed", reason)))
         audit_rows.append({"actor": "system:actions", "action": "compensated", "flow": FLOW, "item_id": iid,
                            "trace_id": tr, "reason": reason,
                            "outputs": {"failed": broken, "compensated": undone, "left_in_place": kept,
-                                       "compensation_keys": [comp_keys[s] for s in delivered if s in COMPENSATIONS]}})
+                                       "compensation_keys": undo_keys}})
     md = {"effects_delivered": sent["delivered"], "effects_failed": sent["failed"],
           "effects_waiting_open_circuit": sent.get("skipped", 0),
           "resolved": sum(1 for u in updates if u.status == "resolved"),

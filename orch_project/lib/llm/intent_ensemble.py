@@ -19,6 +19,7 @@ of BANKING77's train.csv (balanced accuracy); benchmarks/README.md has the figur
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -66,7 +67,15 @@ def _plain(text: str) -> str:
     return _DIGITS.sub(lambda m: " " + "0" * min(len(m.group()), 3) + " ", t)
 
 
-_GRAMS: dict[str, list[str]] = {}  # word -> its character 2-5-grams
+@functools.lru_cache(maxsize=200_000)
+def _word_grams(word: str) -> tuple[str, ...]:
+    w = f" {word} "
+    grams: list[str] = []
+    for n in range(2, 6):
+        grams.extend(w[i:i + n] for i in range(max(len(w) - n + 1, 1)))
+        if len(w) <= n:  # a short word counts once
+            break
+    return tuple(grams)
 
 
 def char_wb_grams(doc: str) -> list[str]:
@@ -74,18 +83,7 @@ def char_wb_grams(doc: str) -> list[str]:
     n-grams, in the same order), memoised per word: a word's n-grams do not depend on its neighbours."""
     out: list[str] = []
     for word in doc.lower().split():
-        grams = _GRAMS.get(word)
-        if grams is None:
-            if len(_GRAMS) > 200_000:
-                _GRAMS.clear()
-            w = f" {word} "
-            grams = []
-            for n in range(2, 6):
-                grams.extend(w[i:i + n] for i in range(max(len(w) - n + 1, 1)))
-                if len(w) <= n:  # a short word counts once
-                    break
-            _GRAMS[word] = grams
-        out.extend(grams)
+        out.extend(_word_grams(word))
     return out
 
 
@@ -198,7 +196,7 @@ class IntentEnsemble:
         counts = np.bincount(y, minlength=len(self.classes_))
         self.log_prior_ = np.log(counts / counts.sum())
         self.spec_ = MEMBERS  # saved with the model: files keep scoring with the members they were fitted with
-        first = getattr(self, "seed", 0) * len(MEMBERS)
+        first = self.seed * len(MEMBERS)
         self.members = Parallel(n_jobs=self.n_jobs)(delayed(_fit_member)(kind, X[stem], y, first + i, options)
                                                     for i, (_, kind, stem, _, _, options) in enumerate(MEMBERS))
         return self

@@ -44,8 +44,7 @@ class TriageModel:
     def scores(self, texts: list[str]):
         import numpy as np
 
-        s = np.asarray(self.pipeline.decision_function(texts), dtype=np.float64)
-        return s
+        return np.asarray(self.pipeline.decision_function(texts), dtype=np.float64)
 
     def probabilities(self, texts: list[str]):
         return softmax(self.scores(texts), self.temperature)
