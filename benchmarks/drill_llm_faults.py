@@ -20,7 +20,7 @@ more, so replayed items are reprocessed. Figures before and after the replay are
 "resolved" counts the items that completed the flow without dead-lettering: status resolved, or
 awaiting_approval / approved (outcomes of the flow: the approval gate routed them to a person or
 approved them by policy); those three are also reported separately. ``lost`` = received - accounted
-(logic.status_counts), ``duplicate_effects`` = EmbeddedConnectors.duplicates() summed.
+(lib.pipeline.status_counts), ``duplicate_effects`` = EmbeddedConnectors.duplicates() summed.
 
 Progress goes to stderr; the last line on stdout is one JSON object:
 
@@ -126,19 +126,18 @@ def run(args, work: Path, base_url: str) -> int:
 
     from orch_project.defs.resources import Connectors, LLMGateway, reset_process_caches
     from orch_project.defs.support import logic
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.flow import CFG, SPEC
     from orch_project.lib import dlq as dlq_lib
     from orch_project.lib.intake import submit_to_table
     from orch_project.lib.llm.gateway import Budget
     from orch_project.lib.pipeline import StageEnv
-    from orch_project.lib.sampledata import generate_messages
     from orch_project.lib.settings import Settings
     from orch_project.lib.store import Database, llm_calls
 
     reset_process_caches()
     s = Settings.from_env().ensure_dirs()
     db = Database(s.database_url)
-    msgs = generate_messages(args.items, seed=args.seed, days=[DAY])
+    msgs = fp.generate_messages(args.items, seed=args.seed, days=[DAY])  # BANKING77 sentences, or exit
     submitted = submit_to_table(db, logic.FLOW, msgs, "drill")
     routing_path = work / "routing.drill.yaml"
     routing = write_routing(CFG.routing_path, routing_path, timeout_s=args.timeout_s, max_retries=args.max_retries,
@@ -153,9 +152,7 @@ def run(args, work: Path, base_url: str) -> int:
         env = StageEnv(db, logic.FLOW, [DAY], run_id=run_id)
 
         def gateway():
-            return llm.gateway(db, flow=logic.FLOW, run_id=run_id, routing_path=routing_path,
-                               prompts_dir=CFG.prompts_dir, prompt_versions=CFG.prompt_versions,
-                               budget=Budget(max_tokens_per_run=10**10, daily_token_cap=10**10))
+            return llm.gateway(db, SPEC, run_id=run_id, routing_path=routing_path, budget=Budget(max_tokens_per_run=10**10, daily_token_cap=10**10))
 
         for name, fn in (("intake", lambda: logic.intake_stage(env, CFG, s.inbox_dir, s.pii_salt)),
                          ("triage", lambda: logic.triage_stage(env, CFG, gateway())),

@@ -11,7 +11,7 @@ support flow's intake stage:
 
 Asserts: intake never crashes; every input is in the intake log exactly once (accepted, duplicate or
 dead_lettered); every rejected input has a dlq row (stage intake) with an error type and a reason that
-names fields without echoing the input's values; nothing is lost (logic.status_counts); a second intake
+names fields without echoing the input's values; nothing is lost (lib.pipeline.status_counts); a second intake
 run (re-execution) reads nothing again. Some mutations leave a message valid (e.g. control characters
 other than NUL are allowed text): those are accepted as items, reported as ``resolved``. The drill
 runs intake alone, which has no outside effects: ``duplicate_effects`` is there to keep the drills'
@@ -183,7 +183,8 @@ def run(args) -> int:
 
     from orch_project.defs.resources import Connectors, reset_process_caches
     from orch_project.defs.support import logic
-    from orch_project.defs.support.assets import CFG
+    from orch_project.lib.pipeline import status_counts
+    from orch_project.defs.support.flow import CFG, SPEC
     from orch_project.lib.intake import drop_file
     from orch_project.lib.pipeline import StageEnv
     from orch_project.lib.settings import Settings
@@ -241,7 +242,7 @@ def run(args) -> int:
                                 .where(intake.c.flow == logic.FLOW)).all())
         dead = {r.source_key: r for r in conn.execute(sa.select(dlq.c.source_key, dlq.c.error_type, dlq.c.reason,
                                                                 dlq.c.stage, dlq.c.item_id))}
-    st = logic.status_counts(db)
+    st = status_counts(db, "support")
     outcomes = Counter(log.values())
     missing = expected_keys - set(log)
     rejected = {k for k, o in log.items() if o == "dead_lettered"}

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/drill_sigkill.py [--items N] [--seed S] [--kill-at actions|mid|draft]
                                                  [--model-json FILE] [--no-rerun]
 
-N generated messages (default 2,000, ``lib.sampledata.generate_messages``) of one day partition are
+N generated messages (default 2,000, ``defs.support.sample_data.generate_messages``) of one day partition are
 submitted to the inbox table of a fresh app database (SQLite, or ``--database-url``); ``support_flow_job``
 runs for that partition in a child process (``benchmarks/flow_process.py run``: ``dagster.execute_job``
 on a persistent SQLite Dagster instance in ``<work>/dagster_home`` configured with the project's

@@ -13,7 +13,9 @@ worker died: a SIGKILLed process cannot report its own failure), then re-execute
 only the steps that did not succeed run again. The last stdout line is ``{"run_id", "status", "success"}``.
 
 As a module it offers the drills' setup: the environment of a fresh work dir, training and promoting
-the triage model, submitting generated messages, and the figures (lost, duplicate effects).
+the triage model, submitting generated messages, and the figures (lost, duplicate effects). Both the
+model and the generated messages need BANKING77 in the data directory (``$ORCH_DATA_DIR/banking77``,
+default ``../shared/data``); without it the benchmarks exit with a message saying where to point it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,38 @@ PAST_TRIAGE = ("triaged", "assigned", "grounded", "drafted", "awaiting_approval"
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def require_dataset(name: str = "banking77") -> Path:
+    """The public dataset's folder (``orch_project.lib.datasets``); exit with the DatasetMissing message
+    (which dataset, where it looked, to set ORCH_DATA_DIR) when it is not there."""
+    from orch_project.lib import datasets
+
+    try:
+        return datasets.dataset_dir(name)
+    except datasets.DatasetMissing as exc:
+        raise SystemExit(f"benchmark needs a public dataset: {exc}") from None
+
+
+def banking77(split: str = "train") -> tuple[list[str], list[str]]:
+    """BANKING77 texts and intents, or exit like ``require_dataset``."""
+    from orch_project.lib import datasets
+
+    try:
+        return datasets.read_banking77(split)
+    except datasets.DatasetMissing as exc:
+        raise SystemExit(f"benchmark needs a public dataset: {exc}") from None
+
+
+def generate_messages(n: int, **kwargs) -> list[dict]:
+    """The support sample generator's messages (BANKING77 core sentences), or exit like ``require_dataset``."""
+    from orch_project.defs.support.sample_data import generate_messages as generate
+    from orch_project.lib import datasets
+
+    try:
+        return generate(n, **kwargs)
+    except datasets.DatasetMissing as exc:
+        raise SystemExit(f"benchmark needs a public dataset: {exc}") from None
 
 
 # --- child process ---------------------------------------------------------------------------------
@@ -110,15 +144,11 @@ def drill_env(work: Path, database_url: str | None = None, dagster_yaml: str = "
 
 
 def train_and_promote(db, models_dir: Path) -> str:
-    """Train the triage model (about 20-25 s) and register + promote it in ``db``."""
-    import csv
-
+    """Train the triage model on BANKING77 (about 20-25 s) and register + promote it in ``db``."""
     from orch_project.lib.llm import triage_model as tm
-    from orch_project.lib.settings import BANKING77_DIR
 
-    with open(BANKING77_DIR / "train.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    model = tm.train([r["text"] for r in rows], [r["category"] for r in rows])
+    texts, labels = banking77("train")
+    model = tm.train(texts, labels)
     register_and_promote(db, model.version, model.save(models_dir), model.metrics)
     return model.version
 
@@ -135,7 +165,6 @@ def register_and_promote(db, version: str, path, metrics: dict) -> None:
 def submit(db, n: int, day: str, seed: int) -> int:
     from orch_project.defs.support.logic import FLOW
     from orch_project.lib.intake import submit_to_table
-    from orch_project.lib.sampledata import generate_messages
 
     return submit_to_table(db, FLOW, generate_messages(n, seed=seed, days=[day]), "drill")
 
@@ -197,8 +226,9 @@ def unfinished_steps(instance, run_id: str) -> list[str]:
 def figures(db, n_items: int) -> dict:
     from orch_project.defs.resources import Connectors
     from orch_project.defs.support import logic
+    from orch_project.lib.pipeline import status_counts
 
-    st = logic.status_counts(db)
+    st = status_counts(db, "support")
     states = st["states"]
     dups = Connectors().client().duplicates()
     resolved = sum(states.get(s, 0) for s in FLOW_DONE)

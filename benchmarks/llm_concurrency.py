@@ -29,7 +29,7 @@ import yaml
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_process import say, work_env  # noqa: E402
+from flow_process import generate_messages, say, work_env  # noqa: E402
 from orch_project_tests import fake_openai  # noqa: E402
 
 DAY = "2026-11-20"
@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, work: Path, base_url: str) -> int:
     from orch_project.defs.resources import LLMGateway
     from orch_project.defs.support import logic
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.flow import CFG, SPEC
     from orch_project.lib.intake import submit_to_table
     from orch_project.lib.llm.gateway import Budget
     from orch_project.lib.pipeline import StageEnv
-    from orch_project.lib.sampledata import generate_messages
     from orch_project.lib.settings import Settings
     from orch_project.lib.store import Database, llm_calls
 
@@ -84,9 +83,7 @@ def run(args, work: Path, base_url: str) -> int:
     env = StageEnv(db, logic.FLOW, [DAY], run_id="llm-concurrency")
 
     def gateway():
-        return llm.gateway(db, flow=logic.FLOW, run_id=env.run_id, routing_path=routing_path,
-                           prompts_dir=CFG.prompts_dir, prompt_versions=CFG.prompt_versions,
-                           budget=Budget(max_tokens_per_run=10**9, daily_token_cap=10**9))
+        return llm.gateway(db, SPEC, run_id=env.run_id, routing_path=routing_path, budget=Budget(max_tokens_per_run=10**9, daily_token_cap=10**9))
 
     logic.intake_stage(env, CFG, s.inbox_dir, s.pii_salt)
     say("triage ...")

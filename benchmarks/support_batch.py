@@ -36,7 +36,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_process import say, work_env  # noqa: E402
+from flow_process import generate_messages, require_dataset, say, work_env  # noqa: E402
 
 TARGET_TICKETS_PER_S = 1000
 TARGET_RATIO = 1.15
@@ -66,8 +66,9 @@ def train_model(work: Path, instance) -> list[dict]:
 
     env = use_home(work / "train")
     t0 = time.perf_counter()
+    no_stand_in = {"ops": {"triage_model": {"config": {"allow_generated_sample": False}}}}  # BANKING77 only
     res = defs.resolve_job_def("train_triage_model_job").execute_in_process(
-        instance=instance, run_config=QUIET, raise_on_error=False)
+        instance=instance, run_config={**QUIET, **no_stand_in}, raise_on_error=False)
     if not res.success:
         raise SystemExit("training the triage model failed")
     with Database(env["ORCH_DATABASE_URL"]).begin() as conn:
@@ -108,7 +109,7 @@ def run_bare(day: str, cold_model: bool) -> tuple[float, dict[str, float]]:
     from orch_project.defs import resources
     from orch_project.defs.resources import AppDatabase, Connectors, LLMGateway
     from orch_project.defs.support import logic
-    from orch_project.defs.support.assets import CFG, flow_gateway
+    from orch_project.defs.support.flow import CFG, SPEC
     from orch_project.lib.pipeline import StageEnv
     from orch_project.lib.settings import Settings
     from orch_project.lib.telemetry import get_logger
@@ -130,10 +131,10 @@ def run_bare(day: str, cold_model: bool) -> tuple[float, dict[str, float]]:
     env = StageEnv(db, logic.FLOW, [day], run_id="bare", attempt=1, logger=get_logger(s.logs_dir))
 
     timed("intake", logic.intake_stage, env, CFG, s.inbox_dir, s.pii_salt)
-    timed("triage", lambda: logic.triage_stage(env, CFG, flow_gateway(llm, env)))
+    timed("triage", lambda: logic.triage_stage(env, CFG, llm.gateway(env.db, SPEC, run_id=env.run_id)))
     timed("assignment", logic.assign_stage, env, CFG)
     timed("knowledge", logic.knowledge_stage, env, CFG)
-    timed("draft", lambda: logic.draft_stage(env, CFG, flow_gateway(llm, env)))
+    timed("draft", lambda: logic.draft_stage(env, CFG, llm.gateway(env.db, SPEC, run_id=env.run_id)))
     timed("approval_gate", logic.approval_gate_stage, env, CFG)
     timed("actions", lambda: logic.actions_stage(env, CFG, Connectors().client()))
     timed("survey", lambda: logic.survey_stage(env, CFG, Connectors().client()))
@@ -180,10 +181,10 @@ def run_dagster(instance, day: str, cold_model: bool, profile: bool) -> tuple[fl
 
 
 def validate(label: str, url: str, n: int) -> dict:
-    from orch_project.defs.support.logic import status_counts
+    from orch_project.lib.pipeline import status_counts
     from orch_project.lib.store import Database
 
-    st = status_counts(Database(url))
+    st = status_counts(Database(url), "support")
     states = st["states"]
     done = states.get("resolved", 0) + states.get("awaiting_approval", 0) + states.get("dead_lettered", 0)
     say(f"    {label:8s} received {st['received']}, resolved {states.get('resolved', 0)}, awaiting_approval "
@@ -241,12 +242,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, work: Path) -> int:
     t_all = time.perf_counter()
     say(f"support_batch: {args.tickets} tickets, day {args.day}, seed {args.seed}, work dir {work}")
+    require_dataset("banking77")  # the model and the messages: exit with where to point ORCH_DATA_DIR
     say("importing the code location...")
     import dagster as dg
 
     from orch_project.definitions import defs  # noqa: F401  (import cost outside every measurement)
-    from orch_project.lib.sampledata import generate_messages
-
     from orch_project.lib.settings import REPO_DIR
 
     # A persistent SQLite instance configured like the project's own (dagster.yaml: telemetry off,
@@ -286,11 +286,11 @@ def run(args, work: Path) -> int:
     say(f"dagster: {dag_s:.3f} s ({args.tickets / dag_s:.0f} tickets/s)")
 
     say("per stage (s):        bare   dagster step")
-    from orch_project.defs.support.assets import FLOW_ASSETS
-    from orch_project.defs.support.logic import FLOW_STAGES
+    from orch_project.defs.support.flow import SPEC
+    from orch_project.kit import stage_asset_key
 
-    step_names = [a.key.to_user_string() for a in FLOW_ASSETS]
-    for stage, step in zip(FLOW_STAGES, step_names):
+    for stage in SPEC.stage_names:
+        step = stage_asset_key(SPEC, stage).to_user_string()
         d = steps.get(step)
         say(f"    {stage:14s} {bare_stages.get(stage, float('nan')):8.3f} {d if d is not None else float('nan'):8.3f}")
     say(f"    {'sum':14s} {sum(bare_stages.values()):8.3f} {sum(steps.values()):8.3f}"

@@ -1,6 +1,7 @@
 """The embedded triage model on BANKING77: train on train.csv (a tenth held out for calibration and
 the gate, exactly as the triage_model asset does), evaluate once on test.csv, measure prediction
-throughput.
+throughput. BANKING77 is read from the data directory (``$ORCH_DATA_DIR/banking77``, default
+``../shared/data``, see ``orch_project.lib.datasets``); without it the benchmark exits with that message.
 
     .venv/bin/python benchmarks/triage_model.py
 
@@ -17,7 +18,6 @@ texts at least one member gets right (the ceiling for any combination of these m
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -27,12 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TARGET_ACCURACY = 0.93
 TARGET_TRAIN_SECONDS = 60.0
-
-
-def read(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    return [r["text"] for r in rows], [r["category"] for r in rows]
 
 
 def members_on(model, texts: list[str], labels: list[str]) -> dict[str, float]:
@@ -50,11 +44,15 @@ def members_on(model, texts: list[str], labels: list[str]) -> dict[str, float]:
 def main() -> int:
     from sklearn.metrics import f1_score
 
+    from orch_project.lib import datasets
     from orch_project.lib.llm import triage_model as tm
-    from orch_project.lib.settings import BANKING77_DIR
 
-    x_tr, y_tr = read(BANKING77_DIR / "train.csv")
-    x_te, y_te = read(BANKING77_DIR / "test.csv")
+    try:
+        x_tr, y_tr = datasets.read_banking77("train")
+        x_te, y_te = datasets.read_banking77("test")
+    except datasets.DatasetMissing as exc:
+        print(f"benchmark needs a public dataset: {exc}", file=sys.stderr)
+        return 2
     print(f"training {tm.CODE_VERSION} on {len(x_tr)} examples ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     model = tm.train(x_tr, y_tr)

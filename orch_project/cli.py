@@ -1,8 +1,9 @@
 """`orch`: the command line for people running orch_project.
 
-    orch demo                 seed the inbox with the shipped samples and run the support loop
-    orch submit FILE...       put messages in the inbox (.eml/.json files; .jsonl into the inbox table)
-    orch status [--json]      where every received message is now (received == sum of states)
+    orch flows [--json]       the flows and their counts
+    orch demo                 seed every flow's inbox with its shipped samples and run every flow
+    orch submit FILE... [--flow F]   put sources in a flow's inbox (files into its folder; .jsonl into its table)
+    orch status [--json] [--flow F]  where every received source is now (received == sum of states, per flow)
     orch dlq list [--json]    the dead-letter queue
     orch dlq show ID [--json]           one dead letter and whether it can be replayed
     orch dlq replay ID|--all [--json]   put dead-lettered items back in the flow
@@ -28,9 +29,7 @@ from pathlib import Path
 
 import click
 
-from .lib.settings import REPO_DIR, SAMPLES_DIR, Settings
-
-FLOW = "support"
+from .lib.settings import REPO_DIR, Settings
 
 
 def _settings() -> Settings:
@@ -66,6 +65,26 @@ def _out(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def flow_spec(name: str | None):
+    """The flow named by --flow (or the only one there is); a usage error lists the flows otherwise."""
+    from .kit.registry import resolve
+
+    try:
+        return resolve(name)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0]))
+
+
+def all_flows() -> dict:
+    from .kit.registry import discover
+
+    return discover()
+
+
+flow_option = click.option("--flow", "flow", default=None, metavar="FLOW",
+                           help="the flow (see `orch flows`); optional while only one flow exists")
+
+
 @click.group(help=__doc__)
 def main() -> None:
     pass
@@ -79,14 +98,17 @@ def init() -> None:
     click.echo(f"ORCH_HOME={s.home}\nDAGSTER_HOME={home}\napp database: {s.database_url}")
 
 
-def submit_paths(s: Settings, paths: list[Path]) -> dict[str, int]:
-    """.eml/.json files are dropped atomically into the inbox folder; .jsonl lines go to the inbox table."""
+def submit_paths(s: Settings, paths: list[Path], spec=None) -> dict[str, int]:
+    """Files the flow reads (its intake suffixes) are dropped atomically into the flow's inbox folder;
+    .jsonl lines go to the flow's rows of the inbox table."""
     from .lib.intake import drop_file, submit_to_table
 
+    spec = spec or flow_spec(None)
+    suffixes = tuple(spec.intake.suffixes)
     counts = {"files_added": 0, "files_already_there": 0, "table_rows_added": 0, "table_rows_already_there": 0}
     for p in paths:
         if p.is_dir():
-            sub = submit_paths(s, sorted(x for x in p.iterdir() if x.suffix in (".eml", ".json", ".jsonl")))
+            sub = submit_paths(s, sorted(x for x in p.iterdir() if x.suffix in (*suffixes, ".jsonl")), spec)
             for k, v in sub.items():
                 counts[k] += v
         elif p.suffix == ".jsonl":
@@ -97,39 +119,73 @@ def submit_paths(s: Settings, paths: list[Path]) -> dict[str, int]:
                         msgs.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise click.ClickException(f"{p}:{n}: not JSON ({exc.msg}); fix the line and submit again")
-            added = submit_to_table(_db(s), FLOW, msgs, submitted_by=f"cli:{p.name}")
+            added = submit_to_table(_db(s), spec.name, msgs, submitted_by=f"cli:{p.name}")
             counts["table_rows_added"] += added
             counts["table_rows_already_there"] += len(msgs) - added
-        elif p.suffix in (".eml", ".json"):
-            if drop_file(s.inbox_dir, p.name, p.read_bytes()):
+        elif p.suffix in suffixes:
+            if drop_file(spec.inbox_dir(s.inbox_dir), p.name, p.read_bytes()):
                 counts["files_added"] += 1
             else:
                 counts["files_already_there"] += 1
         else:
-            raise click.ClickException(f"{p}: expected .eml, .json, .jsonl or a folder of them")
+            raise click.ClickException(f"{p}: flow {spec.name} reads {', '.join(suffixes)} files, .jsonl or a "
+                                       "folder of them")
     return counts
 
 
-@main.command(help="Put messages in the inbox: .eml/.json files into the inbox folder, .jsonl lines into the "
-                   "inbox table. Submitting the same file twice adds nothing.")
+@main.command(help="Put sources in a flow's inbox: files into the flow's inbox folder (ORCH_INBOX_DIR/<flow>), "
+                   ".jsonl lines into its rows of the inbox table. Submitting the same file twice adds nothing.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def submit(paths: tuple[Path, ...]) -> None:
+@flow_option
+def submit(paths: tuple[Path, ...], flow: str | None) -> None:
     s = _settings()
-    _out(submit_paths(s, list(paths)))
+    _out(submit_paths(s, list(paths), flow_spec(flow)))
 
 
-@main.command(help="Counts by state. Exit code 1 if any received message is unaccounted for.")
+def _status_all(flow: str | None) -> dict:
+    from .lib.pipeline import status_counts
+
+    db = open_db()
+    names = [flow_spec(flow).name] if flow else list(all_flows())
+    per = {n: status_counts(db, n) for n in names}
+    return {"flows": per, "received": sum(v["received"] for v in per.values()),
+            "accounted": sum(v["accounted"] for v in per.values()), "lost": sum(v["lost"] for v in per.values())}
+
+
+@main.command(help="Counts by state, per flow (every flow without --flow, with the total). Exit code 1 if any "
+                   "received source is unaccounted for.")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(as_json: bool) -> None:
-    from .defs.support.logic import status_counts
-
-    st = status_counts(open_db())
+@flow_option
+def status(as_json: bool, flow: str | None) -> None:
+    out = _status_all(flow)
     if as_json:
-        _out(st)
+        _out(out["flows"][flow] if flow else out)
     else:
-        click.echo(f"received {st['received']}  " + "  ".join(f"{k} {v}" for k, v in st["states"].items()))
-        click.echo(f"escalated {st['escalated']}  open dead letters {st['dlq_open']}  unaccounted {st['lost']}")
-    sys.exit(1 if st["lost"] else 0)
+        for name, st in out["flows"].items():
+            click.echo(f"{name}: received {st['received']}  " + "  ".join(f"{k} {v}" for k, v in st["states"].items()))
+            click.echo(f"  escalated {st['escalated']}  open dead letters {st['dlq_open']}  unaccounted {st['lost']}")
+        if not flow:
+            click.echo(f"total: received {out['received']}  unaccounted {out['lost']}")
+    sys.exit(1 if out["lost"] else 0)
+
+
+@main.command(help="The flows of the project with their stages and counts (received, open, resolved, dead-lettered).")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def flows(as_json: bool) -> None:
+    out = _status_all(None)
+    rows = []
+    for name, spec in all_flows().items():
+        st = out["flows"][name]
+        rows.append({"flow": name, "title": spec.title, "stages": list(spec.stage_names), "received": st["received"],
+                     "in_progress": st["in_progress"], "resolved": st["states"].get("resolved", 0),
+                     "dead_lettered": st["states"].get("dead_lettered", 0), "lost": st["lost"],
+                     "inbox": str(spec.inbox_dir(_settings().inbox_dir))})
+    if as_json:
+        _out(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['flow']:<12} {r['title']:<28} received {r['received']:<6} in progress {r['in_progress']:<5} "
+                   f"resolved {r['resolved']:<6} dead-lettered {r['dead_lettered']:<5} inbox {r['inbox']}")
 
 
 @main.group(help="The dead-letter queue.")
@@ -137,10 +193,11 @@ def dlq() -> None:
     pass
 
 
-@dlq.command("list", help="Dead letters, newest first.")
+@dlq.command("list", help="Dead letters, newest first (every flow's, or one flow's with --flow).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--status", "state", default="open", show_default=True, help="open | replayed | discarded | all")
-def dlq_list(as_json: bool, state: str) -> None:
+@click.option("--flow", "flow", default=None, metavar="FLOW", help="only this flow's dead letters")
+def dlq_list(as_json: bool, state: str, flow: str | None) -> None:
     import sqlalchemy as sa
 
     from .lib.store import dlq as dlq_table
@@ -149,6 +206,8 @@ def dlq_list(as_json: bool, state: str) -> None:
     q = sa.select(dlq_table).order_by(dlq_table.c.id.desc())
     if state != "all":
         q = q.where(dlq_table.c.status == state)
+    if flow:
+        q = q.where(dlq_table.c.flow == flow_spec(flow).name)
     with db.begin() as conn:
         rows = [dict(r) for r in conn.execute(q).mappings()]
     if as_json:
@@ -157,19 +216,23 @@ def dlq_list(as_json: bool, state: str) -> None:
     if not rows:
         click.echo("dead-letter queue is empty")
     for r in rows:
-        click.echo(f"#{r['id']:<5} {r['stage']:<10} {r['error_type']:<12} {r['item_id'] or r['source_key']}: {r['reason']}")
+        click.echo(f"#{r['id']:<5} {r['flow']:<10} {r['stage']:<10} {r['error_type']:<12} "
+                   f"{r['item_id'] or r['source_key']}: {r['reason']}")
 
 
 @dlq.command("show", help="One dead letter, the item's current status/stage, and whether it can be replayed.")
 @click.argument("dlq_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def dlq_show(dlq_id: int, as_json: bool) -> None:
+@click.option("--flow", "flow", default=None, metavar="FLOW", help="refuse a dead letter of another flow")
+def dlq_show(dlq_id: int, as_json: bool, flow: str | None) -> None:
     from .lib import dlq as dlq_lib
 
     try:
         row = dlq_lib.show(open_db(), dlq_id)
     except dlq_lib.DLQError as exc:
         raise click.ClickException(str(exc))
+    if flow and row["flow"] != flow_spec(flow).name:
+        raise click.ClickException(f"dead letter #{dlq_id} belongs to flow {row['flow']!r}, not {flow!r}")
     if as_json:
         _out(row)
         return
@@ -190,9 +253,10 @@ def dlq_show(dlq_id: int, as_json: bool) -> None:
                             "open replayable dead letter. Intake dead letters need the source fixed and submitted "
                             "again. Exit 1 if the dead letter cannot be replayed.")
 @click.argument("dlq_id", type=int, required=False)
-@click.option("--all", "replay_every", is_flag=True, help="every open dead letter")
+@click.option("--all", "replay_every", is_flag=True, help="every open dead letter of the flow")
 @click.option("--json", "as_json", is_flag=True)
-def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
+@flow_option
+def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool, flow: str | None) -> None:
     from .lib import dlq as dlq_lib
 
     if (dlq_id is None) == (not replay_every):
@@ -200,7 +264,7 @@ def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
     db = open_db()
     actor = f"cli:{os.environ.get('USER', 'unknown')}"
     if replay_every:
-        out = dlq_lib.replay_all(db, FLOW, actor=actor)
+        out = dlq_lib.replay_all(db, flow_spec(flow).name, actor=actor)
         if as_json:
             _out(out)
         else:
@@ -210,7 +274,7 @@ def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
                     click.echo(f"  #{r['id']}: {r['message']}")
         return
     try:
-        out = dlq_lib.replay(db, dlq_id, actor=actor)
+        out = dlq_lib.replay(db, dlq_id, actor=actor, flow=flow_spec(flow).name if flow else None)
     except dlq_lib.DLQError as exc:
         raise click.ClickException(str(exc))
     if as_json:
@@ -221,14 +285,17 @@ def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
-@main.command(help="The audit trail of one item.")
+@main.command(help="The audit trail of one item of a flow.")
 @click.argument("item_id")
-def audit(item_id: str) -> None:
-    from .defs.support.logic import audit_for
+@flow_option
+def audit(item_id: str, flow: str | None) -> None:
+    from .lib.pipeline import audit_for
 
-    rows = audit_for(open_db(), item_id)
+    spec = flow_spec(flow)
+    rows = audit_for(open_db(), spec.name, item_id)
     if not rows:
-        raise click.ClickException(f"no audit entries for {item_id!r}; check the id with `orch status` / the items table")
+        raise click.ClickException(f"no audit entries for {item_id!r} in flow {spec.name!r}; check the id with "
+                                   "`orch status` / the items table")
     _out(rows)
 
 
@@ -325,16 +392,16 @@ def pii_redact(names: tuple[str, ...]) -> None:
     click.echo(detector.mask(_stdin_text(), list(names)).text, nl=False)
 
 
-@main.command(help="Run the support loop on the embedded default: seed the inbox with the shipped samples, "
-                   "train the triage model if none is promoted, let the intake sensor micro-batch new messages "
-                   "into day partitions, run them, fold in survey answers, and write the KPI report. "
+@main.command(help="Run every flow on the embedded default: seed each flow's inbox with its shipped samples, "
+                   "train models none is promoted for, let each intake sensor micro-batch new sources into day "
+                   "partitions, run them, run the ops jobs and write the KPI reports; one summary per flow. "
                    "Idempotent: a second run adds nothing.")
-@click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path), default=SAMPLES_DIR,
-              show_default=True)
-def demo(samples: Path) -> None:
+@click.option("--flow", "only", multiple=True, metavar="FLOW", help="run only these flows (repeatable)")
+def demo(only: tuple[str, ...]) -> None:
     from .demo import run_demo
 
-    sys.exit(run_demo(_settings(), _dagster_home, samples, submit_paths))
+    specs = [flow_spec(n) for n in only] if only else list(all_flows().values())
+    sys.exit(run_demo(_settings(), _dagster_home, specs, submit_paths))
 
 
 

@@ -18,14 +18,28 @@ import click
 
 
 
-def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str | None) -> None:
-    from .cli import FLOW, open_db
-    from .defs.support.logic import SupportConfig
+def _flow_of(item_id: str, flow: str | None):
+    """The flow named by --flow; without it, the one flow with a pending approval for ``item_id``."""
+    from .cli import all_flows, flow_spec, open_db
     from .lib import approvals as hitl
 
-    cfg = SupportConfig()
+    if flow or len(all_flows()) == 1:
+        return flow_spec(flow)
+    owners = sorted({r["flow"] for r in hitl.pending(open_db()) if r["item_id"] == item_id})
+    if len(owners) != 1:
+        raise click.UsageError(f"item {item_id!r} has a pending approval in {', '.join(owners) or 'no flow'}: "
+                               "say which with --flow")
+    return flow_spec(owners[0])
+
+
+def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str | None, flow: str | None) -> None:
+    from .cli import open_db
+    from .lib import approvals as hitl
+
+    spec = _flow_of(item_id, flow)
     try:
-        out = hitl.decide(open_db(), item_id, decision, reviewer, reason, edited, cfg.roster, flow=FLOW)
+        out = hitl.decide(open_db(), item_id, decision, reviewer, reason, edited, spec.config.roster,
+                          flow=spec.name)
     except hitl.ApprovalError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"{out['item_id']}: {out['status']} by {out['decided_by']}"
@@ -39,23 +53,25 @@ def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str
 @click.option("--as", "reviewer", required=True, help="your roster id (e.g. a-ravi) or name")
 @click.option("--reason", default="", help="why (recorded in the audit log)")
 @click.option("--edit-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="a file with the corrected reply text")
-def approve(item_id: str, reviewer: str, reason: str, edit_file: Path | None) -> None:
+              help="a file with the corrected text (the flow's editable field, e.g. the reply)")
+@click.option("--flow", "flow", default=None, metavar="FLOW", help="the item's flow (needed when ids collide)")
+def approve(item_id: str, reviewer: str, reason: str, edit_file: Path | None, flow: str | None) -> None:
     edited = None
     if edit_file is not None:
         try:
             edited = edit_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise click.ClickException(f"{edit_file}: not UTF-8 text")
-    _decide(item_id, "approve", reviewer, reason, edited)
+    _decide(item_id, "approve", reviewer, reason, edited, flow)
 
 
 @click.command(help="Reject an item waiting for a human (terminal: nothing is sent). A reason is required.")
 @click.argument("item_id")
 @click.option("--as", "reviewer", required=True, help="your roster id (e.g. a-ravi) or name")
 @click.option("--reason", required=True, help="why (recorded in the audit log)")
-def reject(item_id: str, reviewer: str, reason: str) -> None:
-    _decide(item_id, "reject", reviewer, reason, None)
+@click.option("--flow", "flow", default=None, metavar="FLOW", help="the item's flow (needed when ids collide)")
+def reject(item_id: str, reviewer: str, reason: str, flow: str | None) -> None:
+    _decide(item_id, "reject", reviewer, reason, None, flow)
 
 
 @click.group(help="The approvals queue.")
@@ -66,11 +82,12 @@ def review() -> None:
 @review.command("list", help="Pending approvals, earliest due first: item, reason, required role, due date, "
                              "overdue flag.")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def review_list(as_json: bool) -> None:
-    from .cli import FLOW, open_db
+@click.option("--flow", "flow", default=None, metavar="FLOW", help="only this flow's approvals (default: every flow)")
+def review_list(as_json: bool, flow: str | None) -> None:
+    from .cli import flow_spec, open_db
     from .lib import approvals as hitl
 
-    rows = hitl.pending(open_db(), FLOW)
+    rows = hitl.pending(open_db(), flow_spec(flow).name if flow else None)
 
     def _iso(v):
         return v.isoformat() if isinstance(v, datetime) else v
@@ -84,4 +101,6 @@ def review_list(as_json: bool) -> None:
     for r in rows:
         due = r["due_at"].strftime("%Y-%m-%d %H:%M") if r["due_at"] else "-"
         flag = "  OVERDUE" if r["overdue"] else ""
-        click.echo(f"{r['item_id']:<28} {r['reason']:<15} needs {r['required_role']:<10} due {due}{flag}")
+        shown = "  ".join(f"{k} {v}" for k, v in r["fields"].items() if v is not None)
+        click.echo(f"{r['flow']:<10} {r['item_id']:<28} {r['reason']:<15} needs {r['required_role']:<10} due {due}"
+                   f"{flag}  {shown}")

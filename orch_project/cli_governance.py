@@ -22,7 +22,7 @@ def _report_served(out: dict, actor: str) -> None:
     import dagster as dg
 
     from .cli import _dagster_home, _settings, open_db
-    from .defs.governance.assets import served_model_event
+    from .defs.support.triage_model import served_model_event
     from .lib.llm import registry
 
     _dagster_home(_settings())

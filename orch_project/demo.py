@@ -1,16 +1,13 @@
-"""`orch demo`: the support loop end to end through Dagster on the embedded default."""
+"""`orch demo`: every flow end to end through Dagster on the embedded default, one summary per flow."""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import click
 
 from .lib.settings import Settings
 
-SENSOR_CURSOR_KEY = "orch_demo/support_intake_sensor"
 # The run's event log is in the Dagster UI; the terminal only shows warnings and errors.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -19,44 +16,68 @@ def _step(msg: str) -> None:
     click.echo(click.style("==> ", fg="cyan") + msg)
 
 
-def run_demo(s: Settings, dagster_home, samples: Path, submit_paths) -> int:
+def run_demo(s: Settings, dagster_home, specs, submit_paths) -> int:
     import dagster as dg
 
-    from .defs.resources import _embedded, default_resources
-    from .defs.support.logic import status_counts
     from .definitions import defs
-    from .lib.llm.registry import promoted_model_path
     from .lib.store import Database
 
     t0 = time.perf_counter()
     home = dagster_home(s)
     db = Database(s.database_url)
-    _step(f"seeding the inbox from {samples}")
-    counts = submit_paths(s, [samples / "inbox", samples / "malformed", samples / "inbox_table.jsonl"])
-    click.echo(f"    {counts}")
     instance = dg.DagsterInstance.get()
     _step(f"Dagster instance at {home}")
+    failed = 0
+    lost = 0
+    summaries = []
+    for spec in specs:
+        ok, summary = _run_flow(s, db, defs, instance, spec, submit_paths)
+        failed += 0 if ok else 1
+        lost += summary["lost"]
+        summaries.append(summary)
+    for summary in summaries:
+        click.echo("")
+        click.echo(click.style(summary["title"], bold=True))
+        for label, value in summary["lines"]:
+            click.echo(f"  {label:<21} {value}")
+    click.echo(f"\n  took {time.perf_counter() - t0:.1f} s; browse the runs with `make dev` (http://127.0.0.1:3000)")
+    return 1 if failed or lost else 0
 
-    if promoted_model_path(db, "triage")[0] is None:
-        _step("training the triage model (first run only, ~40 s)")
-        res = defs.resolve_job_def("train_triage_model_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
-        if not res.success:
-            click.echo("training failed; see the run in the Dagster UI (make dev)", err=True)
-            return 2
 
-    _step("evaluating support_intake_sensor")
-    sensor = defs.get_sensor_def("support_intake_sensor")
-    stored = instance.run_storage.get_cursor_values({SENSOR_CURSOR_KEY}).get(SENSOR_CURSOR_KEY)
+def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool, dict]:
+    import dagster as dg
+
+    from .defs.resources import default_resources
+    from .lib.pipeline import status_counts
+
+    name = spec.name
+    demo = spec.demo
+    ok = True
+    if demo is not None:
+        _step(f"[{name}] seeding the inbox from the flow's shipped samples")
+        click.echo(f"    {demo.seed(lambda paths: submit_paths(s, list(paths), spec))}")
+        for job_name in demo.setup_jobs(db):
+            _step(f"[{name}] {job_name} (first run only)")
+            res = defs.resolve_job_def(job_name).execute_in_process(instance=instance, run_config=QUIET,
+                                                                    raise_on_error=False)
+            if not res.success:
+                click.echo(f"    {job_name} failed; see the run in the Dagster UI (make dev)", err=True)
+                return False, {"title": f"{spec.title} summary", "lines": [("setup failed", job_name)], "lost": 0}
+
+    _step(f"[{name}] evaluating {name}_intake_sensor")
+    sensor = defs.get_sensor_def(f"{name}_intake_sensor")
+    cursor_key = f"orch_demo/{name}_intake_sensor"
+    stored = instance.run_storage.get_cursor_values({cursor_key}).get(cursor_key)
     with dg.build_sensor_context(instance=instance, cursor=stored, definitions=defs,
                                  resources=default_resources()) as ctx:
         result = sensor.evaluate_tick(ctx)
     requests = result.run_requests or []
     if not requests:
-        click.echo(f"    no new messages ({result.skip_message or 'nothing to do'})")
-    job = defs.resolve_job_def("support_flow_job")
+        click.echo(f"    nothing new ({result.skip_message or 'nothing to do'})")
+    job = defs.resolve_job_def(f"{name}_flow_job")
     failed = 0
     for n, req in enumerate(requests, 1):
-        _step(f"[{n}/{len(requests)}] support_flow_job partition {req.partition_key} "
+        _step(f"[{name}] [{n}/{len(requests)}] {name}_flow_job partition {req.partition_key} "
               f"({req.tags.get('orch/new_sources')} new sources)")
         r = job.execute_in_process(instance=instance, partition_key=req.partition_key, run_config=QUIET,
                                    tags={**req.tags, "dagster/run_key": req.run_key}, raise_on_error=False)
@@ -65,53 +86,23 @@ def run_demo(s: Settings, dagster_home, samples: Path, submit_paths) -> int:
             click.echo(f"    run {r.run_id} failed; open it in the Dagster UI (make dev) to see which step and why",
                        err=True)
     if result.cursor and not failed:
-        instance.run_storage.set_cursor_values({SENSOR_CURSOR_KEY: result.cursor})
+        instance.run_storage.set_cursor_values({cursor_key: result.cursor})
+    if demo is not None and demo.before_ops is not None:
+        line = demo.before_ops(s, db)
+        if line:
+            _step(f"[{name}] {line}")
 
-    answers_file = samples / "csat_responses.jsonl"
-    if answers_file.exists():
-        _step("customers answer their surveys (shipped answers for surveyed items)")
-        recorded = _simulate_survey_answers(db, _embedded(s.connectors_url), answers_file)
-        click.echo(f"    {recorded} new answers recorded by the messaging connector")
-
-    _step("support_ops_job: CSAT fold-back, SLA escalation, insights, KPI report")
-    ops = defs.resolve_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
-    if not ops.success:
-        failed += 1
-
-    st = status_counts(db)
-    conn_counts = _embedded(s.connectors_url).counts()
-    report = s.reports_dir / "support" / "kpi_report.html"
-    click.echo("")
-    click.echo(click.style("Support loop summary", bold=True))
-    click.echo(f"  items received        {st['received']}")
-    click.echo(f"  resolved              {st['states'].get('resolved', 0)}")
-    click.echo(f"  awaiting approval     {st['states'].get('awaiting_approval', 0)}")
-    click.echo(f"  dead-lettered         {st['states'].get('dead_lettered', 0)}")
-    click.echo(f"  duplicates ignored    {st['states'].get('duplicate', 0)}")
-    click.echo(f"  still in progress     {st['in_progress']}")
-    click.echo(f"  escalated (SLA)       {st['escalated']}")
-    click.echo(f"  unaccounted           {st['lost']}")
-    click.echo(f"  connectors            tickets {conn_counts['tickets']}, CRM entries {conn_counts['crm_activities']}, "
-               f"messages {conn_counts['messages']}, survey answers {conn_counts['survey_responses']}")
-    click.echo(f"  KPI report            {report}")
-    click.echo(f"  took {time.perf_counter() - t0:.1f} s; browse the runs with `make dev` (http://127.0.0.1:3000)")
-    return 1 if failed or st["lost"] else 0
-
-
-def _simulate_survey_answers(db, connectors, path: Path) -> int:
-    import sqlalchemy as sa
-
-    from .lib.store import items
-
-    with db.begin() as conn:
-        surveyed = {iid for iid, d in conn.execute(sa.select(items.c.item_id, items.c.data).where(
-            items.c.flow == "support", items.c.status == "resolved")) if d.get("survey_sent_at")}
-    answers = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        a = json.loads(line)
-        if a["message_id"] in surveyed:
-            from datetime import datetime
-
-            answers.append({"item_id": a["message_id"], "score": int(a["score"]), "comment": a.get("comment"),
-                            "responded_at": datetime.fromisoformat(a["responded_at"].replace("Z", "+00:00"))})
-    return connectors.record_survey_responses(answers)
+    _step(f"[{name}] {name}_ops_job: fold-backs, escalation, redelivery, DLQ backlog, KPI report")
+    ops = defs.resolve_job_def(f"{name}_ops_job").execute_in_process(instance=instance, run_config=QUIET,
+                                                                    raise_on_error=False)
+    ok = ok and not failed and ops.success
+    st = status_counts(db, name)
+    lines = [("items received", st["received"]), ("resolved", st["states"].get("resolved", 0)),
+             ("awaiting approval", sum(st["states"].get(x, 0) for x in spec.waiting_statuses)),
+             ("dead-lettered", st["states"].get("dead_lettered", 0)),
+             ("duplicates ignored", st["states"].get("duplicate", 0)), ("still in progress", st["in_progress"]),
+             ("escalated (SLA)", st["escalated"]), ("unaccounted", st["lost"])]
+    if demo is not None and demo.summary is not None:
+        lines += demo.summary(s)
+    lines.append(("KPI report", str(s.reports_dir / name / "kpi_report.html")))
+    return ok, {"title": f"{spec.title} summary", "lines": lines, "lost": st["lost"]}

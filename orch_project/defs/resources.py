@@ -55,8 +55,8 @@ class Workspace(dg.ConfigurableResource):
 
 class LLMGateway(dg.ConfigurableResource):
     """The single entry point to models. ``provider`` (ORCH_LLM_PROVIDER) picks the default:
-    ``local`` is the embedded offline provider (the promoted triage model from the registry and
-    retrieval-grounded templates for drafts); ``openai`` is any OpenAI-compatible server through the
+    ``local`` is the embedded offline provider (each flow's registered task handlers, e.g. a promoted
+    model from the registry, and its retrieval-grounded templates); ``openai`` is any OpenAI-compatible server through the
     official SDK, with the embedded provider as the last fallback. Routing, caches, budgets and the
     circuit breaker are configured per flow in its routing.yaml."""
 
@@ -68,22 +68,24 @@ class LLMGateway(dg.ConfigurableResource):
     concurrency: int | None = Field(default=None, description="Override routing.yaml's concurrency "
                                                               "(ORCH_LLM_CONCURRENCY)")
 
-    def gateway(self, db, *, flow: str, run_id: str | None, routing_path: Path, prompts_dir: Path,
-                prompt_versions: dict[str, str], budget=None):
+    def gateway(self, db, spec, *, run_id: str | None = None, routing_path: Path | None = None, budget=None):
+        """The gateway for one flow's model steps (``spec``: its FlowSpec): its routing.yaml, prompts and
+        budget, and an embedded provider with the flow's own task handlers (models load only for the
+        flows whose tasks need them). ``routing_path`` / ``budget`` override the flow's (drills)."""
         from ..lib.llm.gateway import Gateway
-        from ..lib.llm.registry import promoted_model_path
+        from ..lib.llm.local import LocalProvider
         from ..lib.llm.routing import RoutingConfig
 
         if self.provider not in ("local", "openai"):
             raise dg.Failure(f"ORCH_LLM_PROVIDER={self.provider!r} is not a provider; use 'local' or 'openai'")
-        model_path, version = promoted_model_path(db, "triage")
-        routing = RoutingConfig.load(routing_path).for_provider(
-            self.provider, openai_models=parse_models(self.openai_models),
-            local_models={"triage": f"triage-{version}"})
+        cfg = spec.config
+        local = LocalProvider({task: t.local(db) for task, t in spec.model_tasks.items() if t.local is not None},
+                              _templates(str(cfg.prompts_dir)))
+        routing = RoutingConfig.load(routing_path or cfg.routing_path).for_provider(
+            self.provider, openai_models=parse_models(self.openai_models), local_models=local.models)
         if self.concurrency:
             routing = routing.model_copy(update={"concurrency": self.concurrency})
-        providers: dict[str, Any] = {"local": _local_provider(str(model_path) if model_path else None,
-                                                              str(prompts_dir))}
+        providers: dict[str, Any] = {"local": local}
         if self.provider == "openai":
             if not self.openai_api_key:
                 raise dg.Failure("ORCH_LLM_PROVIDER=openai needs OPENAI_API_KEY (any value for a local "
@@ -93,9 +95,9 @@ class LLMGateway(dg.ConfigurableResource):
             providers["openai"] = OpenAIProvider(api_key=self.openai_api_key, base_url=self.openai_base_url,
                                                  max_retries=routing.max_retries, timeout_s=routing.timeout_s)
         prompts = {p.name.removesuffix(".txt"): p.read_text(encoding="utf-8")
-                   for p in Path(prompts_dir).glob("*.txt") if not p.name.endswith(".local.txt")}
-        return Gateway(db, providers, routing, flow=flow, run_id=run_id, default_provider=self.provider,
-                       prompts=prompts, prompt_versions=prompt_versions, budget=budget)
+                   for p in Path(cfg.prompts_dir).glob("*.txt") if not p.name.endswith(".local.txt")}
+        return Gateway(db, providers, routing, flow=spec.name, run_id=run_id, default_provider=self.provider,
+                       prompts=prompts, prompt_versions=cfg.prompt_versions, budget=budget or cfg.brief.budget)
 
 
 def parse_models(spec: str | None) -> dict[str, str]:
@@ -111,25 +113,28 @@ def parse_models(spec: str | None) -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=4)
-def _local_provider(model_path: str | None, prompts_dir: str):
+@lru_cache(maxsize=16)
+def _templates(prompts_dir: str) -> dict[str, str]:
     from ..lib.llm.local import LocalProvider
 
-    return LocalProvider.from_files(Path(model_path) if model_path else None, Path(prompts_dir))
+    return LocalProvider.load_templates(Path(prompts_dir))
 
 
 def reset_process_caches(*, keep_models: bool = False) -> None:
     """Forget database engines and cached clients, for a process that switches ORCH_HOME or database
-    URLs (tests, benchmarks). ``keep_models`` keeps the loaded triage model warm."""
+    URLs (tests, benchmarks). ``keep_models`` keeps loaded models warm (``lib.llm.local`` handlers
+    cache them by file)."""
+    from ..lib.llm import model_cache
     from ..lib.store import dispose_engines
 
     dispose_engines()
     _embedded.cache_clear()
+    _templates.cache_clear()
     from ..lib.llm.openai_provider import reset_clients
 
     reset_clients()
     if not keep_models:
-        _local_provider.cache_clear()
+        model_cache.clear()
 
 
 def llm_from_env() -> LLMGateway:

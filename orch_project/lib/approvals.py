@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .connectors.embedded import Effect
+from . import flows
 from .contracts import ApprovalPolicy
 from .outbox import dispatch, enqueue, idempotency_key
 from .store import Database, approvals, as_utc, items, utcnow
@@ -79,10 +80,8 @@ def find_person(roster: Sequence[Mapping[str, Any]], who: str) -> Mapping[str, A
     return None
 
 
-def _approval_row(conn, item_id: str, flow: str | None = None) -> dict[str, Any] | None:
-    q = sa.select(approvals).where(approvals.c.item_id == item_id)
-    if flow:
-        q = q.where(approvals.c.flow == flow)
+def _approval_row(conn, item_id: str, flow: str) -> dict[str, Any] | None:
+    q = sa.select(approvals).where(approvals.c.flow == flow, approvals.c.item_id == item_id)
     row = conn.execute(q).mappings().first()
     if row is None:
         return None
@@ -92,14 +91,26 @@ def _approval_row(conn, item_id: str, flow: str | None = None) -> dict[str, Any]
     return row
 
 
+def _joined():
+    return approvals.join(items, sa.and_(items.c.flow == approvals.c.flow, items.c.item_id == approvals.c.item_id))
+
+
+def review_fields(flow: str) -> tuple[str, ...]:
+    """The masked item fields a reviewer of ``flow`` sees (its spec's ``review.fields``)."""
+    spec = flows.find(flow)
+    return tuple(spec.review.fields) if spec is not None else ()
+
+
 def pending(db: Database, flow: str | None = None, now: datetime | None = None) -> list[dict[str, Any]]:
     """Pending approvals, earliest due first: item id, reason, required role, due date, overdue flag,
-    plus the item's (masked) priority, intent and queue for the reviewer."""
+    plus the item fields the flow declares for its reviewers (masked), both under ``fields`` and at the
+    top level."""
     now = now or utcnow()
     q = (sa.select(approvals.c.id, approvals.c.flow, approvals.c.item_id, approvals.c.reason,
                    approvals.c.required_role, approvals.c.due_at, approvals.c.created_at, items.c.day,
                    items.c.escalation_level, items.c.data)
-         .select_from(approvals.outerjoin(items, items.c.item_id == approvals.c.item_id))
+         .select_from(approvals.outerjoin(items, sa.and_(items.c.flow == approvals.c.flow,
+                                                         items.c.item_id == approvals.c.item_id)))
          .where(approvals.c.status == "pending"))
     if flow:
         q = q.where(approvals.c.flow == flow)
@@ -109,9 +120,9 @@ def pending(db: Database, flow: str | None = None, now: datetime | None = None) 
     for r in rows:
         due = as_utc(r["due_at"])
         d = r.pop("data") or {}
+        shown = {f: d.get(f) for f in review_fields(r["flow"])}
         out.append({**r, "due_at": due, "created_at": as_utc(r["created_at"]),
-                    "overdue": bool(due is not None and due < now),
-                    "priority": d.get("priority"), "intent": d.get("intent"), "queue": d.get("queue"),
+                    "overdue": bool(due is not None and due < now), **shown, "fields": shown,
                     "reasons": d.get("approval_reasons") or [r["reason"]]})
     return out
 
@@ -125,16 +136,17 @@ def _refuse(db: Database, reviewer: str, item_id: str, flow: str | None, trace_i
 
 def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str, edited_draft: str | None,
            roster: Sequence[Mapping[str, Any]], now: datetime | None = None,
-           flow: str | None = None) -> dict[str, Any]:
+           flow: str = "") -> dict[str, Any]:
     """Apply a reviewer's decision to a pending approval.
 
     Enforces roles (the reviewer's roster role must equal the row's ``required_role`` or rank above
     it). An unknown or unauthorised reviewer is refused and the refusal audited; an unknown item or
     an approval that is no longer pending raises as well. A valid decision updates the approvals row
-    (status, decided_at/by, decision_reason, edited) and writes one audit row; an edited draft
-    (approve only) replaces the item's draft after PII masking, the original goes to the audit
-    inputs. The item itself is not advanced here: the resume sensor does that.
+    (status, decided_at/by, decision_reason, edited) and writes one audit row; an edited text
+    (approve only) is PII-masked and applied through the flow's ``review.apply_edit`` hook, the value
+    it replaced goes to the audit inputs. The item itself is not advanced here: the resume sensor does.
     """
+    spec = flows.get(flow)
     now = now or utcnow()
     reviewer = (reviewer or "").strip()
     reason = (reason or "").strip()
@@ -143,7 +155,7 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     with db.begin() as conn:
         row = _approval_row(conn, item_id, flow)
         item = conn.execute(sa.select(items.c.trace_id, items.c.status, items.c.data)
-                            .where(items.c.item_id == item_id)).first()
+                            .where(items.c.flow == flow, items.c.item_id == item_id)).first()
     trace_id = item.trace_id if item is not None else None
     person = find_person(roster, reviewer)
     refusal_inputs = {"decision": decision, "required_role": row["required_role"] if row else None,
@@ -151,10 +163,11 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     if person is None:
         msg = (f"refused: {reviewer or '(empty)'!r} is not in the roster; decide as a person listed in "
                f"roster.yaml (by id, e.g. a-ravi, or by name)")
-        _refuse(db, reviewer or "(empty)", item_id, row["flow"] if row else flow, trace_id, msg, refusal_inputs, now)
+        _refuse(db, reviewer or "(empty)", item_id, flow, trace_id, msg, refusal_inputs, now)
         raise UnknownReviewer(msg)
     if row is None:
-        raise UnknownItem(f"no approval for item {item_id!r}; `orch review list` shows the pending ones")
+        raise UnknownItem(f"no approval for item {item_id!r} in flow {flow!r}; `orch review list --flow {flow}` "
+                          "shows the pending ones")
     if row["status"] != "pending":
         raise AlreadyDecided(f"approval for item {item_id!r} was already {row['status']} by {row['decided_by']} "
                              f"at {row['decided_at']}; a decision is final")
@@ -169,6 +182,8 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
         raise ApprovalError("an edited draft goes with an approval, not a rejection")
     if edited_draft is not None and not edited_draft.strip():
         raise ApprovalError("the edited draft is empty")
+    if edited_draft is not None and spec.review.apply_edit is None:
+        raise ApprovalError(f"flow {flow!r} has nothing a reviewer can edit; approve or reject as it is")
 
     status = DECISIONS[decision]
     if reason:
@@ -178,18 +193,16 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     data = dict(item.data) if item is not None else None
     inputs: dict[str, Any] = {"decision": decision, "required_role": row["required_role"],
                               "reviewer_role": person.get("role"), "approval_reason": row["reason"],
-                              "priority": (data or {}).get("priority"), "confidence": (data or {}).get("confidence")}
+                              **{f: (data or {}).get(f) for f in spec.review.fields}}
     outputs: dict[str, Any] = {"status": status, "edited": edited_draft is not None}
     if edited_draft is not None and data is not None:
         from .guardrails import pii
 
         masked = pii.mask(edited_draft)
-        inputs["original_draft"] = data.get("draft")
-        data["draft"] = masked.text
-        data["draft_edited_by"] = person["id"]
-        data["draft_edited_at"] = now.isoformat()
+        data, replaced = spec.review.apply_edit(data, masked.text, person["id"], now.isoformat())
+        inputs[f"original_{spec.review.edit_label}"] = replaced
         outputs["pii_masked_in_edit"] = dict(masked.counts)
-        outputs["draft_chars"] = len(masked.text)
+        outputs[f"{spec.review.edit_label}_chars"] = len(masked.text)
     with db.begin() as conn:
         res = conn.execute(approvals.update().where(approvals.c.id == row["id"], approvals.c.status == "pending")
                            .values(status=status, decided_at=now, decided_by=person["id"],
@@ -197,9 +210,10 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
         if res.rowcount != 1:  # someone else decided in between
             raise AlreadyDecided(f"approval for item {item_id!r} was decided by someone else just now")
         if edited_draft is not None and data is not None:
-            conn.execute(items.update().where(items.c.item_id == item_id).values(data=data, updated_at=now))
+            conn.execute(items.update().where(items.c.flow == flow, items.c.item_id == item_id)
+                         .values(data=data, updated_at=now))
         db.audit(conn, [{"at": now, "actor": f"user:{person['id']}", "action": f"approval_{status}",
-                         "flow": row["flow"], "item_id": item_id, "trace_id": trace_id,
+                         "flow": flow, "item_id": item_id, "trace_id": trace_id,
                          "reason": reason or None, "inputs": inputs, "outputs": outputs}])
     return {"item_id": item_id, "status": status, "decided_by": person["id"], "decided_at": now,
             "edited": edited_draft is not None, "required_role": row["required_role"]}
@@ -224,7 +238,7 @@ def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: 
     now = now or utcnow()
     q = (sa.select(items.c.item_id, items.c.day, items.c.trace_id, approvals.c.status, approvals.c.decided_by,
                    approvals.c.decision_reason)
-         .select_from(items.join(approvals, approvals.c.item_id == items.c.item_id))
+         .select_from(_joined())
          .where(items.c.flow == flow, items.c.status == "awaiting_approval", approvals.c.status.in_(DECIDED))
          .order_by(approvals.c.decided_at, approvals.c.id))
     approved: dict[str, list[str]] = {}
@@ -233,7 +247,7 @@ def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: 
         rows = conn.execute(q).all()
         audit_rows = []
         for r in rows:
-            res = conn.execute(items.update().where(items.c.item_id == r.item_id,
+            res = conn.execute(items.update().where(items.c.flow == flow, items.c.item_id == r.item_id,
                                                     items.c.status == "awaiting_approval")
                                .values(status=r.status, stage="approval_decision", updated_at=now))
             if res.rowcount != 1:
@@ -297,7 +311,7 @@ def escalate_overdue(db: Database, flow: str, policy: ApprovalPolicy, roster: Se
     people = [p["id"] for p in roster if p.get("role") == role] or [f"{role}s"]
     q = (sa.select(approvals.c.id, approvals.c.item_id, approvals.c.required_role, approvals.c.due_at,
                    items.c.trace_id, items.c.status.label("item_status"), items.c.data, items.c.escalation_level)
-         .select_from(approvals.join(items, items.c.item_id == approvals.c.item_id))
+         .select_from(_joined())
          .where(approvals.c.flow == flow, approvals.c.status == "pending", approvals.c.due_at.is_not(None),
                 approvals.c.due_at < now)
          .order_by(approvals.c.due_at, approvals.c.id))
@@ -318,7 +332,7 @@ def escalate_overdue(db: Database, flow: str, policy: ApprovalPolicy, roster: Se
                 if res.rowcount != 1:
                     continue
                 level = max(int(r.escalation_level or 0), 1)
-                conn.execute(items.update().where(items.c.item_id == r.item_id).values(
+                conn.execute(items.update().where(items.c.flow == flow, items.c.item_id == r.item_id).values(
                     escalation_level=level, escalated_at=sa.func.coalesce(items.c.escalated_at, now),
                     data={**(r.data or {}), "escalated_to": who}, updated_at=now))
                 effects.append(Effect(idempotency_key(flow, r.item_id, "approval_escalation_1"), "messaging",

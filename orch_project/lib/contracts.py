@@ -106,9 +106,15 @@ class LLMStepRequest(BaseModel):
 
 
 class LLMOutput(BaseModel):
-    """Every task's output has a label and a confidence; tasks add their own fields."""
+    """The base of every model task's output contract: tasks declare their own fields (a draft's
+    text, an extraction's fields); extra fields a provider adds (e.g. ``model_version``) are kept."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class LabelledOutput(LLMOutput):
+    """The mission template's output: a label (one of the step's allowed labels) and a confidence."""
+
     label: str
     confidence: float = Field(ge=0.0, le=1.0)
 
@@ -116,7 +122,7 @@ class LLMOutput(BaseModel):
 class LLMStepResponse(BaseModel):
     ok: bool
     reason: str = ""
-    output: LLMOutput | None = None
+    output: LLMOutput | None = None  # the step's own contract (a subclass), validated by the gateway
     error: LLMError | None = None
 
     @model_validator(mode="after")

@@ -17,8 +17,8 @@ connector that did receive a late first attempt deduplicates it). Steps delivere
 reply cannot be recalled) are not repeated. The compensation record moves to
 ``data["compensation_history"]``.
 
-Flow-agnostic: ``targets`` maps a failed stage to (status it loads, previous stage); the default is the
-support flow's stage chain.
+Flow-agnostic: a failed stage maps to (status it loads, previous stage) by the flow spec's stage
+chain (``FlowSpec.replay_targets``); ``targets`` overrides it.
 """
 
 from __future__ import annotations
@@ -28,19 +28,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from . import flows
 from .outbox import undelivered
 from .store import Database, dlq, items, utcnow
-
-# failed stage -> (status that stage loads, the stage that completed before it)
-REPLAY_TARGETS: dict[str, tuple[str, str]] = {
-    "triage": ("received", "intake"),
-    "assignment": ("triaged", "triage"),
-    "knowledge": ("assigned", "assignment"),
-    "draft": ("grounded", "knowledge"),
-    "approval_gate": ("drafted", "draft"),
-    "actions": ("approved", "approval_gate"),
-    "survey": ("resolved", "actions"),
-}
 
 INTAKE_REASON = ("intake dead letter: the source never became an item, so there is nothing to replay; "
                  "fix the source file and submit it again (`orch submit FILE`)")
@@ -57,12 +47,23 @@ def _row(conn, dlq_id: int) -> dict[str, Any]:
     return dict(row)
 
 
-def _item(conn, item_id: str | None) -> dict[str, Any] | None:
+def _item(conn, flow: str, item_id: str | None) -> dict[str, Any] | None:
     if not item_id:
         return None
     row = conn.execute(sa.select(items.c.item_id, items.c.status, items.c.stage, items.c.trace_id, items.c.day,
-                                 items.c.data).where(items.c.item_id == item_id)).mappings().first()
+                                 items.c.data).where(items.c.flow == flow, items.c.item_id == item_id)
+                       ).mappings().first()
     return dict(row) if row else None
+
+
+Targets = dict[str, tuple[str, str]]
+
+
+def _targets(flow: str, targets: Targets | None) -> Targets:
+    if targets is not None:
+        return targets
+    spec = flows.find(flow)
+    return spec.replay_targets if spec is not None else {}
 
 
 def _compensation_pending(conn, item: dict[str, Any] | None) -> list[str]:
@@ -70,7 +71,7 @@ def _compensation_pending(conn, item: dict[str, Any] | None) -> list[str]:
     return undelivered(conn, comp.get("compensation_keys", [])) if comp else []
 
 
-def _plan(row: dict[str, Any], item: dict[str, Any] | None, targets: dict[str, tuple[str, str]],
+def _plan(row: dict[str, Any], item: dict[str, Any] | None, targets: Targets,
           compensation_pending: Sequence[str] = ()) -> tuple[tuple[str, str] | None, str | None]:
     """(status, stage) the item would go back to, or None and why not."""
     if row["status"] != "open":
@@ -84,7 +85,7 @@ def _plan(row: dict[str, Any], item: dict[str, Any] | None, targets: dict[str, t
                       "not dead_lettered; nothing to replay")
     target = targets.get(row["stage"])
     if target is None:
-        return None, f"no replay target for stage {row['stage']!r}"
+        return None, f"no replay target for stage {row['stage']!r} in flow {row['flow']!r}'s stage chain"
     if compensation_pending:
         return None, (f"its compensation is not delivered yet ({', '.join(compensation_pending)}); the ops job's "
                       "outbox redelivery sends it once the connector is back - replay after that")
@@ -102,13 +103,13 @@ def _fresh_effects(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "effect_generation": gen, "compensation_history": [*data.get("compensation_history", []), comp]}
 
 
-def show(db: Database, dlq_id: int, *, targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
+def show(db: Database, dlq_id: int, *, targets: Targets | None = None) -> dict[str, Any]:
     """The dead letter, the item's current status/stage (if there is an item) and what replay would do."""
     with db.begin() as conn:
         row = _row(conn, dlq_id)
-        item = _item(conn, row["item_id"])
+        item = _item(conn, row["flow"], row["item_id"])
         pending = _compensation_pending(conn, item)
-    target, why_not = _plan(row, item, targets, pending)
+    target, why_not = _plan(row, item, _targets(row["flow"], targets), pending)
     out = {**row, "item": None if item is None else {k: item[k] for k in ("status", "stage", "trace_id", "day")},
            "replayable": target is not None}
     if target is not None:
@@ -119,15 +120,17 @@ def show(db: Database, dlq_id: int, *, targets: dict[str, tuple[str, str]] = REP
 
 
 def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str | None = None,
-           targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
+           targets: Targets | None = None, flow: str | None = None) -> dict[str, Any]:
     """Put one dead-lettered item back in the flow and mark the row replayed (one audited transaction).
 
     Returns {"id", "replayed": bool, "message", ...}; ``noop`` is True when the row was already handled,
     ``replayable`` False when it cannot be replayed (intake dead letters, items that moved on)."""
     with db.write() as conn:
         row = _row(conn, dlq_id)
-        item = _item(conn, row["item_id"])
-        target, why_not = _plan(row, item, targets, _compensation_pending(conn, item))
+        if flow is not None and row["flow"] != flow:
+            raise DLQError(f"dead letter #{dlq_id} belongs to flow {row['flow']!r}, not {flow!r}")
+        item = _item(conn, row["flow"], row["item_id"])
+        target, why_not = _plan(row, item, _targets(row["flow"], targets), _compensation_pending(conn, item))
         base = {"id": row["id"], "item_id": row["item_id"], "stage": row["stage"], "trace_id": row["trace_id"]}
         if target is None:
             return {**base, "replayed": False, "noop": row["status"] != "open", "replayable": False,
@@ -136,7 +139,7 @@ def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str 
         now = utcnow()
         data = _fresh_effects({k: v for k, v in (item["data"] or {}).items() if k != "deferred"})
         data["replays"] = int(data.get("replays", 0)) + 1
-        moved = conn.execute(items.update().where(items.c.item_id == row["item_id"],
+        moved = conn.execute(items.update().where(items.c.flow == row["flow"], items.c.item_id == row["item_id"],
                                                   items.c.status == "dead_lettered")
                              .values(status=status, stage=stage, data=data, updated_at=now)).rowcount
         marked = conn.execute(dlq.update().where(dlq.c.id == row["id"], dlq.c.status == "open")
@@ -156,7 +159,7 @@ def replay(db: Database, dlq_id: int, *, actor: str = "system:dlq", run_id: str 
 
 
 def replay_all(db: Database, flow: str, *, actor: str = "system:dlq", run_id: str | None = None,
-               targets: dict[str, tuple[str, str]] = REPLAY_TARGETS) -> dict[str, Any]:
+               targets: Targets | None = None) -> dict[str, Any]:
     """Replay every open dead letter of ``flow`` that can be replayed; report the others with their reason."""
     with db.begin() as conn:
         ids = list(conn.execute(sa.select(dlq.c.id).where(dlq.c.flow == flow, dlq.c.status == "open")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from email import policy
 from email.parser import BytesParser
@@ -18,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .store import Database, as_utc, inbox, intake
+from .store import Database, as_utc, chunked, dlq, inbox, intake, item_stages, items, utcnow, vault
 
 MAX_FILE_BYTES = 5 * 1024 * 1024
 INBOX_SUFFIXES = (".eml", ".json")
@@ -59,7 +60,7 @@ def _file_time(stat: os.stat_result) -> datetime:
     return datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)
 
 
-def list_inbox_files(inbox_dir: Path) -> list[tuple[int, str, Path]]:
+def list_inbox_files(inbox_dir: Path, suffixes: Sequence[str] = INBOX_SUFFIXES) -> list[tuple[int, str, Path]]:
     """(ctime_ns, name, path) for every candidate file, in arrival order. Writers drop files
     atomically (write a dotfile or .tmp, then rename), so those are skipped."""
     out = []
@@ -67,7 +68,7 @@ def list_inbox_files(inbox_dir: Path) -> list[tuple[int, str, Path]]:
         return out
     with os.scandir(inbox_dir) as it:
         for entry in it:
-            if not entry.is_file() or entry.name.startswith(".") or not entry.name.endswith(INBOX_SUFFIXES):
+            if not entry.is_file() or entry.name.startswith(".") or not entry.name.endswith(tuple(suffixes)):
                 continue
             st = entry.stat()
             out.append((max(st.st_ctime_ns, st.st_mtime_ns), entry.name, Path(entry.path)))
@@ -166,17 +167,19 @@ def parse_inbox_row(row_id: int, payload: str, submitted_at: datetime) -> Parsed
     return _parse_json_bytes(f"table:{row_id}", as_utc(submitted_at), payload.encode("utf-8", "surrogatepass"))
 
 
-def pending_sources(db: Database, flow: str, inbox_dir: Path | None) -> Iterator[Parsed]:
-    """Every source entry not yet in the intake log, parsed, in arrival order."""
+def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: Sequence[str] = INBOX_SUFFIXES,
+                    parse: Callable[[Path], Parsed] | None = None) -> Iterator[Parsed]:
+    """Every source entry of ``flow`` not yet in its intake log, parsed, in arrival order."""
+    parse = parse or parse_file
     with db.begin() as conn:
         seen = set(conn.execute(sa.select(intake.c.source_key).where(intake.c.flow == flow)).scalars())
         rows = conn.execute(
             sa.select(inbox.c.id, inbox.c.payload, inbox.c.submitted_at).where(inbox.c.flow == flow).order_by(inbox.c.id)
         ).all()
     if inbox_dir is not None:
-        for _, name, path in list_inbox_files(inbox_dir):
+        for _, name, path in list_inbox_files(inbox_dir, suffixes):
             if f"file:{name}" not in seen:
-                yield parse_file(path)
+                yield parse(path)
     for row_id, payload, submitted_at in rows:
         if f"table:{row_id}" not in seen:
             yield parse_inbox_row(row_id, payload, submitted_at)
@@ -209,3 +212,130 @@ def drop_file(inbox_dir: Path, name: str, data: bytes) -> bool:
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return True
+
+
+# --- the intake stage every flow shares ------------------------------------------------------
+
+@dataclass
+class Accepted:
+    """A validated source record as the flow's ``to_item`` hook makes it: the item's id, when it was
+    received, its channel and its masked ``data``; ``pii`` counts what masking replaced."""
+
+    item_id: str
+    data: dict[str, Any]
+    received_at: datetime | None = None
+    channel: str | None = None
+    pii: Counter = field(default_factory=Counter)
+    injection: list[str] = field(default_factory=list)
+
+
+class IntakeContext:
+    """What a flow's ``to_item`` hook may use: the salt for customer references and the vault, where
+    a raw value is kept (only there) behind a token scoped to the flow and the item."""
+
+    def __init__(self, flow: str, salt: str, now: datetime):
+        self.flow, self.salt, self.now = flow, salt, now
+        self.vault_rows: list[dict[str, Any]] = []
+
+    def vault(self, item_id: str, entity_type: str, value: str) -> str:
+        from .guardrails.pii import vault_token
+
+        token = vault_token(f"{self.flow}/{item_id}", entity_type, self.salt)
+        self.vault_rows.append({"token": token, "flow": self.flow, "item_id": item_id, "entity_type": entity_type,
+                                "value": value, "created_at": self.now})
+        return token
+
+
+def existing_item_ids(db: Database, flow: str, ids: Sequence[str]) -> set[str]:
+    out: set[str] = set()
+    with db.begin() as conn:
+        for chunk in chunked(list(ids), 900):
+            out.update(conn.execute(sa.select(items.c.item_id).where(items.c.flow == flow,
+                                                                     items.c.item_id.in_(chunk))).scalars())
+    return out
+
+
+def run_intake(env, spec, inbox_dir: Path | None, salt: str, today: date | None = None):
+    """The intake stage of any flow: read the flow's new sources (its inbox folder and its rows of the
+    inbox table) for the partition days, turn each into an item with the flow's ``to_item`` hook
+    (validation and PII masking), and record every source once in the intake log as accepted,
+    duplicate or dead-lettered (with a reason that names fields, never values). One transaction."""
+    from .contracts import describe_validation_error
+    from .pipeline import StageReport
+    from .retention import tombstone_inbox_rows
+    from .telemetry import log_event, new_trace_id
+
+    flow = env.flow
+    started = utcnow()
+    today = today or started.date()
+    days = set(env.days)
+    accepted: list[dict[str, Any]] = []
+    intake_rows: list[dict[str, Any]] = []
+    dead: list[dict[str, Any]] = []
+    pii_total: Counter = Counter()
+    seen_ids: set[str] = set()
+    batch = [(p, d) for p in pending_sources(env.db, flow, inbox_dir, spec.intake.suffixes, spec.intake.parse_file)
+             if (d := p.partition_day(spec.first_day, today)) in days]
+    existing = existing_item_ids(env.db, flow, [str(p.raw.get("id")) for p, _ in batch if p.raw and p.raw.get("id")])
+    now = utcnow()
+    ctx = IntakeContext(flow, salt, now)
+    for p, day in batch:
+        base = {"source_key": p.source_key, "flow": flow, "day": day, "run_id": env.run_id, "ingested_at": now}
+        got: Accepted | None = None
+        error_type, reason = p.error_type, p.error
+        if reason is None:
+            mark = len(ctx.vault_rows)
+            try:
+                got = spec.intake.to_item(p.raw, ctx)
+            except Exception as exc:  # pydantic ValidationError, or a type error deep in the payload
+                del ctx.vault_rows[mark:]
+                error_type, reason = "validation", describe_validation_error(exc)
+        if got is None:
+            intake_rows.append({**base, "item_id": None, "outcome": "dead_lettered"})
+            dead.append({"flow": flow, "item_id": None, "source_key": p.source_key, "stage": "intake",
+                         "error_type": error_type or "invalid", "reason": reason, "trace_id": new_trace_id(),
+                         "replay": {"source_key": p.source_key}, "status": "open", "run_id": env.run_id,
+                         "created_at": now})
+            continue
+        if got.item_id in existing or got.item_id in seen_ids:
+            del ctx.vault_rows[mark:]
+            intake_rows.append({**base, "item_id": got.item_id, "outcome": "duplicate"})
+            continue
+        seen_ids.add(got.item_id)
+        pii_total += got.pii
+        data = {"source_key": p.source_key, **got.data, "pii": dict(got.pii)}
+        if got.injection:
+            data["injection"] = got.injection
+        accepted.append({
+            "item_id": got.item_id, "flow": flow, "trace_id": new_trace_id(), "day": day, "channel": got.channel,
+            "status": "received", "stage": "intake", "received_at": got.received_at, "ingested_at": now,
+            "updated_at": now, "escalation_level": 0, "data": data})
+        intake_rows.append({**base, "item_id": got.item_id, "outcome": "accepted"})
+    vault_rows = ctx.vault_rows
+    finished = utcnow()
+    ms = (finished - started).total_seconds() * 1000.0
+    timings = [{"item_id": a["item_id"], "flow": flow, "stage": "intake", "run_id": env.run_id,
+                "started_at": started, "finished_at": finished, "duration_ms": ms, "attempt": env.attempt,
+                "outcome": "ok"} for a in accepted]
+    with env.db.begin() as conn:
+        # The intake log is the idempotency guard: a source key is ingested exactly once per flow.
+        env.db.insert_ignore(conn, intake, intake_rows, ["flow", "source_key"])
+        if accepted:
+            env.db.insert_ignore(conn, items, accepted, ["flow", "item_id"])
+            conn.execute(item_stages.insert(), timings)
+        env.db.insert_ignore(conn, vault, vault_rows, ["token"])
+        if dead:
+            conn.execute(dlq.insert(), dead)
+        # data minimisation: once a table row is in the intake log its raw payload is no longer needed
+        # (the masked item, the vault tokens or the dead letter's reason carry what later steps use)
+        tombstone_inbox_rows(conn, [r["source_key"] for r in intake_rows], finished, "ingested; raw payload dropped")
+    outcomes = Counter({"ok": len(accepted), "dead_lettered": len(dead),
+                        "duplicate": sum(1 for r in intake_rows if r["outcome"] == "duplicate")})
+    md: dict[str, Any] = {"received": len(intake_rows), "accepted": len(accepted), "dead_lettered": len(dead),
+                          "duplicates": outcomes["duplicate"], "pii_entities_masked": sum(pii_total.values())}
+    md.update({f"pii_{k.lower()}": v for k, v in sorted(pii_total.items())})
+    if dead:
+        md["dead_letter_reasons"] = Counter(d["error_type"] for d in dead).most_common()
+    log_event(env.logger, "stage_done", flow=flow, stage="intake", run_id=env.run_id, days=env.days,
+              items=len(intake_rows), outcomes=dict(outcomes), ms=round(ms, 1))
+    return StageReport("intake", len(intake_rows), outcomes, ms, md)

@@ -11,8 +11,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import flows
 from .connectors.embedded import Delivery, Effect
-from .guardrails.injection import ALLOWED_EFFECTS
 from .store import Database, chunked, outbox, utcnow
 
 
@@ -21,13 +21,22 @@ def idempotency_key(flow: str, item_id: str, step: str) -> str:
 
 
 class EffectNotAllowed(ValueError):
-    """A side effect outside the allow-list (guardrails.injection.ALLOWED_EFFECTS)."""
+    """A side effect outside the flow's allow-list (its spec's ``effects``, plus the platform's alerts)."""
+
+
+def allowed_effects(flow: str) -> frozenset[tuple[str, str]]:
+    """The (connector, action) pairs ``flow`` may cause: declared in its spec; a flow that is not
+    registered may cause only the platform's own effects (alerts)."""
+    spec = flows.find(flow)
+    return spec.allowed_effects if spec is not None else flows.PLATFORM_EFFECTS
 
 
 def enqueue(db: Database, conn: Connection, flow: str, effects: Sequence[Effect]) -> None:
-    bad = sorted({(e.connector, e.action) for e in effects} - ALLOWED_EFFECTS)
+    """Record effects in the outbox (same transaction as the caller's state change). Effects outside
+    the flow's allow-list are refused, whatever a model answered: code builds effects, never a model."""
+    bad = sorted({(e.connector, e.action) for e in effects} - allowed_effects(flow))
     if bad:
-        raise EffectNotAllowed(f"side effects outside the allow-list refused: {bad}")
+        raise EffectNotAllowed(f"side effects outside flow {flow!r}'s allow-list refused: {bad}")
     now = utcnow()
     rows = [{
         "idempotency_key": e.idempotency_key, "flow": flow, "item_id": e.item_id, "trace_id": e.trace_id,

@@ -16,12 +16,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from .connectors.embedded import Effect
+from .flows import DEFERRED, TERMINAL_STATUSES, FlowSpec, Stage
 from .outbox import enqueue
 from .store import Database, approvals, as_utc, chunked, dlq, item_stages, items, utcnow
 from .telemetry import log_event
 
-# Where an item's journey ends: delivered, refused by a reviewer (or the approval timeout), or dead-lettered.
-TERMINAL_STATUSES = ("resolved", "rejected", "dead_lettered")
+__all__ = ["TERMINAL_STATUSES", "StageEnv", "ItemUpdate", "StageReport", "StageSpecError", "load_items",
+           "load_stage_items", "commit_stage"]
 
 ITEM_COLUMNS = (items.c.item_id, items.c.trace_id, items.c.day, items.c.channel, items.c.status, items.c.stage,
                 items.c.received_at, items.c.ingested_at, items.c.due_at, items.c.data)
@@ -37,6 +38,25 @@ class StageEnv:
     run_id: str | None = None
     attempt: int = 1
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("orch"))
+    spec: FlowSpec | None = None  # default: the registered flow; commit_stage holds each stage to it
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            from .flows import find
+
+            self.spec = find(self.flow)
+
+    def stage(self, name: str) -> Stage | None:
+        if self.spec is None:
+            return None
+        try:
+            return self.spec.stage(name)
+        except KeyError:
+            return None
+
+
+class StageSpecError(RuntimeError):
+    """A stage decided something its spec does not allow (code and flow spec disagree)."""
 
 
 @dataclass
@@ -80,7 +100,7 @@ def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None 
         cond = sa.and_(cond, items.c.stage == stage)
     if deferred_after is not None:
         cond = sa.or_(cond, sa.and_(items.c.status == "deferred", items.c.stage == deferred_after))
-    q = sa.select(*ITEM_COLUMNS).where(items.c.flow == env.flow, cond)
+    q = sa.select(*ITEM_COLUMNS).where(items.c.flow == env.flow, cond)  # item ids are unique per flow
     if env.days:
         q = q.where(items.c.day.in_(env.days))
     with env.db.begin() as conn:
@@ -89,6 +109,20 @@ def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None 
         for col in ("received_at", "ingested_at", "due_at"):
             r[col] = as_utc(r[col])
     return rows
+
+
+def load_stage_items(env: StageEnv, name: str, *, after: str | None = None) -> list[dict[str, Any]]:
+    """The items stage ``name`` of the flow's spec works on: at its ``loads`` status(es), only those
+    after ``after`` (default: the stage's own ``after``), plus -- for a model stage -- the items it
+    deferred earlier (still after the stage before it)."""
+    spec = env.spec
+    if spec is None:
+        raise StageSpecError(f"stage {name!r} needs the flow spec on its StageEnv")
+    st = spec.stage(name)
+    chain = spec.stage_names
+    previous = chain[chain.index(name) - 1]
+    return load_items(env, st.load_statuses, stage=after or st.after,
+                      deferred_after=previous if st.kind == "model" else None)
 
 
 def commit_stage(
@@ -108,11 +142,17 @@ def commit_stage(
     finished = utcnow()
     duration_ms = (finished - started_at).total_seconds() * 1000.0
     outcomes = Counter(u.outcome for u in updates)
+    spec_stage = env.stage(stage)
+    if spec_stage is not None:
+        bad = sorted({u.status for u in updates} - spec_stage.allowed_statuses)
+        if bad:
+            raise StageSpecError(f"flow {env.flow!r} stage {stage!r} set status {bad} outside its spec "
+                                 f"{sorted(spec_stage.allowed_statuses)}; fix the stage or the flow spec")
     db = env.db
     with db.begin() as conn:
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         for u in updates:
-            moves = set_stage and u.outcome != "deferred"  # a deferred item stays after its last completed stage
+            moves = set_stage and u.outcome != DEFERRED  # a deferred item stays after its last completed stage
             groups[(moves, *sorted(u.columns))].append(
                 {"k_item": u.item_id, "status": u.status, "data": u.data, **u.columns})
         for (moves, *cols), rows in groups.items():
@@ -121,7 +161,8 @@ def commit_stage(
             if moves:
                 values["stage"] = stage
             values.update({c: sa.bindparam(c) for c in cols})
-            stmt = items.update().where(items.c.item_id == sa.bindparam("k_item")).values(**values)
+            stmt = items.update().where(items.c.flow == env.flow,
+                                        items.c.item_id == sa.bindparam("k_item")).values(**values)
             for chunk in chunked(rows, 5000):
                 conn.execute(stmt, list(chunk))
         timing = [{"item_id": u.item_id, "flow": env.flow, "stage": stage, "run_id": env.run_id,
@@ -139,10 +180,47 @@ def commit_stage(
         if effects:
             enqueue(db, conn, env.flow, effects)
         if approval_rows:
-            db.insert_ignore(conn, approvals, list(approval_rows), ["item_id"])
+            db.insert_ignore(conn, approvals, list(approval_rows), ["flow", "item_id"])
         if audit_rows:
             db.audit(conn, audit_rows)
     report = StageReport(stage, len(updates) if n_in is None else n_in, outcomes, duration_ms, metadata or {})
     log_event(env.logger, "stage_done", flow=env.flow, stage=stage, run_id=env.run_id, days=env.days,
               items=report.n_in, outcomes=dict(outcomes), ms=round(duration_ms, 1))
     return report
+
+
+def status_counts(db: Database, flow: str) -> dict[str, Any]:
+    """Every source entry of ``flow`` received, and where each one is now. received == sum(states)."""
+    from .flows import find
+    from .store import intake
+
+    spec = find(flow)
+    with db.begin() as conn:
+        received = conn.execute(sa.select(sa.func.count()).select_from(intake).where(intake.c.flow == flow)
+                                ).scalar_one()
+        by_status = dict(conn.execute(sa.select(items.c.status, sa.func.count()).where(items.c.flow == flow)
+                                      .group_by(items.c.status)).all())
+        by_outcome = dict(conn.execute(sa.select(intake.c.outcome, sa.func.count()).where(
+            intake.c.flow == flow, intake.c.outcome != "accepted").group_by(intake.c.outcome)).all())
+        escalated = conn.execute(sa.select(sa.func.count()).select_from(items).where(
+            items.c.flow == flow, items.c.escalated_at.is_not(None))).scalar_one()
+        dlq_open = conn.execute(sa.select(sa.func.count()).select_from(dlq).where(
+            dlq.c.flow == flow, dlq.c.status == "open")).scalar_one()
+    states: dict[str, int] = {k: int(v) for k, v in by_status.items()}
+    states["dead_lettered"] = states.get("dead_lettered", 0) + int(by_outcome.get("dead_lettered", 0))
+    states["duplicate"] = int(by_outcome.get("duplicate", 0))
+    total = sum(states.values())
+    in_progress = spec.in_progress_statuses if spec is not None else ()
+    return {"flow": flow, "received": int(received), "states": dict(sorted(states.items())),
+            "accounted": total, "lost": int(received) - total, "escalated": int(escalated), "dlq_open": int(dlq_open),
+            "in_progress": sum(states.get(s, 0) for s in in_progress),
+            "terminal": sum(states.get(s, 0) for s in TERMINAL_STATUSES)}
+
+
+def audit_for(db: Database, flow: str, item_id: str) -> list[dict[str, Any]]:
+    """The audit trail of one item of ``flow``, oldest first."""
+    from .store import audit
+
+    with db.begin() as conn:
+        return [dict(r) for r in conn.execute(sa.select(audit).where(audit.c.flow == flow, audit.c.item_id == item_id)
+                                              .order_by(audit.c.id)).mappings()]

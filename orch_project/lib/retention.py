@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .pipeline import TERMINAL_STATUSES
+from .flows import TERMINAL_STATUSES
 from .store import Database, chunked, inbox, intake, items, utcnow, vault
 
 DEFAULT_RETENTION_DAYS = 30
@@ -65,7 +65,8 @@ def purge(db: Database, flow: str, inbox_dir: Path | None, *, retention_days: in
         rows_purged = tombstone_inbox_rows(conn, processed, now, f"raw retention {retention_days} days")
         ended = sa.select(items.c.item_id).where(items.c.flow == flow, items.c.status.in_(TERMINAL_STATUSES),
                                                  items.c.updated_at < cutoff)
-        tokens = conn.execute(vault.delete().where(vault.c.item_id.in_(ended)))
+        # tokens of this flow's items (rows from before tokens carried their flow have it backfilled)
+        tokens = conn.execute(vault.delete().where(vault.c.flow == flow, vault.c.item_id.in_(ended)))
         vault_purged = tokens.rowcount
     files_purged = 0
     if inbox_dir is not None:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REPO_DIR = PACKAGE_DIR.parent
-DATA_DIR = PACKAGE_DIR / "data"
-SAMPLES_DIR = DATA_DIR / "support_samples"
-BANKING77_DIR = DATA_DIR / "banking77"
+# Public datasets (BANKING77 ...) are not in the package: orch_project.lib.datasets finds them
+# ($ORCH_DATA_DIR, default ../shared/data beside the checkout).
 
 
 def _default_home() -> Path:

@@ -28,7 +28,7 @@ items = sa.Table(
     "items",
     metadata,
     sa.Column("item_id", sa.String(255), primary_key=True),
-    sa.Column("flow", sa.String(64), nullable=False),
+    sa.Column("flow", sa.String(64), primary_key=True),
     sa.Column("trace_id", sa.String(32), nullable=False),
     sa.Column("day", sa.String(10), nullable=False, doc="partition key (YYYY-MM-DD)"),
     sa.Column("channel", sa.String(32)),
@@ -42,6 +42,7 @@ items = sa.Table(
     sa.Column("escalation_level", sa.Integer, nullable=False, server_default="0"),
     sa.Column("data", sa.JSON, nullable=False, doc="masked stage outputs"),
     sa.Column("updated_at", TS, nullable=False),
+    sa.PrimaryKeyConstraint("flow", "item_id", name="items_pkey"),
     sa.Index("ix_items_flow_day_status", "flow", "day", "status"),
     sa.Index("ix_items_status", "status"),
 )
@@ -67,12 +68,13 @@ intake = sa.Table(
     "intake",
     metadata,
     sa.Column("source_key", sa.String(512), primary_key=True),
-    sa.Column("flow", sa.String(64), nullable=False),
+    sa.Column("flow", sa.String(64), primary_key=True),
     sa.Column("item_id", sa.String(255)),
     sa.Column("day", sa.String(10), nullable=False),
     sa.Column("outcome", sa.String(32), nullable=False, doc="accepted | duplicate | dead_lettered"),
     sa.Column("run_id", sa.String(64)),
     sa.Column("ingested_at", TS, nullable=False),
+    sa.PrimaryKeyConstraint("flow", "source_key", name="intake_pkey"),
     sa.Index("ix_intake_flow_outcome", "flow", "outcome"),
 )
 
@@ -132,7 +134,7 @@ approvals = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("flow", sa.String(64), nullable=False),
-    sa.Column("item_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("item_id", sa.String(255), nullable=False),
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Column("required_role", sa.String(32), nullable=False),
     sa.Column("status", sa.String(16), nullable=False, doc="pending | approved | rejected"),
@@ -142,6 +144,7 @@ approvals = sa.Table(
     sa.Column("decided_by", sa.String(128)),
     sa.Column("decision_reason", sa.Text),
     sa.Column("edited", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.UniqueConstraint("flow", "item_id", name="uq_approvals_flow_item"),
     sa.Index("ix_approvals_status", "status"),
 )
 
@@ -170,7 +173,9 @@ vault = sa.Table(
     sa.Column("entity_type", sa.String(32), nullable=False),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("created_at", TS, nullable=False),
+    sa.Column("flow", sa.String(64), doc="NULL only for rows older than migration 0007 whose item was gone"),
     sa.Index("ix_vault_item", "item_id"),
+    sa.Index("ix_vault_flow_item", "flow", "item_id"),
 )
 
 llm_calls = sa.Table(

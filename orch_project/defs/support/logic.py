@@ -1,5 +1,6 @@
-"""The customer support loop as plain functions, one per stage. The Dagster assets in assets.py
-call these with resources; benchmarks/support_batch.py calls the same functions in a bare loop.
+"""The customer support loop as plain functions, one per stage. The flow spec (flow.py) orders them
+and the kit builds their Dagster assets; benchmarks/support_batch.py calls the same functions in a
+bare loop.
 
 intake (validate + mask) -> triage -> assignment -> knowledge -> draft -> approval gate ->
 actions (ticket, reply, CRM log via the outbox) -> survey; then, across partitions:
@@ -8,12 +9,11 @@ CSAT fold-back, SLA escalation, insights to the backlog and the KPI report (repo
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,23 +23,18 @@ import yaml
 from pydantic import Field
 
 from ...lib.connectors.embedded import Effect
-from ...lib.contracts import DesignBrief, InboundMessage, LLMOutput, LLMStepRequest, describe_validation_error
+from ...lib.contracts import InboundMessage, LabelledOutput, LLMOutput, LLMStepRequest
+from ...lib.flows import FlowConfig
 from ...lib.guardrails import injection, pii
-from ...lib.intake import Parsed, pending_sources
-from ...lib.outbox import delivered_keys, dispatch, effect_states, enqueue, idempotency_key, revive, settle
-from ...lib.pipeline import TERMINAL_STATUSES, ItemUpdate, StageEnv, StageReport, commit_stage, load_items
-from ...lib.retention import tombstone_inbox_rows
-from ...lib.store import (Database, approvals, as_utc, audit, chunked, dlq, intake, item_stages, items, utcnow,
-                          vault)
-from ...lib.telemetry import log_event, new_trace_id
+from ...lib.intake import Accepted, IntakeContext, run_intake
+from ...lib.outbox import delivered_keys, dispatch, enqueue, idempotency_key
+from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items, load_stage_items
+from ...lib.saga import run_effects_stage, step_key
+from ...lib.store import Database, as_utc, items, utcnow
 
 FLOW = "support"
 FOLDER = Path(__file__).parent
 FIRST_DAY = date(2026, 1, 1)  # first daily partition
-OPEN_STATUSES = ("received", "deferred", "triaged", "assigned", "grounded", "drafted", "awaiting_approval",
-                 "approved")
-# open and not waiting for a person: the flow itself still has work to do on these
-IN_PROGRESS_STATUSES = tuple(st for st in OPEN_STATUSES if st != "awaiting_approval")
 # The model's answer when a message fits no intent (below the calibrated out-of-scope threshold):
 # a human triages it, from the general account queue.
 UNKNOWN_INTENT = "unknown"
@@ -50,24 +45,22 @@ URGENT = re.compile(r"\b(urgent|urgently|asap|immediately|right now|emergency|fr
 PRIORITY_UP = {"low": "medium", "medium": "high", "high": "high"}
 
 
-class TriageOutput(LLMOutput):
+class TriageOutput(LabelledOutput):
     """The triage step's output contract: an intent label from the taxonomy."""
 
 
 class DraftOutput(LLMOutput):
+    """The draft step's output contract: the reply text and the articles it cites."""
+
     text: str
     citations: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class SupportConfig:
+class SupportConfig(FlowConfig):
     """Everything the support flow reads from its folder: brief, taxonomy, roster, KB, prompts."""
 
-    folder: Path = FOLDER
-
-    @cached_property
-    def brief(self) -> DesignBrief:
-        return DesignBrief.load(self.folder / "brief.yaml")
+    def __init__(self, folder: Path = FOLDER):
+        super().__init__(folder)
 
     @cached_property
     def taxonomy(self) -> dict[str, dict[str, str]]:
@@ -77,10 +70,6 @@ class SupportConfig:
     def intent_labels(self) -> list[str]:
         """Every label triage may give: the taxonomy's intents and ``unknown`` (out of scope)."""
         return [*sorted(self.taxonomy), UNKNOWN_INTENT]
-
-    @cached_property
-    def roster(self) -> list[dict[str, Any]]:
-        return yaml.safe_load((self.folder / "roster.yaml").read_text())["agents"]
 
     @cached_property
     def kb(self):
@@ -100,33 +89,6 @@ class SupportConfig:
 
         return DraftPolicy.load(self.folder / "policy.yaml")
 
-    @cached_property
-    def connector_policy(self):
-        """Circuit breakers, timeout, attempts before compensation and alert windows (connectors.yaml)."""
-        from ...lib.connectors.policy import ConnectorPolicy
-
-        return ConnectorPolicy.load(self.folder / "connectors.yaml")
-
-    @property
-    def routing_path(self) -> Path:
-        return self.folder / "routing.yaml"
-
-    @property
-    def prompts_dir(self) -> Path:
-        return self.folder / "prompts"
-
-    @cached_property
-    def prompt_versions(self) -> dict[str, str]:
-        """The prompt registry: prompts are versioned files, one id per prompt (``triage``,
-        ``draft_reply``, an A/B variant ``draft_reply.b``), the content hash of its OpenAI and
-        embedded (``.local.txt``) files. Part of cache keys, evaluation records and the code versions
-        of the assets that use them."""
-        out: dict[str, str] = {}
-        for p in sorted(self.prompts_dir.glob("*.txt")):
-            prompt_id = p.name.removesuffix(".txt").removesuffix(".local")
-            out[prompt_id] = hashlib.sha256(out.get(prompt_id, "").encode() + p.read_bytes()).hexdigest()[:12]
-        return out
-
 
 STEP_LOGIC_VERSION = {"triage": "triage-v2", "draft_reply": "draft-v2"}
 
@@ -135,118 +97,34 @@ def step_code_version(task: str, cfg: SupportConfig) -> str:
     """Code version of a model step's asset: its logic version plus the version of every prompt it can
     use (variants included). Editing a prompt file changes it, so Dagster marks the asset stale; the
     served model's id reaches the same asset as the data version of ``triage_model_promotion``."""
-    prompts = sorted((pid, v) for pid, v in cfg.prompt_versions.items() if pid.split(".")[0] == task)
-    return "-".join([STEP_LOGIC_VERSION[task], *(v for _, v in prompts)])
+    return cfg.task_code_version(task, STEP_LOGIC_VERSION[task])
 
 
 # --- intake: validation and PII masking ----------------------------------------------
 
+def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
+    """One inbound message as an item: validated against the InboundMessage contract, subject and body
+    PII-masked (the sender's name is a known name), the sender's address and name kept only in the
+    vault behind tokens, injection attempts flagged."""
+    msg = InboundMessage.model_validate(raw)
+    names = [msg.sender.name]
+    subject = pii.mask(msg.subject, names)
+    body = pii.mask(msg.body, names)
+    cust_tok = ctx.vault(msg.id, "EMAIL_ADDRESS", msg.sender.email)
+    name_tok = ctx.vault(msg.id, "PERSON", msg.sender.name) if msg.sender.name else None
+    findings = injection.scan(f"{subject.text}\n{body.text}")
+    return Accepted(
+        item_id=msg.id, received_at=msg.received_at, channel=msg.channel, pii=subject.counts + body.counts,
+        injection=injection.kinds(findings) if findings else [],
+        data={"subject": subject.text, "body": body.text, "customer_ref": pii.customer_ref(msg.sender.email, ctx.salt),
+              "customer_token": cust_tok, "name_token": name_tok,
+              "attachments": [{"content_type": a.content_type, "size_bytes": a.size_bytes} for a in msg.attachments]})
+
+
 def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt: str,
                  today: date | None = None) -> StageReport:
-    """Read new sources for the partition days, validate them against the InboundMessage
-    contract, mask PII, store masked items; anything invalid goes to the DLQ with a reason."""
-    started = utcnow()
-    today = today or started.date()
-    days = set(env.days)
-    accepted: list[dict[str, Any]] = []
-    intake_rows: list[dict[str, Any]] = []
-    dead: list[dict[str, Any]] = []
-    vault_rows: list[dict[str, Any]] = []
-    pii_total: Counter = Counter()
-    seen_ids: set[str] = set()
-    parsed_batch: list[tuple[Parsed, str]] = []
-    for p in pending_sources(env.db, FLOW, inbox_dir):
-        day = p.partition_day(FIRST_DAY, today)
-        if day in days:
-            parsed_batch.append((p, day))
-    candidate_ids = [str(p.raw.get("id")) for p, _ in parsed_batch if p.raw and p.raw.get("id")]
-    existing = _existing_item_ids(env.db, candidate_ids)
-    now = utcnow()
-    for p, day in parsed_batch:
-        base = {"source_key": p.source_key, "flow": FLOW, "day": day, "run_id": env.run_id, "ingested_at": now}
-        msg = None
-        error_type, reason = p.error_type, p.error
-        if reason is None:
-            try:
-                msg = InboundMessage.model_validate(p.raw)
-            except Exception as exc:  # pydantic ValidationError or a type error deep in the payload
-                error_type, reason = "validation", describe_validation_error(exc)
-        if msg is None:
-            trace = new_trace_id()
-            intake_rows.append({**base, "item_id": None, "outcome": "dead_lettered"})
-            dead.append({"flow": FLOW, "item_id": None, "source_key": p.source_key, "stage": "intake",
-                         "error_type": error_type or "invalid", "reason": reason, "trace_id": trace,
-                         "replay": {"source_key": p.source_key}, "status": "open", "run_id": env.run_id,
-                         "created_at": now})
-            continue
-        if msg.id in existing or msg.id in seen_ids:
-            intake_rows.append({**base, "item_id": msg.id, "outcome": "duplicate"})
-            continue
-        seen_ids.add(msg.id)
-        names = [msg.sender.name]
-        subject = pii.mask(msg.subject, names)
-        body = pii.mask(msg.body, names)
-        counts = subject.counts + body.counts
-        pii_total += counts
-        cust_tok = pii.vault_token(msg.id, "EMAIL_ADDRESS", salt)
-        vault_rows.append({"token": cust_tok, "item_id": msg.id, "entity_type": "EMAIL_ADDRESS",
-                           "value": msg.sender.email, "created_at": now})
-        name_tok = None
-        if msg.sender.name:
-            name_tok = pii.vault_token(msg.id, "PERSON", salt)
-            vault_rows.append({"token": name_tok, "item_id": msg.id, "entity_type": "PERSON",
-                               "value": msg.sender.name, "created_at": now})
-        findings = injection.scan(f"{subject.text}\n{body.text}")
-        trace = new_trace_id()
-        accepted.append({
-            "item_id": msg.id, "flow": FLOW, "trace_id": trace, "day": day, "channel": msg.channel,
-            "status": "received", "stage": "intake", "received_at": msg.received_at, "ingested_at": now,
-            "updated_at": now, "escalation_level": 0,
-            "data": {
-                "source_key": p.source_key, "subject": subject.text, "body": body.text,
-                "customer_ref": pii.customer_ref(msg.sender.email, salt), "customer_token": cust_tok,
-                "name_token": name_tok, "pii": dict(counts),
-                **({"injection": injection.kinds(findings)} if findings else {}),
-                "attachments": [{"content_type": a.content_type, "size_bytes": a.size_bytes}
-                                for a in msg.attachments],
-            },
-        })
-        intake_rows.append({**base, "item_id": msg.id, "outcome": "accepted"})
-    finished = utcnow()
-    ms = (finished - started).total_seconds() * 1000.0
-    timings = [{"item_id": a["item_id"], "flow": FLOW, "stage": "intake", "run_id": env.run_id,
-                "started_at": started, "finished_at": finished, "duration_ms": ms, "attempt": env.attempt,
-                "outcome": "ok"} for a in accepted]
-    with env.db.begin() as conn:
-        # The intake log is the idempotency guard: a source key is ingested exactly once.
-        env.db.insert_ignore(conn, intake, intake_rows, ["source_key"])
-        if accepted:
-            env.db.insert_ignore(conn, items, accepted, ["item_id"])
-            conn.execute(item_stages.insert(), timings)
-        env.db.insert_ignore(conn, vault, vault_rows, ["token"])
-        if dead:
-            conn.execute(dlq.insert(), dead)
-        # data minimisation: once a table row is in the intake log its raw payload is no longer needed
-        # (the masked item, the vault tokens or the dead letter's reason carry what later steps use)
-        tombstone_inbox_rows(conn, [r["source_key"] for r in intake_rows], finished, "ingested; raw payload dropped")
-    outcomes = Counter({"ok": len(accepted), "dead_lettered": len(dead),
-                        "duplicate": sum(1 for r in intake_rows if r["outcome"] == "duplicate")})
-    md = {"received": len(intake_rows), "accepted": len(accepted), "dead_lettered": len(dead),
-          "duplicates": outcomes["duplicate"], "pii_entities_masked": sum(pii_total.values())}
-    md.update({f"pii_{k.lower()}": v for k, v in sorted(pii_total.items())})
-    if dead:
-        md["dead_letter_reasons"] = Counter(d["error_type"] for d in dead).most_common()
-    log_event(env.logger, "stage_done", flow=FLOW, stage="intake", run_id=env.run_id, days=env.days,
-              items=len(intake_rows), outcomes=dict(outcomes), ms=round(ms, 1))
-    return StageReport("intake", len(intake_rows), outcomes, ms, md)
-
-
-def _existing_item_ids(db: Database, ids: list[str]) -> set[str]:
-    out: set[str] = set()
-    with db.begin() as conn:
-        for chunk in chunked(ids, 900):
-            out.update(conn.execute(sa.select(items.c.item_id).where(items.c.item_id.in_(chunk))).scalars())
-    return out
+    """The kit's intake over the support inbox (the Dagster asset calls run_intake the same way)."""
+    return run_intake(env, env.spec, inbox_dir, salt, today)
 
 
 def _text(row: dict[str, Any]) -> str:
@@ -278,7 +156,7 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     """Intent from the model (through the gateway); priority and queue from the taxonomy,
     raised one level for urgent wording; the first-response due date from the brief's SLA."""
     started = utcnow()
-    rows = load_items(env, "received", deferred_after="intake")
+    rows = load_stage_items(env, "triage")
     # a message flagged for injection is classified (intent and urgency) without the sentences
     # carrying the attempt, so the attempt cannot steer routing
     texts = {r["item_id"]: injection.neutralise(_text(r)) if r["data"].get("injection") else _text(r) for r in rows}
@@ -313,9 +191,9 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
 
 # --- assignment -----------------------------------------------------------------------
 
-def current_load(db: Database, flow: str = FLOW) -> Counter:
+def current_load(db: Database, open_statuses: tuple[str, ...], flow: str = FLOW) -> Counter:
     """Open items per assignee across all partitions."""
-    q = sa.select(items.c.data).where(items.c.flow == flow, items.c.status.in_(OPEN_STATUSES))
+    q = sa.select(items.c.data).where(items.c.flow == flow, items.c.status.in_(open_statuses))
     with db.begin() as conn:
         return Counter(d.get("assignee") for (d,) in conn.execute(q) if d.get("assignee"))
 
@@ -324,8 +202,8 @@ def assign_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
     """Least-loaded person (open items / capacity) among agents and leads serving the queue;
     high priority first so urgent work gets the emptiest desks."""
     started = utcnow()
-    rows = load_items(env, "triaged")
-    load = current_load(env.db)
+    rows = load_stage_items(env, "assignment")
+    load = current_load(env.db, env.spec.open_statuses)
     people = {p["id"]: p for p in cfg.roster if p["role"] in ("agent", "lead")}
     heaps: dict[str, list[tuple[float, str]]] = {}
     for pid, p in people.items():
@@ -363,7 +241,7 @@ def assign_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
 
 def knowledge_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
     started = utcnow()
-    rows = load_items(env, "assigned")
+    rows = load_stage_items(env, "knowledge")
     hits = cfg.kb.lookup([_text(r) for r in rows], [r["data"].get("intent") for r in rows]) if rows else []
     updates = [ItemUpdate(r["item_id"], "grounded", {**r["data"], "article_id": aid, "retrieval_score": round(s, 4)})
                for r, (aid, s) in zip(rows, hits)]
@@ -379,7 +257,7 @@ def knowledge_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
 def draft_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     """A reply grounded in the retrieved article; the article id is kept as its citation."""
     started = utcnow()
-    rows = load_items(env, "grounded", deferred_after="knowledge")
+    rows = load_stage_items(env, "draft")
     names = {p["id"]: p["name"].split()[0] for p in cfg.roster}
     reqs = []
     for r in rows:
@@ -389,6 +267,7 @@ def draft_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
             "article_steps": "\n".join(f"{i}. {s}" for i, s in enumerate(art.steps, 1)),
             "agent_first_name": names.get(r["data"]["assignee"], "The support team"),
             "grounding_score": r["data"]["retrieval_score"], "intent": r["data"]["intent"],
+            "citations": [art.id],
         }
         reqs.append(LLMStepRequest(id=r["item_id"], inputs={"text": _text(r), "context": ctx}))
     arms, responses, stats = _run_with_experiment(cfg, gateway, "draft_reply", reqs, DraftOutput)
@@ -463,7 +342,7 @@ def approval_gate_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
     flow's draft policy waits in the approvals queue for a reviewer; the rest is approved by policy.
     Either way the decision is audited."""
     started = utcnow()
-    rows = load_items(env, "drafted")
+    rows = load_stage_items(env, "approval_gate")
     now = utcnow()
     updates, approval_rows, audit_rows = [], [], []
     for r in rows:
@@ -495,116 +374,39 @@ def approval_gate_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
 # --- actions: ticket, reply, CRM log ----------------------------------------------------
 
 ACTION_STEPS = ("ticket", "reply", "crm_log")
-
-
-def _step_name(data: dict[str, Any], step: str) -> str:
-    """The step's name in its idempotency key: after a replay of compensated effects
-    (lib/dlq.py) the redone steps carry their effect generation, so they are issued afresh."""
-    gen = int((data.get("effect_generation") or {}).get(step, 0))
-    return step if gen == 0 else f"{step}#{gen}"
-
-
-def _action_keys(row: dict[str, Any]) -> dict[str, str]:
-    return {s: idempotency_key(FLOW, row["item_id"], _step_name(row["data"], s)) for s in ACTION_STEPS}
-
-
-def _action_effects(row: dict[str, Any]) -> list[Effect]:
-    d, iid, tr = row["data"], row["item_id"], row["trace_id"]
-    keys = _action_keys(row)
-    return [
-        Effect(keys["ticket"], "ticketing", "create_ticket", iid, tr, {
-            "queue": d["queue"], "priority": d["priority"], "assignee": d["assignee"], "intent": d["intent"],
-            "subject": d.get("subject") or d["intent"].replace("_", " "), "status": "solved"}),
-        Effect(keys["reply"], "messaging", "send_reply", iid, tr, {
-            "kind": "reply", "recipient": d["customer_token"],
-            "subject": "Re: " + (d.get("subject") or "your message"), "body": d["draft"]}),
-        Effect(keys["crm_log"], "crm", "support_interaction", iid, tr, {
-            "customer_ref": d["customer_ref"],
-            "summary": f"{d['intent']} ({d['priority']}) handled by {d['assignee']}; article {d.get('article_id')}"}),
-    ]
-
-
 # A delivered step whose multi-step effect failed for good is undone by its compensation (same
 # connector, allow-listed action, its own idempotency key). A reply cannot be recalled.
 COMPENSATIONS = {"ticket": ("ticketing", "void_ticket")}
+EFFECTS = frozenset({("ticketing", "create_ticket"), ("messaging", "send_reply"), ("crm", "support_interaction"),
+                     ("messaging", "send_survey"), ("ticketing", "void_ticket")})
+
+
+def _action_effects(row: dict[str, Any]) -> dict[str, Effect]:
+    d, iid, tr = row["data"], row["item_id"], row["trace_id"]
+    keys = {s: step_key(FLOW, row, s) for s in ACTION_STEPS}
+    return {
+        "ticket": Effect(keys["ticket"], "ticketing", "create_ticket", iid, tr, {
+            "queue": d["queue"], "priority": d["priority"], "assignee": d["assignee"], "intent": d["intent"],
+            "subject": d.get("subject") or d["intent"].replace("_", " "), "status": "solved"}),
+        "reply": Effect(keys["reply"], "messaging", "send_reply", iid, tr, {
+            "kind": "reply", "recipient": d["customer_token"],
+            "subject": "Re: " + (d.get("subject") or "your message"), "body": d["draft"]}),
+        "crm_log": Effect(keys["crm_log"], "crm", "support_interaction", iid, tr, {
+            "customer_ref": d["customer_ref"],
+            "summary": f"{d['intent']} ({d['priority']}) handled by {d['assignee']}; article {d.get('article_id')}"}),
+    }
 
 
 def actions_stage(env: StageEnv, cfg: SupportConfig, connectors, *, waiting_only: bool = False) -> StageReport:
-    """Record ticket, reply and CRM effects in the outbox (with the state change), deliver them,
-    and resolve the items whose effects were all delivered ("completed" in the audit log).
-    Undelivered effects stay pending and the item stays approved, so the next run (or the ops job's
-    redelivery) delivers them: nothing lost, nothing twice. Each connector sits behind its circuit
-    breaker, so an outage neither fails the batch nor keeps hammering a broken system. An effect that
-    failed ``max_attempts`` times has failed for good: the steps already delivered are compensated
-    (the ticket is voided), the rest cancelled, and the item dead-lettered ("compensated")."""
-    started = utcnow()
-    policy = cfg.connector_policy
-    rows = load_items(env, "approved", stage="actions" if waiting_only else None)
-    effects = [e for r in rows for e in _action_effects(r)]
-    with env.db.begin() as conn:
-        enqueue(env.db, conn, FLOW, effects)
-        # every effect of an approved item is meant to go out: one taken out of delivery (dead, cancelled)
-        # while the item was dead-lettered goes back in, with fresh attempts, after a replay
-        revive(conn, [e.idempotency_key for e in effects])
-    sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=policy) if rows
-            else {"delivered": 0, "failed": 0, "skipped": 0})
-    state = effect_states(env.db, [e.idempotency_key for e in effects])
-    now = utcnow()
-    updates, audit_rows, compensations, cancel, dead = [], [], [], [], []
-    for r in rows:
-        iid, tr = r["item_id"], r["trace_id"]
-        keys = _action_keys(r)
-        comp_keys = {s: idempotency_key(FLOW, iid, f"compensate_{_step_name(r['data'], s)}") for s in COMPENSATIONS}
-        st = {s: state.get(k, {}) for s, k in keys.items()}
-        if all(x.get("status") == "delivered" for x in st.values()):
-            updates.append(ItemUpdate(iid, "resolved", r["data"], columns={"resolved_at": now}))
-            audit_rows.append({"actor": "system:actions", "action": "completed", "flow": FLOW, "item_id": iid,
-                               "trace_id": tr, "reason": "ticket, reply and CRM log delivered",
-                               "outputs": {"steps": list(ACTION_STEPS)}})
-            continue
-        broken = [s for s, x in st.items() if x.get("status") == "failed" and x.get("attempts", 0) >= policy.max_attempts]
-        if not broken:
-            updates.append(ItemUpdate(iid, "approved", r["data"], "waiting"))
-            continue
-        delivered = [s for s, x in st.items() if x.get("status") == "delivered"]
-        undone, undo_keys = [], []
-        for s in delivered:
-            if s in COMPENSATIONS:
-                connector, action = COMPENSATIONS[s]
-                compensations.append(Effect(comp_keys[s], connector, action, iid, tr,
-                                            {"ticket_key": keys[s], "reason": f"{','.join(broken)} failed for good"}))
-                undone.append(f"{s}:{action}")
-                undo_keys.append(comp_keys[s])
-        cancelled = [s for s, x in st.items() if x.get("status") in ("pending", "failed") and s not in broken]
-        dead.extend(keys[s] for s in broken)
-        cancel.extend(keys[s] for s in cancelled)
-        errors = "; ".join(f"{s} ({st[s]['connector']} {st[s]['action']}) failed {st[s]['attempts']} times: "
-                           f"{(st[s].get('last_error') or '')[:120]}" for s in broken)
-        reason = f"{errors}; compensated: {', '.join(undone) or 'nothing to undo'}"
-        kept = [s for s in delivered if s not in COMPENSATIONS]
-        updates.append(ItemUpdate(iid, "dead_lettered", {**r["data"], "compensation": {
-            "failed": broken, "compensated": undone, "left_in_place": kept, "cancelled": cancelled,
-            "compensation_keys": undo_keys}}, "dead_lettered",
-            dead_letter=("effect_failed", reason)))
-        audit_rows.append({"actor": "system:actions", "action": "compensated", "flow": FLOW, "item_id": iid,
-                           "trace_id": tr, "reason": reason,
-                           "outputs": {"failed": broken, "compensated": undone, "left_in_place": kept,
-                                       "compensation_keys": undo_keys}})
-    md = {"effects_delivered": sent["delivered"], "effects_failed": sent["failed"],
-          "effects_waiting_open_circuit": sent.get("skipped", 0),
-          "resolved": sum(1 for u in updates if u.status == "resolved"),
-          "compensated": sum(1 for u in updates if u.status == "dead_lettered")}
-    report = commit_stage(env, "actions", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
-                          effects=compensations, audit_rows=audit_rows, metadata=md)
-    if dead or cancel:
-        settle(env.db, dead, "dead")
-        settle(env.db, cancel, "cancelled")
-    if compensations:
-        comp = dispatch(env.db, connectors, FLOW, keys=[e.idempotency_key for e in compensations], policy=policy)
-        report.metadata["compensations_delivered"] = comp["delivered"]
-        log_event(env.logger, "effects_compensated", flow=FLOW, run_id=env.run_id, items=len(compensations),
-                  delivered=comp["delivered"])
-    return report
+    """Ticket, reply and CRM log through the outbox (the kit's saga, lib/saga.py): items whose effects
+    were all delivered are resolved ("completed" in the audit log); undelivered effects stay pending and
+    the item stays approved, so the next run (or the ops job's redelivery) delivers them: nothing lost,
+    nothing twice. An effect that failed ``max_attempts`` times has failed for good: the ticket is
+    voided, the rest cancelled, and the item dead-lettered ("compensated")."""
+    rows = load_stage_items(env, "actions", after="actions" if waiting_only else None)
+    return run_effects_stage(env, "actions", rows, connectors, plan=_action_effects, compensations=COMPENSATIONS,
+                             policy=cfg.connector_policy, done_status="resolved",
+                             done_reason="ticket, reply and CRM log delivered")
 
 
 def redelivery_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
@@ -625,7 +427,7 @@ def redelivery_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageRepo
 def survey_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
     """A satisfaction survey to every resolved item, once."""
     started = utcnow()
-    rows = load_items(env, "resolved", stage="actions")
+    rows = load_stage_items(env, "survey")
     effects = [Effect(idempotency_key(FLOW, r["item_id"], "survey"), "messaging", "send_survey", r["item_id"],
                       r["trace_id"], {"kind": "survey", "recipient": r["data"]["customer_token"],
                                       "subject": "How did we do?",
@@ -647,10 +449,7 @@ def survey_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
                         metadata=md, n_in=len(rows))
 
 
-FLOW_STAGES = ("intake", "triage", "assignment", "knowledge", "draft", "approval_gate", "actions", "survey")
-
-
-# --- across partitions: CSAT, escalation --------------------------------------------------
+# --- across partitions: CSAT fold-back -------------------------------------------------
 
 def csat_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
     """Fold survey answers back into their items (all partitions: answers arrive days later)."""
@@ -670,80 +469,17 @@ def csat_stage(env: StageEnv, cfg: SupportConfig, connectors) -> StageReport:
                         metadata=md, n_in=len(rows))
 
 
-def escalation_stage(env: StageEnv, cfg: SupportConfig, connectors, now: datetime | None = None
-                     ) -> StageReport:
-    """Open items past their first-response due date are escalated once per level: the approval
-    (if any) moves to the escalation role, a supervisor alert goes out through the outbox."""
+def insights_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
+    """Top, rising and worst-CSAT intents upserted into the backlog (reporting.insights)."""
+    from .reporting import insights
+
     started = utcnow()
-    now = now or started
-    rows = [r for r in load_items(env, OPEN_STATUSES) if r["due_at"] is not None and r["due_at"] < now]
-    with env.db.begin() as conn:
-        levels = dict(conn.execute(sa.select(items.c.item_id, items.c.escalation_level).where(
-            items.c.flow == FLOW, items.c.status.in_(OPEN_STATUSES), items.c.due_at < now)).all())
-    rows = [r for r in rows if levels.get(r["item_id"], 0) == 0]
-    role = cfg.brief.approval.escalation_role
-    supervisors = [p["id"] for p in cfg.roster if p["role"] == role] or ["supervisors"]
-    updates, effects, audit_rows = [], [], []
-    for n, r in enumerate(rows):
-        overdue_h = (now - r["due_at"]).total_seconds() / 3600.0
-        who = supervisors[n % len(supervisors)]
-        updates.append(ItemUpdate(r["item_id"], r["status"], {**r["data"], "escalated_to": who}, "routed",
-                                  columns={"escalated_at": now, "escalation_level": 1}))
-        effects.append(Effect(idempotency_key(FLOW, r["item_id"], "escalation_1"), "messaging", "send_alert",
-                              r["item_id"], r["trace_id"], {
-                                  "kind": "escalation", "recipient": f"role:{role}:{who}",
-                                  "subject": f"SLA breached: {r['item_id']} ({r['data'].get('priority')})",
-                                  "body": f"Item {r['item_id']} in status {r['status']} is {overdue_h:.1f} h past "
-                                          f"its first-response due time. Trace {r['trace_id']}."}))
-        audit_rows.append({"actor": "system:sla", "action": "escalated", "flow": FLOW, "item_id": r["item_id"],
-                           "trace_id": r["trace_id"], "reason": f"{overdue_h:.1f} h past due",
-                           "outputs": {"to_role": role, "to": who}})
-    if rows:
-        with env.db.begin() as conn:
-            from ...lib.approvals import escalated_due
-
-            # the approval moves to the escalation role with a new due date (approval_escalation_sensor
-            # acts on it again only when that one passes too)
-            conn.execute(approvals.update().where(approvals.c.item_id == sa.bindparam("k"),
-                                                  approvals.c.status == "pending")
-                         .values(required_role=role, due_at=sa.bindparam("new_due")),
-                         [{"k": r["item_id"], "new_due": escalated_due(now, r["data"].get("priority"),
-                                                                       cfg.brief.sla_hours)} for r in rows])
-    report = commit_stage(env, "escalation", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
-                          effects=effects, audit_rows=audit_rows, metadata={"escalated": len(updates)},
-                          set_stage=False)
-    sent = (dispatch(env.db, connectors, FLOW, [r["item_id"] for r in rows], policy=cfg.connector_policy) if rows
-            else {"delivered": 0})
-    report.metadata["alerts_delivered"] = sent["delivered"]
-    return report
+    found = insights(env.db)["items"]
+    rows = "\n".join(f"| {f['kind']} | {f['key']} | {f['score']:g} |" for f in found)
+    md = {"backlog_items": len(found),
+          "insights_md": "| kind | intent | score |\n|---|---|---|\n" + rows if found else "none yet"}
+    return StageReport("insights", len(found), Counter(ok=len(found)), (utcnow() - started).total_seconds() * 1000.0,
+                       md)
 
 
-# --- status for people ----------------------------------------------------------------------
-
-def status_counts(db: Database, flow: str = FLOW) -> dict[str, Any]:
-    """Every source entry received, and where each one is now. received == sum(states)."""
-    with db.begin() as conn:
-        received = conn.execute(sa.select(sa.func.count()).select_from(intake).where(intake.c.flow == flow)
-                                ).scalar_one()
-        by_status = dict(conn.execute(sa.select(items.c.status, sa.func.count()).where(items.c.flow == flow)
-                                      .group_by(items.c.status)).all())
-        by_outcome = dict(conn.execute(sa.select(intake.c.outcome, sa.func.count()).where(
-            intake.c.flow == flow, intake.c.outcome != "accepted").group_by(intake.c.outcome)).all())
-        escalated = conn.execute(sa.select(sa.func.count()).select_from(items).where(
-            items.c.flow == flow, items.c.escalated_at.is_not(None))).scalar_one()
-        dlq_open = conn.execute(sa.select(sa.func.count()).select_from(dlq).where(
-            dlq.c.flow == flow, dlq.c.status == "open")).scalar_one()
-    states: dict[str, int] = {k: int(v) for k, v in by_status.items()}
-    states["dead_lettered"] = states.get("dead_lettered", 0) + int(by_outcome.get("dead_lettered", 0))
-    states["duplicate"] = int(by_outcome.get("duplicate", 0))
-    total = sum(states.values())
-    return {"flow": flow, "received": int(received), "states": dict(sorted(states.items())),
-            "accounted": total, "lost": int(received) - total, "escalated": int(escalated), "dlq_open": int(dlq_open),
-            "in_progress": sum(states.get(s, 0) for s in IN_PROGRESS_STATUSES),
-            "terminal": sum(states.get(s, 0) for s in TERMINAL_STATUSES)}
-
-
-def audit_for(db: Database, item_id: str) -> list[dict[str, Any]]:
-    with db.begin() as conn:
-        return [dict(r) for r in conn.execute(sa.select(audit).where(audit.c.item_id == item_id)
-                                              .order_by(audit.c.id)).mappings()]
+from . import flow as _flow  # noqa: E402,F401  (registers the flow spec for code that imports only this module)

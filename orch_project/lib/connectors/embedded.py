@@ -226,13 +226,17 @@ class EmbeddedConnectors:
 
     def duplicates(self) -> dict[str, int]:
         """Items with more than one record of the same kind (a voided ticket, undone by compensation,
-        does not count): must always be zero."""
+        does not count): must always be zero. An item is a flow's item: the flow is the first part of
+        the idempotency key (``flow:item:step``), so two flows' items with the same id are two items."""
+        from collections import Counter
+
         out = {}
         with self.db.begin() as conn:
-            for name, cols, where in (
-                    ("tickets", [tickets.c.item_id], tickets.c.status != "voided"),
-                    ("crm_activities", [crm_activities.c.item_id, crm_activities.c.kind], sa.true()),
-                    ("messages", [messages.c.item_id, messages.c.kind], sa.true())):
-                sub = sa.select(*cols).where(where).group_by(*cols).having(sa.func.count() > 1).subquery()
-                out[name] = conn.execute(sa.select(sa.func.count()).select_from(sub)).scalar_one()
+            for name, table, kind, where in (
+                    ("tickets", tickets, None, tickets.c.status != "voided"),
+                    ("crm_activities", crm_activities, crm_activities.c.kind, sa.true()),
+                    ("messages", messages, messages.c.kind, sa.true())):
+                cols = [table.c.idempotency_key, table.c.item_id] + ([kind] if kind is not None else [])
+                seen = Counter((key.split(":", 1)[0], *rest) for key, *rest in conn.execute(sa.select(*cols).where(where)))
+                out[name] = sum(1 for n in seen.values() if n > 1)
         return out

@@ -5,8 +5,8 @@ Three layers, none of which trusts the model:
 1. Inbound text only ever enters a prompt as delimited data (``gateway.delimit``: it cannot close
    the ``<message>`` delimiter), and every system prompt says the message is data.
 2. Model output never chooses a side effect: effects are built by code, the outbox accepts only the
-   allow-listed (connector, action) pairs in ``ALLOWED_EFFECTS``, and a model's label must be one of
-   the step's allowed labels.
+   allow-listed (connector, action) pairs of the flow, and a model's label must be one of
+   the step's allowed labels. The allow-list is each flow's (its spec's ``effects``; lib/outbox.py).
 3. Heuristic detection (this module) flags messages that try to instruct the system; a flagged item
    always goes to a human, and the sentences carrying the attempt are left out of what the
    classifier sees, so the attempt cannot steer routing.
@@ -16,14 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-# Side effects a flow may cause, as (connector, action). The outbox refuses anything else, whatever
-# a model answered.
-ALLOWED_EFFECTS = frozenset({
-    ("ticketing", "create_ticket"), ("messaging", "send_reply"), ("crm", "support_interaction"),
-    ("messaging", "send_survey"), ("messaging", "send_alert"), ("messaging", "send_notification"),
-    ("ticketing", "void_ticket"),  # compensation of a created ticket (actions stage)
-})
 
 PATTERNS: dict[str, re.Pattern] = {name: re.compile(rx, re.IGNORECASE) for name, rx in {
     "override_instructions": r"\b(ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(previous|prior|above|earlier|all|your|the|any)\b[^.!?\n]{0,25}\b(instructions?|rules?|prompts?|polic(y|ies)|guidelines|directions)\b",

@@ -16,7 +16,10 @@ The sample is built to measure recall honestly, not to flatter the detector:
 - texts also carry look-alikes that are NOT PII (Luhn-invalid card numbers, IBANs with a wrong check,
   order numbers, dates, amounts, version strings) so precision means something.
 
-Core sentences come from the BANKING77 training queries (see ``orch_project/lib/sampledata.py``).
+Core sentences come from the BANKING77 training queries, read from the data directory
+(``$ORCH_DATA_DIR/banking77/train.csv``, see ``orch_project.lib.datasets``; ``DatasetMissing`` when
+absent); the fake card numbers, IBANs, SSNs, IPv4 addresses and phone numbers from
+``orch_project.lib.fakedata``.
 Everything is deterministic for a given seed (``random.Random`` and seeded Faker only).
 
 CLI::
@@ -34,9 +37,9 @@ from typing import Any, Sequence
 
 from stdnum import iban as _iban
 
+from .. import datasets
+from ..fakedata import EMAIL_DOMAINS, fake_card_number, fake_iban, fake_ipv4, fake_ssn, intl_phone, slug
 from .pii import ENTITIES
-from ..sampledata import (EMAIL_DOMAINS, _fake_card_number, _fake_iban, _fake_ipv4, _fake_ssn, _intl_phone,
-                          _slug, load_banking77)
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "data" / "pii_labelled.jsonl"
 ADDRESS_LOCALES = ("en_GB", "en_US", "de_DE", "fr_FR", "es_ES", "it_IT")
@@ -149,7 +152,7 @@ class _People:
         loc = self.rng.choices(self.name_locales, weights=self.weights)[0]
         f = self.fake[loc]
         first, last = f.first_name(), f.last_name()
-        fs, ls = _slug(first) or "customer", _slug(last) or "user"
+        fs, ls = slug(first) or "customer", slug(last) or "user"
         local = self.rng.choice((f"{fs}.{ls}", f"{fs[0]}{ls}", f"{fs}_{ls}{self.rng.randrange(10, 99)}",
                                  f"{ls}.{fs}", f"{fs}.{ls}+bank"))
         email = f"{local}@{self.rng.choice(EMAIL_DOMAINS + ('mail.example.co.uk', 'post.example.de'))}"
@@ -159,14 +162,14 @@ class _People:
 
     def phone(self) -> str:
         if self.rng.random() < 0.4:
-            return _intl_phone(self.rng)
+            return intl_phone(self.rng)
         return self.fake[self.rng.choice(ADDRESS_LOCALES)].phone_number()
 
     def address(self) -> str:
         loc = self.rng.choice(ADDRESS_LOCALES)
         f = self.fake[loc]
         street = f.street_address().replace("\n", ", ")
-        if loc == "it_IT":  # it_IT city() depends on PYTHONHASHSEED (see sampledata); this does not
+        if loc == "it_IT":  # it_IT city() depends on PYTHONHASHSEED (drawn from a set); this does not
             cap, _, rest = f.postcode_city_province().partition(", ")
             return f"{street}, {rest.rsplit(' (', 1)[0]}, {cap}"
         if self.rng.random() < 0.5:
@@ -176,13 +179,13 @@ class _People:
 
 def _value(rng: random.Random, people: _People, entity_type: str, person: dict[str, str]) -> str:
     if entity_type == "CREDIT_CARD":
-        return _fake_card_number(rng)
+        return fake_card_number(rng)
     if entity_type == "IBAN_CODE":
-        return _fake_iban(rng) if rng.random() < 0.5 else _extra_iban(rng)
+        return fake_iban(rng) if rng.random() < 0.5 else _extra_iban(rng)
     if entity_type == "US_SSN":
-        return _fake_ssn(rng)
+        return fake_ssn(rng)
     if entity_type == "IP_ADDRESS":
-        return _fake_ipv4(rng) if rng.random() < 0.8 else _ipv6(rng)
+        return fake_ipv4(rng) if rng.random() < 0.8 else _ipv6(rng)
     if entity_type == "EMAIL_ADDRESS":
         return person["email"]
     if entity_type == "PHONE_NUMBER":
@@ -261,7 +264,7 @@ def generate(n: int = 500, seed: int = 11) -> list[dict[str, Any]]:
     """``n`` labelled texts; the same (n, seed) always gives the same records."""
     rng = random.Random(seed)
     people = _People(seed)
-    rows = load_banking77()
+    rows = datasets.banking77_queries("train")
     return [_record(rng, people, rows, i) for i in range(1, n + 1)]
 
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from ..contracts import Budget, LLMOutput, LLMStepRequest, LLMStepResponse, describe_validation_error
+from ..contracts import Budget, LabelledOutput, LLMOutput, LLMStepRequest, LLMStepResponse, describe_validation_error
 from ..guardrails.pii import find_unmasked
 from ..store import Database, llm_calls, utcnow
 from . import cache
@@ -149,7 +149,7 @@ class Gateway:
         self._budget: TokenBudget | None = None
 
     # -- public ----------------------------------------------------------------------
-    def run(self, task: str, requests: Sequence[LLMStepRequest], output_model: type[LLMOutput] = LLMOutput, *,
+    def run(self, task: str, requests: Sequence[LLMStepRequest], output_model: type[LLMOutput] = LabelledOutput, *,
             prompt_vars: dict[str, Any] | None = None, label_choices: Sequence[str] | None = None,
             variant: str | None = None) -> tuple[list[LLMStepResponse], GatewayStats]:
         """``variant`` selects an A/B prompt variant (prompts/<task>.<variant>.txt): routed by the task's
@@ -453,8 +453,9 @@ class _Call:
             out = self.output_model.model_validate(output)
         except ValidationError as exc:
             return None, f"output failed validation: {describe_validation_error(exc)}"
-        if self.label_choices and out.label not in self.label_choices:
-            return None, f"label {out.label[:60]!r} is not one of the {len(self.label_choices)} allowed labels"
+        label = getattr(out, "label", None)
+        if self.label_choices and label not in self.label_choices:
+            return None, f"label {str(label)[:60]!r} is not one of the {len(self.label_choices)} allowed labels"
         return out, ""
 
     def _remember(self, i: int, cand: Candidate, out: LLMOutput) -> None:

@@ -2,10 +2,14 @@
 
 Produces realistic, fully fake inbound support messages (email, chat, web form)
 whose core text is drawn from the BANKING77 training queries (CC BY 4.0,
-Casanueva et al. 2020, arXiv:2003.04807), wrapped in channel-specific framing
-and sprinkled with fake personal data (names, e-mail addresses, phone numbers,
-postal addresses, Luhn-valid card numbers, checksum-valid IBANs, SSN-formatted
-numbers, IPv4 addresses) for downstream PII-masking to catch.
+Casanueva et al. 2020, arXiv:2003.04807; read from the data directory,
+``$ORCH_DATA_DIR/banking77``, see ``orch_project.lib.datasets``), wrapped in
+channel-specific framing and sprinkled with fake personal data (names, e-mail
+addresses, phone numbers, postal addresses, and from ``orch_project.lib.fakedata``
+Luhn-valid card numbers, checksum-valid IBANs, SSN-formatted numbers, IPv4
+addresses) for downstream PII-masking to catch.
+
+The shipped corpus is in ``SAMPLES_DIR`` (``orch_project/defs/support/samples``).
 
 Everything is deterministic for a given seed: only ``random.Random(seed)``
 instances and a ``Faker`` instance seeded with ``seed_instance`` are used, never
@@ -23,7 +27,7 @@ Canonical message shape (a contract validated elsewhere)::
 
 CLI::
 
-    python -m orch_project.lib.sampledata --out orch_project/data/support_samples --seed 7 --n 300
+    python -m orch_project.defs.support.sample_data --out orch_project/defs/support/samples --seed 7 --n 300
 """
 
 from __future__ import annotations
@@ -32,19 +36,23 @@ import argparse
 import json
 import random
 import re
-import unicodedata
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ...lib import datasets
+from ...lib.fakedata import EMAIL_DOMAINS, fake_card_number, fake_iban, fake_ipv4, fake_ssn, intl_phone, slug
+
 __all__ = [
     "CHANNELS",
     "DEFAULT_DAYS",
+    "SAMPLES_DIR",
     "SUPPORT_ADDRESS",
     "load_banking77",
     "generate_messages",
     "write_sample_corpus",
     "message_to_eml",
+    "read_labelled_sample",
 ]
 
 SUPPORT_ADDRESS = "support@northwind.example"
@@ -53,11 +61,9 @@ CHANNELS = ("email", "chat", "web_form")
 CHANNEL_WEIGHTS = (50, 30, 20)
 DEFAULT_DAYS = ["2026-11-16", "2026-11-17", "2026-11-18", "2026-11-19", "2026-11-20"]
 LOCALES = ("en_GB", "en_US", "de_DE", "fr_FR", "es_ES", "it_IT")
-EMAIL_DOMAINS = ("example.com", "example.net", "example.org", "mail.example")
 MESSAGE_ID_DOMAIN = "mail.example"
 
-_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_BANKING77_PATH = _DATA_DIR / "banking77" / "train.csv"
+SAMPLES_DIR = Path(__file__).parent / "samples"  # the shipped corpus (write_sample_corpus, seed 7, n 300)
 
 _POOL_SIZE = 500
 
@@ -273,131 +279,20 @@ _CSAT_COMMENTS = {
 }
 
 # --------------------------------------------------------------------------
-# BANKING77
+# BANKING77 (from the data directory, see orch_project.lib.datasets)
 # --------------------------------------------------------------------------
 
 
 def load_banking77(path: Path | None = None) -> list[tuple[str, str]]:
     """Return ``(text, intent)`` rows from the BANKING77 ``train.csv`` (columns ``text,category``).
 
-    Text whitespace is normalised (the source has a few stray leading newlines);
-    rows with empty text or category are skipped. Intent labels are returned
-    verbatim (including the dataset's own spellings such as ``Refund_not_showing_up``).
+    Read from ``$ORCH_DATA_DIR/banking77/train.csv`` (``orch_project.lib.datasets``; raises
+    ``DatasetMissing`` when it is not there) unless ``path`` names a CSV. Text whitespace is
+    normalised (the source has a few stray leading newlines); rows with empty text or category are
+    skipped. Intent labels are returned verbatim (including the dataset's own spellings such as
+    ``Refund_not_showing_up``).
     """
-    import csv
-
-    p = Path(path) if path is not None else DEFAULT_BANKING77_PATH
-    rows: list[tuple[str, str]] = []
-    with p.open(encoding="utf-8", newline="") as fh:
-        for rec in csv.DictReader(fh):
-            text = " ".join((rec.get("text") or "").split())
-            intent = (rec.get("category") or "").strip()
-            if text and intent:
-                rows.append((text, intent))
-    return rows
-
-
-# --------------------------------------------------------------------------
-# Fake-PII helpers (pure functions of an rng)
-# --------------------------------------------------------------------------
-
-_FOLD_MAP = str.maketrans({
-    "ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE",
-    "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ı": "i",
-})
-
-
-def _ascii_fold(s: str) -> str:
-    s = s.translate(_FOLD_MAP)
-    return unicodedata.normalize("NFKD", s).encode("ascii", "ignore").decode("ascii")
-
-
-def _luhn_check_digit(partial: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(partial)):
-        d = int(ch)
-        if i % 2 == 0:  # these positions get doubled once the check digit is appended
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return str((10 - total % 10) % 10)
-
-
-def luhn_valid(number: str) -> bool:
-    digits = [int(c) for c in number if c.isdigit()]
-    if len(digits) < 2:
-        return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
-def _fake_card_number(rng: random.Random) -> str:
-    prefix = rng.choice(("4", "4", "51", "52", "53", "54", "55"))
-    body = prefix + "".join(str(rng.randrange(10)) for _ in range(15 - len(prefix)))
-    number = body + _luhn_check_digit(body)
-    if rng.random() < 0.65:
-        return " ".join(number[i:i + 4] for i in range(0, 16, 4))
-    return number
-
-
-def _iban_check_digits(country: str, bban: str) -> str:
-    rearranged = bban + country + "00"
-    numeric = "".join(str(int(c, 36)) for c in rearranged)
-    return f"{98 - int(numeric) % 97:02d}"
-
-
-def _fake_iban(rng: random.Random) -> str:
-    country = rng.choice(("DE", "GB", "NL"))
-    digits = lambda k: "".join(str(rng.randrange(10)) for _ in range(k))  # noqa: E731
-    if country == "DE":
-        bban = digits(8) + digits(10)
-    elif country == "GB":
-        bban = rng.choice(("NWBK", "WEST", "BARC", "LOYD", "MIDL")) + digits(6) + digits(8)
-    else:
-        bban = rng.choice(("ABNA", "INGB", "RABO", "TRIO")) + digits(10)
-    iban = country + _iban_check_digits(country, bban) + bban
-    if rng.random() < 0.6:
-        return " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
-    return iban
-
-
-def _fake_ssn(rng: random.Random) -> str:
-    area = rng.randrange(1, 900)
-    while area == 666:
-        area = rng.randrange(1, 900)
-    return f"{area:03d}-{rng.randrange(1, 100):02d}-{rng.randrange(1, 10000):04d}"
-
-
-def _fake_ipv4(rng: random.Random) -> str:
-    net = rng.choice(("192.0.2", "198.51.100", "203.0.113"))  # RFC 5737 documentation ranges
-    return f"{net}.{rng.randrange(1, 255)}"
-
-
-def _intl_phone(rng: random.Random) -> str:
-    d = lambda k: "".join(str(rng.randrange(10)) for _ in range(k))  # noqa: E731
-    kind = rng.randrange(6)
-    if kind == 0:
-        return f"+44 20 7946 0{d(3)}"
-    if kind == 1:
-        return f"+44 7700 900{d(3)}"
-    if kind == 2:
-        return f"+1 (202) 555-01{d(2)}"
-    if kind == 3:
-        return f"+49 30 {d(4)} {d(4)}"
-    if kind == 4:
-        return f"+33 1 {d(2)} {d(2)} {d(2)} {d(2)}"
-    return f"+34 91 {d(3)} {d(2)} {d(2)}"
-
-
-def _slug(part: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", _ascii_fold(part).lower())
+    return datasets.banking77_queries("train", path)
 
 
 def _build_people(rng: random.Random, seed: int) -> list[dict[str, str]]:
@@ -412,7 +307,7 @@ def _build_people(rng: random.Random, seed: int) -> list[dict[str, str]]:
         f = fake[loc]  # explicit locale: the proxy's own locale pick would use global random state
         first = f.first_name()
         last = f.last_name()
-        fs, ls = _slug(first) or "customer", _slug(last) or "user"
+        fs, ls = slug(first) or "customer", slug(last) or "user"
         style = rng.randrange(6)
         if style == 0:
             local = f"{fs}.{ls}"
@@ -431,7 +326,7 @@ def _build_people(rng: random.Random, seed: int) -> list[dict[str, str]]:
         while email in seen_emails:
             email = f"{local}{rng.randrange(100, 1000)}@{domain}"
         seen_emails.add(email)
-        phone = _intl_phone(rng) if rng.random() < 0.3 else f.phone_number()
+        phone = intl_phone(rng) if rng.random() < 0.3 else f.phone_number()
         street = f.street_address().replace("\n", ", ")
         if loc == "it_IT":
             # it_IT city() samples from a list built from a set (order depends on PYTHONHASHSEED);
@@ -469,13 +364,13 @@ def _core_text(rng: random.Random, text: str, person: dict[str, str]) -> tuple[s
     if rng.random() < 0.30:
         parts.append(rng.choice(_CONTEXT_SENTENCES))
     if rng.random() < 0.05:
-        parts.append(rng.choice(_CARD_SENTENCES).format(card=_fake_card_number(rng)))
+        parts.append(rng.choice(_CARD_SENTENCES).format(card=fake_card_number(rng)))
     if rng.random() < 0.03:
-        parts.append(rng.choice(_IBAN_SENTENCES).format(iban=_fake_iban(rng)))
+        parts.append(rng.choice(_IBAN_SENTENCES).format(iban=fake_iban(rng)))
     if rng.random() < 0.03:
-        parts.append(rng.choice(_SSN_SENTENCES).format(ssn=_fake_ssn(rng)))
+        parts.append(rng.choice(_SSN_SENTENCES).format(ssn=fake_ssn(rng)))
     if rng.random() < 0.02:
-        parts.append(rng.choice(_IP_SENTENCES).format(ip=_fake_ipv4(rng)))
+        parts.append(rng.choice(_IP_SENTENCES).format(ip=fake_ipv4(rng)))
     if rng.random() < 0.05:
         parts.append(rng.choice(_EMAIL_AGAIN_SENTENCES).format(email=person["email"]))
     priority = rng.random() < 0.08
@@ -739,16 +634,16 @@ random values that merely pass their checksums so that PII masking has something
 ## How it was generated
 
 ```
-python -m orch_project.lib.sampledata --out orch_project/data/support_samples --seed {seed} --n {n}
+python -m orch_project.defs.support.sample_data --out orch_project/defs/support/samples --seed {seed} --n {n}
 ```
 
-- Generator: `orch_project/lib/sampledata.py` (`write_sample_corpus`), seed **{seed}**, {n} messages.
+- Generator: `orch_project/defs/support/sample_data.py` (`write_sample_corpus`), seed **{seed}**, {n} messages.
 - Deterministic: the same command produces a byte-identical tree.
 - Days (UTC): {days[0]} .. {days[-1]}, business-hours weighted.
-- Message bodies draw on the **BANKING77** training queries (`orch_project/data/banking77/train.csv`),
-  CC BY 4.0, Casanueva et al. 2020, "Efficient Intent Detection with Dual Sentence Encoders",
-  arXiv:2003.04807. The source intent is kept in each message's `intent_hint` field (ground truth
-  for evaluation; consumers may ignore it).
+- Message bodies draw on the **BANKING77** training queries (`$ORCH_DATA_DIR/banking77/train.csv`,
+  outside the repository; see `orch_project/lib/datasets.py`), CC BY 4.0, Casanueva et al. 2020,
+  "Efficient Intent Detection with Dual Sentence Encoders", arXiv:2003.04807. The source intent is
+  kept in each message's `intent_hint` field (ground truth for evaluation; consumers may ignore it).
 
 ## Layout
 
@@ -842,9 +737,82 @@ def write_sample_corpus(out_dir: Path, *, seed: int = 7, n: int = 300) -> dict:
     return counts
 
 
+# --------------------------------------------------------------------------
+# Reading the shipped corpus back as labelled examples
+# --------------------------------------------------------------------------
+
+_SUBJECT_PREFIXES = ("URGENT: ", "Urgent - ", "ASAP: ", "Re: ")  # what _subject() may put in front
+
+
+def intent_for_subject(subject: str | None) -> str | None:
+    """The intent whose subject table holds ``subject`` (the generator draws every subject from exactly
+    one intent's table, then may prefix it); None when no table holds it."""
+    s = (subject or "").strip()
+    for prefix in _SUBJECT_PREFIXES:
+        if s.startswith(prefix):
+            s = s[len(prefix):]
+            break
+    return _INTENT_BY_SUBJECT.get(s)
+
+
+_INTENT_BY_SUBJECT = {s: intent for intent, subjects in _SUBJECTS.items() for s in subjects}
+
+
+def _eml_subject_and_body(data: bytes) -> tuple[str | None, str | None]:
+    from email import policy
+    from email.parser import BytesParser
+
+    try:
+        msg = BytesParser(policy=policy.default).parsebytes(data)
+        part = msg.get_body(preferencelist=("plain",)) if msg.is_multipart() else msg
+        body = part.get_content() if part is not None else None
+    except Exception:  # the email package raises a zoo of errors on garbage
+        return None, None
+    return str(msg.get("Subject", "")) or None, body if isinstance(body, str) else None
+
+
+def read_labelled_sample(samples_dir: Path = SAMPLES_DIR) -> tuple[list[str], list[str]]:
+    """Message bodies and intents of a generated corpus (by default the shipped one, ``SAMPLES_DIR``):
+    ``inbox/*.json`` and ``inbox_table.jsonl`` lines carry ``intent_hint``; ``inbox/*.eml`` files carry
+    none, so their intent is recovered from the subject (``intent_for_subject``, exact for this
+    generator's output). ``malformed/``, unreadable files and messages without a body or an intent are
+    left out. Order: inbox by file name, then the table. The triage model trains on this when BANKING77
+    is not in the data directory."""
+    root = Path(samples_dir)
+    texts: list[str] = []
+    labels: list[str] = []
+
+    def add(body: Any, intent: Any) -> None:
+        if isinstance(body, str) and body.strip() and isinstance(intent, str) and intent:
+            texts.append(body.strip())
+            labels.append(intent)
+
+    inbox = root / "inbox"
+    for path in sorted(inbox.iterdir()) if inbox.is_dir() else []:
+        if not path.is_file():
+            continue
+        if path.suffix == ".json":
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(obj, dict):
+                add(obj.get("body"), obj.get("intent_hint"))
+        elif path.suffix == ".eml":
+            subject, body = _eml_subject_and_body(path.read_bytes())
+            add(body, intent_for_subject(subject))
+    table = root / "inbox_table.jsonl"
+    if table.is_file():
+        for line in table.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                add(obj.get("body"), obj.get("intent_hint"))
+    return texts, labels
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate the Northwind Bank support sample corpus.")
-    parser.add_argument("--out", type=Path, default=Path("orch_project/data/support_samples"))
+    parser.add_argument("--out", type=Path, default=SAMPLES_DIR)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--n", type=int, default=300)
     args = parser.parse_args(argv)

@@ -1,0 +1,297 @@
+"""The flow definition: one ``FlowSpec`` per flow, plain data the platform derives everything from.
+
+A flow is an ordered list of stages over per-item state in the app database. Each stage names the
+status(es) it loads and the status it sets; from that one list come the stage chain, the open and
+in-progress statuses, the dead-letter replay targets and the check that a stage's decisions are ones
+its spec allows (``Stage.allowed_statuses``, enforced by ``pipeline.commit_stage``). The Dagster kit
+(``orch_project/kit``) builds the assets, checks, sensors, jobs and schedules from the same spec.
+
+This module is plain Python and names no flow: flows register themselves when their spec is built
+(``register``), and shared layers (the outbox allow-list, the LLM gateway's task handlers, approvals)
+look a flow up by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+# Where an item's journey ends: delivered, refused by a reviewer (or the approval timeout), or dead-lettered.
+TERMINAL_STATUSES = ("resolved", "rejected", "dead_lettered")
+# The status of an item a model step could not serve now (budget, open circuit): picked up by the next run.
+DEFERRED = "deferred"
+# Effects the platform itself causes for any flow (alerts on SLA breaches, overdue approvals, failed runs).
+PLATFORM_EFFECTS = frozenset({("messaging", "send_alert")})
+
+StageKind = Literal["plain", "model", "connector"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a flow over a partition's items.
+
+    ``fn(env, cfg, *resources)`` returns a ``pipeline.StageReport``; ``resources`` follow ``kind``:
+    nothing for ``plain``, the flow's LLM gateway for ``model``, the connectors client for
+    ``connector``. The stage selects items at ``loads`` (and, with ``after``, only those whose last
+    completed stage is that one) and moves them to ``sets``, to one of ``branches`` (e.g. waiting for
+    a person), to ``dead_lettered``, or -- for a model stage -- to ``deferred``."""
+
+    name: str
+    loads: str | tuple[str, ...]
+    sets: str
+    fn: Callable[..., Any]
+    kind: StageKind = "plain"
+    description: str = ""
+    branches: tuple[str, ...] = ()
+    after: str | None = None
+    tasks: tuple[str, ...] = ()  # model tasks the stage calls: their prompts are part of its code version
+    logic_version: str = "v1"  # bump when the stage's own logic changes what it decides
+    deps: tuple[str, ...] = ()  # extra upstream assets (e.g. the served model)
+    waits: bool = False  # may leave items where they are until an outside effect lands (outbox)
+    asset: str | None = None  # the asset's name after the flow prefix (default: the stage name)
+
+    @property
+    def load_statuses(self) -> tuple[str, ...]:
+        return (self.loads,) if isinstance(self.loads, str) else tuple(self.loads)
+
+    @property
+    def allowed_statuses(self) -> frozenset[str]:
+        out = {self.sets, *self.branches, "dead_lettered"}
+        if self.kind == "model":
+            out.add(DEFERRED)
+        if self.waits:
+            out.update(self.load_statuses)
+        return frozenset(out)
+
+
+@dataclass(frozen=True)
+class OpsStage:
+    """A step across all partitions (fold-backs, redelivery, insights): ``fn(env, cfg, *resources)``
+    returns a StageReport; it runs in the flow's ops job after every flow run and on its schedule."""
+
+    name: str
+    fn: Callable[..., Any]
+    kind: StageKind = "plain"
+    description: str = ""
+    after: tuple[str, ...] = ()  # stages or ops stages (by name) whose assets it depends on
+    metadata: Callable[[Any], dict[str, Any]] | None = None  # extra numeric metadata from the report
+
+
+@dataclass(frozen=True)
+class IntakeSpec:
+    """Where a flow's items come from and how a raw record becomes one.
+
+    ``to_item(raw, salt, flow)`` validates a parsed source record against the flow's contract and
+    returns an ``intake.Accepted`` (or raises: pydantic's ValidationError / ValueError become dead
+    letters with a reason that names fields, never values)."""
+
+    to_item: Callable[..., Any]
+    suffixes: tuple[str, ...] = (".json",)
+    parse_file: Callable[[Path], Any] | None = None  # default: lib.intake.parse_file
+    description: str = ""
+    text_fields: tuple[str, ...] = ("text",)  # masked ``data`` fields the no-unmasked-PII check scans
+    asset: str = "intake"  # the intake asset's name after the flow prefix
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """A model task of a flow: its output contract and, for the embedded provider, a factory
+    ``local(db) -> LocalTask`` (``lib.llm.local``); tasks without one are answered by the flow's
+    ``prompts/<task>.local.txt`` template."""
+
+    output: type
+    local: Callable[..., Any] | None = None
+    label_choices: Callable[[], Sequence[str]] | None = None
+
+
+@dataclass(frozen=True)
+class ReviewSpec:
+    """What a reviewer sees of a waiting item (masked ``data`` fields) and how an edit lands:
+    ``apply_edit(data, masked_text, reviewer_id, now_iso) -> (new data, the value replaced)``."""
+
+    fields: tuple[str, ...] = ()
+    apply_edit: Callable[..., tuple[dict[str, Any], Any]] | None = None
+    edit_label: str = "text"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What ``orch demo`` does for a flow: ``seed(submit)`` drops the flow's shipped samples in its inbox
+    (``submit(paths)`` returns counts); ``setup_jobs(db)`` names jobs to run first when needed (e.g.
+    train a model none is promoted for); ``before_ops(settings, db)`` simulates the world between the
+    flow run and the ops job (e.g. customers answering surveys) and returns a line to show;
+    ``summary(settings)`` adds (label, value) lines to the flow's summary."""
+
+    seed: Callable[[Callable[[list[Path]], dict]], dict]
+    setup_jobs: Callable[[Any], list[str]] = lambda db: []
+    before_ops: Callable[[Any, Any], str | None] | None = None
+    summary: Callable[[Any], list[tuple[str, str]]] | None = None
+
+
+@dataclass
+class FlowSpec:
+    """Everything the platform needs to run a flow. ``config`` is the flow's own configuration object
+    (brief, roster, routing, prompts, policies); the kit passes it to every stage function."""
+
+    name: str
+    folder: Path
+    title: str
+    config: Any
+    intake: IntakeSpec
+    stages: Sequence[Stage]
+    first_day: date = date(2026, 1, 1)
+    ops: Sequence[OpsStage] = ()
+    model_tasks: Mapping[str, ModelTask] = field(default_factory=dict)
+    effects: frozenset[tuple[str, str]] = frozenset()
+    compensations: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    review: ReviewSpec = field(default_factory=ReviewSpec)
+    sla_escalation: bool = True  # open items past due_at are escalated (ops asset <flow>_escalations)
+    checks: Sequence[Any] = ()  # kit check specs (kit.checks): the flow's Great Expectations suites
+    report: Callable[..., Any] | None = None  # report(db, spec, reports_dir) -> kpis.KpiReport (default: kpis)
+    demo: DemoSpec | None = None  # how `orch demo` seeds and shows the flow
+    ops_schedule: str = "*/15 * * * *"
+    kinds: frozenset[str] = frozenset({"python", "sqlite"})
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names) or "intake" in names:
+            raise ValueError(f"flow {self.name!r}: stage names must be unique and not 'intake': {names}")
+        for comp in self.compensations.values():
+            if tuple(comp) not in self.effects:
+                raise ValueError(f"flow {self.name!r}: compensation {comp} is not among the flow's effects")
+        register(self)
+
+    # -- derived from the one stage list ------------------------------------------------
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stage chain, intake first."""
+        return ("intake", *(s.name for s in self.stages))
+
+    @cached_property
+    def open_statuses(self) -> tuple[str, ...]:
+        """Statuses of items still on their way (the flow or a person has work to do on them)."""
+        seen: list[str] = ["received"]
+        for s in self.stages:
+            for st in (*s.load_statuses, s.sets, *s.branches, *((DEFERRED,) if s.kind == "model" else ())):
+                if st not in seen and st not in TERMINAL_STATUSES:
+                    seen.append(st)
+        return tuple(seen)
+
+    @cached_property
+    def waiting_statuses(self) -> tuple[str, ...]:
+        """Open statuses no stage loads: items waiting for a person (decided outside the flow)."""
+        loaded = {st for s in self.stages for st in s.load_statuses} | {DEFERRED}
+        return tuple(st for st in self.open_statuses if st not in loaded)
+
+    @cached_property
+    def in_progress_statuses(self) -> tuple[str, ...]:
+        return tuple(st for st in self.open_statuses if st not in self.waiting_statuses)
+
+    @cached_property
+    def replay_targets(self) -> dict[str, tuple[str, str]]:
+        """Failed stage -> (status it loads, the stage completed before it): where a replayed
+        dead letter goes back to."""
+        out: dict[str, tuple[str, str]] = {}
+        previous = "intake"
+        for s in self.stages:
+            out[s.name] = (s.load_statuses[0], s.after or previous)
+            previous = s.name
+        return out
+
+    @property
+    def allowed_effects(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.effects) | PLATFORM_EFFECTS
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"flow {self.name!r} has no stage {name!r}; stages: {', '.join(self.stage_names)}")
+
+    def inbox_dir(self, root: Path) -> Path:
+        """The flow's own inbox folder under the inbox root (ORCH_INBOX_DIR)."""
+        return Path(root) / self.name
+
+
+class FlowConfig:
+    """What every flow reads from its folder: ``brief.yaml`` (the design brief), ``roster.yaml`` (people
+    and roles), ``routing.yaml`` (model routing), ``connectors.yaml`` (connector breakers, attempts,
+    alert windows) and ``prompts/`` (versioned prompt files). Flows subclass it for their own files."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @cached_property
+    def brief(self):
+        from .contracts import DesignBrief
+
+        return DesignBrief.load(self.folder / "brief.yaml")
+
+    @cached_property
+    def roster(self) -> list[dict[str, Any]]:
+        import yaml
+
+        path = self.folder / "roster.yaml"
+        data = yaml.safe_load(path.read_text()) if path.exists() else {}
+        return list(data.get("people") or data.get("agents") or [])
+
+    @cached_property
+    def connector_policy(self):
+        """Circuit breakers, timeout, attempts before compensation and alert windows (connectors.yaml)."""
+        from .connectors.policy import ConnectorPolicy
+
+        return ConnectorPolicy.load(self.folder / "connectors.yaml")
+
+    @property
+    def routing_path(self) -> Path:
+        return self.folder / "routing.yaml"
+
+    @property
+    def prompts_dir(self) -> Path:
+        return self.folder / "prompts"
+
+    @cached_property
+    def prompt_versions(self) -> dict[str, str]:
+        """The prompt registry: prompts are versioned files, one id per prompt (``<task>`` and A/B
+        variants ``<task>.<variant>``), the content hash of its OpenAI and embedded (``.local.txt``)
+        files. Part of cache keys, evaluation records and the code versions of the assets that use them."""
+        import hashlib
+
+        out: dict[str, str] = {}
+        for p in sorted(self.prompts_dir.glob("*.txt")):
+            prompt_id = p.name.removesuffix(".txt").removesuffix(".local")
+            out[prompt_id] = hashlib.sha256(out.get(prompt_id, "").encode() + p.read_bytes()).hexdigest()[:12]
+        return out
+
+    def task_code_version(self, task: str, logic_version: str = "v1") -> str:
+        """Code version of a model step: its logic version plus the version of every prompt it can use
+        (variants included). Editing a prompt file changes it, so Dagster marks the asset stale."""
+        prompts = sorted((pid, v) for pid, v in self.prompt_versions.items() if pid.split(".")[0] == task)
+        return "-".join([logic_version, *(v for _, v in prompts)])
+
+
+_FLOWS: dict[str, FlowSpec] = {}
+
+
+def register(spec: FlowSpec) -> None:
+    """Make a flow known to the shared layers (a re-import of the same flow replaces it)."""
+    _FLOWS[spec.name] = spec
+
+
+def get(name: str) -> FlowSpec:
+    if name not in _FLOWS:
+        known = ", ".join(sorted(_FLOWS)) or "none loaded"
+        raise KeyError(f"unknown flow {name!r} (flows: {known})")
+    return _FLOWS[name]
+
+
+def find(name: str) -> FlowSpec | None:
+    return _FLOWS.get(name)
+
+
+def registered() -> dict[str, FlowSpec]:
+    return dict(_FLOWS)

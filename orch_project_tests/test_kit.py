@@ -1,0 +1,189 @@
+"""The flow kit itself: a two-stage flow defined here yields its assets, checks, sensors and jobs with the
+flow's name on each and the right deps, runs end to end on ``instance_for_test()``, and two flows that
+receive an item with the same id and a file with the same name each keep their own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from orch_project.kit import build_flow
+from orch_project.lib.connectors.embedded import Effect
+from orch_project.lib.flows import FlowConfig, FlowSpec, IntakeSpec, Stage
+from orch_project.lib.intake import Accepted
+from orch_project.lib.pipeline import ItemUpdate, StageSpecError, commit_stage, load_stage_items, status_counts
+from orch_project.lib.saga import run_effects_stage, step_key
+from orch_project.lib.store import utcnow
+
+from .conftest import QUIET
+
+BRIEF = {"flow_name": "kit_test", "inputs": ["file"], "slo": {"p95_latency_sec": 60, "success_rate": 0.98},
+         "kpis": ["words"], "guardrails": ["schema_validation"], "human_in_loop": [], "alerts": ["dlq_backlog>5"],
+         "budget": {"max_tokens_per_run": 1000, "daily_token_cap": 10000}}
+
+
+def _to_item(raw: dict, ctx) -> Accepted:
+    if not isinstance(raw.get("id"), str) or not isinstance(raw.get("text"), str):
+        raise ValueError("id and text must be strings")
+    return Accepted(item_id=raw["id"], data={"text": raw["text"]}, channel="file")
+
+
+def _score(env, cfg):
+    started = utcnow()
+    rows = load_stage_items(env, "score")
+    updates = [ItemUpdate(r["item_id"], "scored", {**r["data"], "words": len(r["data"]["text"].split())})
+               for r in rows]
+    return commit_stage(env, "score", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows})
+
+
+def _notify(env, cfg, connectors):
+    rows = load_stage_items(env, "notify")
+
+    def plan(r):
+        return {"note": Effect(step_key(env.flow, r, "note"), "messaging", "send_notification", r["item_id"],
+                               r["trace_id"], {"kind": "notification", "recipient": "team",
+                                               "body": f"{r['data']['words']} words"})}
+
+    return run_effects_stage(env, "notify", rows, connectors, plan=plan, compensations={},
+                             policy=cfg.connector_policy, done_status="resolved", done_reason="note delivered")
+
+
+def make_spec(name: str, folder: Path) -> FlowSpec:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "brief.yaml").write_text(yaml.safe_dump(BRIEF))
+    return FlowSpec(
+        name=name, folder=folder, title=f"Kit test {name}", config=FlowConfig(folder),
+        intake=IntakeSpec(to_item=_to_item, suffixes=(".json",)),
+        stages=[Stage("score", loads="received", sets="scored", fn=_score),
+                Stage("notify", loads="scored", sets="resolved", fn=_notify, kind="connector", waits=True)],
+        effects=frozenset({("messaging", "send_notification")}))
+
+
+@pytest.fixture
+def two_flows(tmp_path):
+    return make_spec("kit_alpha", tmp_path / "alpha"), make_spec("kit_beta", tmp_path / "beta")
+
+
+def test_spec_derives_chain_statuses_and_replay_targets(two_flows):
+    spec, _ = two_flows
+    assert spec.stage_names == ("intake", "score", "notify")
+    assert spec.open_statuses == ("received", "scored")
+    assert spec.waiting_statuses == ()
+    assert spec.replay_targets == {"score": ("received", "intake"), "notify": ("scored", "score")}
+    assert spec.allowed_effects >= {("messaging", "send_notification"), ("messaging", "send_alert")}
+    with pytest.raises(ValueError, match="not among the flow's effects"):
+        FlowSpec(name="kit_bad", folder=spec.folder, title="bad", config=spec.config, intake=spec.intake,
+                 stages=spec.stages, compensations={"note": ("messaging", "recall")})
+
+
+def test_kit_builds_named_objects_with_deps(two_flows):
+    spec, _ = two_flows
+    defs = dg.Definitions.merge(build_flow(spec), dg.Definitions(resources=_resources()))
+    keys = {a.key.to_user_string() for a in defs.resolve_all_asset_specs()}
+    assert keys == {"kit_alpha_intake", "kit_alpha_score", "kit_alpha_notify", "kit_alpha_escalations",
+                    "kit_alpha_dlq_backlog", "kit_alpha_kpi_report", "kit_alpha_raw_retention"}
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert parents["kit_alpha_score"] == {"kit_alpha_intake"}
+    assert parents["kit_alpha_notify"] == {"kit_alpha_score"}
+    assert "kit_alpha_escalations" in parents["kit_alpha_kpi_report"]
+    assert isinstance(graph.get(dg.AssetKey("kit_alpha_score")).partitions_def, dg.DailyPartitionsDefinition)
+    assets = {a.key.to_user_string(): a for a in defs.assets}
+    assert assets["kit_alpha_notify"].op.retry_policy is not None  # a connector stage retries with backoff
+    assert assets["kit_alpha_score"].op.retry_policy is None
+    checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {"intake_nothing_lost", "intake_pii_masked", "notify_no_duplicate_effects"}
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {"kit_alpha_flow_job", "kit_alpha_ops_job",
+                                                             "kit_alpha_dlq_replay_job",
+                                                             "kit_alpha_retention_purge_job"}
+    # no stage waits for a person: no approval jobs or sensors
+    assert {s.name for s in defs.sensors} == {"kit_alpha_intake_sensor", "kit_alpha_ops_after_flow",
+                                              "kit_alpha_alerts_sensor", "kit_alpha_run_failure_alerts"}
+    assert {s.name for s in defs.schedules} == {"kit_alpha_ops_job_schedule",
+                                                "kit_alpha_retention_purge_job_schedule"}
+    # every name carries the flow, so two flows load side by side
+    dg.Definitions.validate_loadable(dg.Definitions.merge(defs, build_flow(two_flows[1])))
+
+
+def _resources():
+    from orch_project.defs.resources import default_resources
+
+    return default_resources()
+
+
+def _tick(defs, instance, name):
+    sensor = defs.get_sensor_def(f"{name}_intake_sensor")
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=_resources()) as ctx:
+        return sensor.evaluate_tick(ctx)
+
+
+def test_two_flows_same_id_and_file_name_both_kept(orch_home, db, instance, two_flows):
+    from orch_project.lib.connectors.embedded import messages
+    from orch_project.lib.intake import drop_file, submit_to_table
+    from orch_project.lib.store import intake, items
+
+    alpha, beta = two_flows
+    defs = dg.Definitions.merge(build_flow(alpha), build_flow(beta), dg.Definitions(resources=_resources()))
+    day = utcnow().date().isoformat()
+    for spec, text in ((alpha, "alpha says hello world"), (beta, "beta speaks")):
+        assert drop_file(spec.inbox_dir(orch_home.inbox_dir), "same.json",
+                         json.dumps({"id": "same-1", "text": text}).encode())
+        assert submit_to_table(db, spec.name, [{"id": "row-1", "text": f"{spec.name} row"}], "test") == 1
+    drop_file(alpha.inbox_dir(orch_home.inbox_dir), "bad.json", b'{"id": 5}')  # invalid: to the DLQ
+    for spec in (alpha, beta):
+        tick = _tick(defs, instance, spec.name)
+        assert [r.partition_key for r in tick.run_requests] == [day]
+        res = defs.resolve_job_def(f"{spec.name}_flow_job").execute_in_process(
+            instance=instance, partition_key=day, run_config=QUIET, raise_on_error=False)
+        assert res.success
+        checks = {e.asset_check_key.name: e.passed for e in res.get_asset_check_evaluations()}
+        assert checks == {"intake_nothing_lost": True, "intake_pii_masked": True, "notify_no_duplicate_effects": True}
+    import sqlalchemy as sa
+
+    with db.begin() as conn:
+        got = {(f, i): (st, d["text"], d["words"]) for f, i, st, d in conn.execute(
+            sa.select(items.c.flow, items.c.item_id, items.c.status, items.c.data))}
+        logged = sorted(conn.execute(sa.select(intake.c.flow, intake.c.source_key, intake.c.outcome)).all())
+    assert got[("kit_alpha", "same-1")] == ("resolved", "alpha says hello world", 4)
+    assert got[("kit_beta", "same-1")] == ("resolved", "beta speaks", 2)
+    assert got[("kit_alpha", "row-1")][0] == got[("kit_beta", "row-1")][0] == "resolved"
+    assert ("kit_alpha", "file:same.json", "accepted") in logged and ("kit_beta", "file:same.json", "accepted") in logged
+    assert ("kit_alpha", "file:bad.json", "dead_lettered") in logged
+    a, b = status_counts(db, "kit_alpha"), status_counts(db, "kit_beta")
+    assert (a["received"], a["lost"], a["states"]["resolved"], a["states"]["dead_lettered"]) == (3, 0, 2, 1)
+    assert (b["received"], b["lost"], b["states"]["resolved"]) == (2, 0, 2)
+    from orch_project.defs.resources import _embedded
+
+    with _embedded(orch_home.connectors_url).db.begin() as conn:
+        notes = conn.execute(sa.select(messages.c.idempotency_key).where(messages.c.kind == "notification")).scalars()
+        assert sorted(notes) == ["kit_alpha:row-1:note", "kit_alpha:same-1:note", "kit_beta:row-1:note",
+                                 "kit_beta:same-1:note"]
+    ops = defs.resolve_job_def("kit_alpha_ops_job").execute_in_process(instance=instance, run_config=QUIET,
+                                                                       raise_on_error=False)
+    assert ops.success
+    backlog = ops.asset_materializations_for_node("kit_alpha_dlq_backlog")[0].metadata
+    assert backlog["dlq_open"].value == 1
+
+
+def test_stage_held_to_its_spec(orch_home, db, two_flows):
+    from orch_project.lib.intake import run_intake
+    from orch_project.lib.pipeline import StageEnv
+
+    alpha, _ = two_flows
+    day = utcnow().date().isoformat()
+    from orch_project.lib.intake import submit_to_table
+
+    submit_to_table(db, alpha.name, [{"id": "x-1", "text": "one two"}], "test")
+    env = StageEnv(db, alpha.name, [day], spec=alpha)
+    run_intake(env, alpha, None, "salt")
+    rows = load_stage_items(env, "score")
+    assert [r["item_id"] for r in rows] == ["x-1"]
+    with pytest.raises(StageSpecError, match="outside its spec"):
+        commit_stage(env, "score", utcnow(), [ItemUpdate("x-1", "resolved", rows[0]["data"])],
+                     trace_ids={"x-1": rows[0]["trace_id"]})
+    assert status_counts(db, alpha.name)["states"] == {"dead_lettered": 0, "duplicate": 0, "received": 1}
