@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs, runs the support loop on the embedded default
+#   make demo   creates .venv, installs, runs every flow on the embedded default
 #   make test   creates .venv if needed, installs, runs the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -22,7 +22,9 @@ demo: $(STAMP)
 	$(BIN)/orch demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q orch_project_tests
+	@mkdir -p var
+	$(BIN)/python -m pytest -q orch_project_tests --cov --cov-branch --cov-report=term:skip-covered --cov-report=json:var/coverage.json
+	$(BIN)/python benchmarks/coverage_by_package.py var/coverage.json
 
 dev: $(STAMP)
 	$(BIN)/orch init

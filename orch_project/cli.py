@@ -128,8 +128,8 @@ def submit_paths(s: Settings, paths: list[Path], spec=None) -> dict[str, int]:
             else:
                 counts["files_already_there"] += 1
         else:
-            raise click.ClickException(f"{p}: flow {spec.name} reads {', '.join(suffixes)} files, .jsonl or a "
-                                       "folder of them")
+            raise click.ClickException(f"{p}: expected {', '.join(suffixes)}, .jsonl or a folder of them "
+                                       f"(what flow {spec.name} reads)")
     return counts
 
 

@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -222,7 +223,16 @@ def day_run_requests(by_day: dict[str, list[str]], *, key_prefix: str, trigger: 
 
 
 def build_flow(spec: FlowSpec) -> dg.Definitions:
-    """Every Dagster object of ``spec``'s flow (see the package docstring)."""
+    """Every Dagster object of ``spec``'s flow (see the package docstring). The kit uses single-run
+    backfill policies and partitioned checks on purpose; Dagster's beta/preview notes about them are
+    silenced here, once, instead of on every object."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=dg.BetaWarning)
+        warnings.simplefilter("ignore", category=dg.PreviewWarning)
+        return _build(spec)
+
+
+def _build(spec: FlowSpec) -> dg.Definitions:
     from . import checks, operations
 
     daily = partitions(spec)

@@ -147,6 +147,7 @@ class FlowSpec:
     ops: Sequence[OpsStage] = ()
     model_tasks: Mapping[str, ModelTask] = field(default_factory=dict)
     effects: frozenset[tuple[str, str]] = frozenset()
+    systems: Sequence[Any] = ()  # connectors.embedded.System: the embedded systems this flow brings
     compensations: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     review: ReviewSpec = field(default_factory=ReviewSpec)
     sla_escalation: bool = True  # open items past due_at are escalated (ops asset <flow>_escalations)
@@ -163,6 +164,11 @@ class FlowSpec:
         for comp in self.compensations.values():
             if tuple(comp) not in self.effects:
                 raise ValueError(f"flow {self.name!r}: compensation {comp} is not among the flow's effects")
+        if self.systems:
+            from .connectors.embedded import register_system
+
+            for system in self.systems:
+                register_system(system)
         register(self)
 
     # -- derived from the one stage list ------------------------------------------------

@@ -1,5 +1,10 @@
-"""Embedded connectors: CRM, ticketing and messaging as tables in their own SQLite database
+"""Embedded connectors: external systems as tables in their own SQLite database
 (``ORCH_CONNECTORS_URL``), so a user can open them and see exactly what the flows did.
+
+A system is a ``System``: its table, how an effect becomes a row, and handlers for actions that
+change existing records (e.g. a compensation that voids a ticket). The platform brings ticketing,
+CRM and messaging; a flow registers the systems it needs besides (its spec's ``systems``), and
+every system is reached through the same ``deliver(connector, effects)``.
 
 They stand in for external systems and behave like good ones: every write carries an
 idempotency key and a repeated key returns the original record instead of a duplicate.
@@ -8,7 +13,7 @@ Text they receive is masked; recipients are vault tokens, resolved only by a rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +82,6 @@ faults = sa.Table(
     sa.Column("created_at", TS, nullable=False),
 )
 
-_TABLE_FOR = {"ticketing": tickets, "crm": crm_activities, "messaging": messages}
-
-
 @dataclass
 class Effect:
     """One side effect as the outbox hands it to a connector."""
@@ -104,20 +106,92 @@ class Delivery:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class System:
+    """One embedded external system. ``row(effect, now)`` makes the table row of a new record;
+    ``handlers[action](conn, effects)`` serve actions on existing records and return Deliveries;
+    ``same_record`` names the columns that identify one record per item (with the flow, from the
+    idempotency key): two rows alike in them are a duplicate, unless ``counts_as_duplicate`` says no."""
+
+    name: str
+    table: sa.Table
+    row: Callable[[Effect, Any], dict[str, Any]]
+    handlers: Mapping[str, Callable[[Any, Sequence[Effect]], list[Delivery]]] = field(default_factory=dict)
+    same_record: tuple[str, ...] = ("item_id",)
+    counts_as_duplicate: Callable[[sa.Table], Any] | None = None
+
+
+def _base(e: Effect) -> dict[str, Any]:
+    return {"idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id}
+
+
+def _ticket_row(e: Effect, now) -> dict[str, Any]:
+    p = e.payload
+    return {**_base(e), "queue": p.get("queue"), "priority": p.get("priority"), "assignee": p.get("assignee"),
+            "intent": p.get("intent"), "subject": p.get("subject"), "status": p.get("status", "open"),
+            "created_at": now}
+
+
+def _void_tickets(conn, effects: Sequence[Effect]) -> list[Delivery]:
+    """Compensation: close the ticket created under ``payload.effect_key`` as ``voided``. Idempotent:
+    voiding a voided ticket changes nothing and returns the same reference."""
+    out = []
+    for e in effects:
+        key = e.payload.get("effect_key") or e.payload.get("ticket_key")  # ticket_key: outbox rows before the kit
+        tid = conn.execute(sa.select(tickets.c.id).where(tickets.c.idempotency_key == key)).scalar()
+        if tid is None:  # nothing was created: nothing to void
+            out.append(Delivery(e.idempotency_key, True, "ticketing:none:void"))
+            continue
+        conn.execute(tickets.update().where(tickets.c.id == tid).values(status="voided"))
+        out.append(Delivery(e.idempotency_key, True, f"ticketing:{tid}:void"))
+    return out
+
+
+_SYSTEMS: dict[str, System] = {}
+
+
+def register_system(system: System) -> None:
+    """Make a system reachable through ``deliver`` (its table is created on the next connection)."""
+    if system.table.metadata is not cmeta:
+        raise ValueError(f"system {system.name!r}: define its table on lib.connectors.embedded.cmeta")
+    _SYSTEMS[system.name] = system
+
+
+def systems() -> dict[str, System]:
+    return dict(_SYSTEMS)
+
+
+register_system(System("ticketing", tickets, _ticket_row, handlers={"void_ticket": _void_tickets},
+                       counts_as_duplicate=lambda t: t.c.status != "voided"))
+register_system(System("crm", crm_activities, lambda e, now: {
+    **_base(e), "customer_ref": e.payload["customer_ref"], "kind": e.action, "summary": e.payload.get("summary", ""),
+    "created_at": now}, same_record=("item_id", "kind")))
+register_system(System("messaging", messages, lambda e, now: {
+    **_base(e), "kind": e.payload.get("kind", e.action), "recipient": e.payload["recipient"],
+    "subject": e.payload.get("subject"), "body": e.payload.get("body", ""), "sent_at": now},
+    same_record=("item_id", "kind")))
+
+
 class EmbeddedConnectors:
-    """All three embedded connectors over one database; ``deliver`` routes by connector name."""
+    """Every registered system over one database; ``deliver`` routes by connector (system) name."""
 
     def __init__(self, url: str):
         self.url = url
         self.db = Database(url, auto_migrate=False)
         cmeta.create_all(make_engine(url))
 
+    def _system(self, connector: str) -> System:
+        system = _SYSTEMS.get(connector)
+        if system is None:
+            raise ValueError(f"unknown connector {connector!r}; systems: {', '.join(sorted(_SYSTEMS))}")
+        return system
+
     # -- drill / test only: simulate an outage of one connector -------------------------
     def set_fault(self, connector: str, *, mode: str = "raise", remaining: int | None = None,
                   hang_s: float = 0.0) -> None:
         """Make ``connector`` fail (``raise``) or stall (``hang`` for ``hang_s`` seconds, then fail) on its
         next ``remaining`` deliveries (None: until ``clear_fault``). For tests and drills only."""
-        if connector not in _TABLE_FOR or mode not in ("raise", "hang"):
+        if connector not in _SYSTEMS or mode not in ("raise", "hang"):
             raise ValueError(f"unknown connector {connector!r} or fault mode {mode!r}")
         with self.db.begin() as conn:
             conn.execute(faults.delete().where(faults.c.connector == connector))
@@ -146,15 +220,21 @@ class EmbeddedConnectors:
         raise ConnectorUnavailable(f"{connector} unavailable (simulated {row['mode']})")
 
     def deliver(self, connector: str, effects: Sequence[Effect]) -> list[Delivery]:
+        system = self._system(connector)
+        cmeta.create_all(self.db.engine, tables=[system.table])  # a system registered after start-up
         self._check_fault(connector)
-        table = _TABLE_FOR[connector]
-        voids = [e for e in effects if connector == "ticketing" and e.action == "void_ticket"]
-        if voids:
-            effects = [e for e in effects if e.action != "void_ticket"]
-            out = self._void_tickets(voids)
-            return out + (self.deliver(connector, effects) if effects else [])
+        out: list[Delivery] = []
+        special = [e for e in effects if e.action in system.handlers]
+        if special:
+            with self.db.begin() as conn:
+                for action in dict.fromkeys(e.action for e in special):
+                    out += system.handlers[action](conn, [e for e in special if e.action == action])
+            effects = [e for e in effects if e.action not in system.handlers]
+            if not effects:
+                return out
+        table = system.table
         now = utcnow()
-        rows = [self._row(connector, e, now) for e in effects]
+        rows = [system.row(e, now) for e in effects]
         keys = [e.idempotency_key for e in effects]
         refs: dict[str, int] = {}
         with self.db.begin() as conn:
@@ -162,40 +242,11 @@ class EmbeddedConnectors:
             for chunk in chunked(keys, 900):
                 q = sa.select(table.c.idempotency_key, table.c.id).where(table.c.idempotency_key.in_(chunk))
                 refs.update(dict(conn.execute(q).all()))
-        return [
+        return out + [
             Delivery(k, k in refs, f"{connector}:{refs[k]}" if k in refs else None,
                      None if k in refs else "not recorded")
             for k in keys
         ]
-
-    def _void_tickets(self, effects: Sequence[Effect]) -> list[Delivery]:
-        """Compensation: close the ticket created under ``payload.ticket_key`` as ``voided``. Idempotent:
-        voiding a voided ticket changes nothing and returns the same reference."""
-        out = []
-        with self.db.begin() as conn:
-            for e in effects:
-                key = e.payload["ticket_key"]
-                tid = conn.execute(sa.select(tickets.c.id).where(tickets.c.idempotency_key == key)).scalar()
-                if tid is None:  # nothing was created: nothing to void
-                    out.append(Delivery(e.idempotency_key, True, "ticketing:none:void"))
-                    continue
-                conn.execute(tickets.update().where(tickets.c.id == tid).values(status="voided"))
-                out.append(Delivery(e.idempotency_key, True, f"ticketing:{tid}:void"))
-        return out
-
-    @staticmethod
-    def _row(connector: str, e: Effect, now) -> dict[str, Any]:
-        p = e.payload
-        base = {"idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id}
-        if connector == "ticketing":
-            return {**base, "queue": p.get("queue"), "priority": p.get("priority"), "assignee": p.get("assignee"),
-                    "intent": p.get("intent"), "subject": p.get("subject"), "status": p.get("status", "open"),
-                    "created_at": now}
-        if connector == "crm":
-            return {**base, "customer_ref": p["customer_ref"], "kind": e.action, "summary": p.get("summary", ""),
-                    "created_at": now}
-        return {**base, "kind": p.get("kind", e.action), "recipient": p["recipient"], "subject": p.get("subject"),
-                "body": p.get("body", ""), "sent_at": now}
 
     # -- survey answers come back through the messaging system ---------------------------
     def record_survey_responses(self, responses: Sequence[dict[str, Any]]) -> int:
@@ -225,18 +276,20 @@ class EmbeddedConnectors:
             }
 
     def duplicates(self) -> dict[str, int]:
-        """Items with more than one record of the same kind (a voided ticket, undone by compensation,
-        does not count): must always be zero. An item is a flow's item: the flow is the first part of
-        the idempotency key (``flow:item:step``), so two flows' items with the same id are two items."""
+        """Records per system that repeat one item's record (by the system's ``same_record``): must
+        always be zero. An item is a flow's item: the flow is the first part of the idempotency key
+        (``flow:item:step``), so two flows' items with the same id are two items."""
         from collections import Counter
 
         out = {}
         with self.db.begin() as conn:
-            for name, table, kind, where in (
-                    ("tickets", tickets, None, tickets.c.status != "voided"),
-                    ("crm_activities", crm_activities, crm_activities.c.kind, sa.true()),
-                    ("messages", messages, messages.c.kind, sa.true())):
-                cols = [table.c.idempotency_key, table.c.item_id] + ([kind] if kind is not None else [])
+            for system in _SYSTEMS.values():
+                t = system.table
+                if not sa.inspect(conn).has_table(t.name):
+                    out[t.name] = 0
+                    continue
+                where = system.counts_as_duplicate(t) if system.counts_as_duplicate else sa.true()
+                cols = [t.c.idempotency_key, *(t.c[c] for c in system.same_record)]
                 seen = Counter((key.split(":", 1)[0], *rest) for key, *rest in conn.execute(sa.select(*cols).where(where)))
-                out[name] = sum(1 for n in seen.values() if n > 1)
+                out[t.name] = sum(1 for n in seen.values() if n > 1)
         return out

@@ -2,7 +2,7 @@
 
 Everything here runs without an NLP model and without the network:
 
-- Presidio's own pattern recognisers, subclassed where their defaults do not fit offline support
+- Presidio's own pattern recognisers, subclassed where their defaults do not fit offline customer
   traffic: e-mail validation without ``tldextract`` (which downloads the Public Suffix List on first
   use and rejects reserved domains such as ``.example``), IBANs checked with python-stdnum (ISO 7064
   and the per-country format, any letter case), and SSNs that also count Presidio's "published
@@ -35,7 +35,7 @@ from stdnum import iban as _iban
 
 class _Gated:
     """Skips a pattern recogniser when a cheap ``re`` pre-check shows none of its patterns can match
-    (most support messages hold no card number, IBAN or IP address). ``GATE`` must match wherever
+    (most customer messages hold no card number, IBAN or IP address). ``GATE`` must match wherever
     any of the recogniser's patterns does."""
 
     GATE: re.Pattern

@@ -1,4 +1,4 @@
-"""Seeded generator for a labelled PII sample: support-style texts with exact gold spans.
+"""Seeded generator for a labelled PII sample: customer-service texts with exact gold spans.
 
 Each record is ``{"id", "text", "known_names", "spans": [{"entity_type", "start", "end"}]}`` with
 Presidio entity names: PERSON, EMAIL_ADDRESS, PHONE_NUMBER, CREDIT_CARD, IBAN_CODE, US_SSN,
@@ -11,7 +11,7 @@ The sample is built to measure recall honestly, not to flatter the detector:
   Brazilian, Yoruba, Indian, Indonesian, Swahili, and a few in Cyrillic, Chinese and Arabic script);
 - some texts mention other people ("my husband Kwame Mensah sent ..."), never passed as known names;
 - phone numbers are Faker's per-locale formats (random digits, often not valid numbers) and the
-  fictional ranges the support samples use;
+  fictional ranges the generated flow samples use;
 - addresses are Faker street addresses from six locales with city and postcode;
 - texts also carry look-alikes that are NOT PII (Luhn-invalid card numbers, IBANs with a wrong check,
   order numbers, dates, amounts, version strings) so precision means something.

@@ -40,7 +40,7 @@ _V3_MEMBERS = (("mlp", "mlp", True, 2.0, False, {}), ("svc", "svc", False, 1.0, 
                ("lr", "lr", True, 1.0, False, {}))
 
 
-_STEMS: dict[str, str] = {}  # word -> stem; the vocabulary of support mail is small and repeats a lot
+_STEMS: dict[str, str] = {}  # word -> stem; the vocabulary of customer mail is small and repeats a lot
 
 
 def _stem_words(words: list[str]) -> list[str]:
