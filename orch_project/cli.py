@@ -57,7 +57,10 @@ def _db(s: Settings):
 
 
 def open_db():
-    """The app database as the environment configures it (for the command groups in other modules)."""
+    """The app database as the environment configures it (for the command groups in other modules).
+    The project's flows are registered first: replay targets, reviewer fields and allow-lists come
+    from their specs."""
+    all_flows()
     return _db(_settings())
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated ORCH_HOME per test, a triage model trained once per session,
 a Dagster test instance, the shipped sample corpus, the fake OpenAI server and temporary
-PostgreSQL databases."""
+PostgreSQL databases. Tests that need a public dataset (BANKING77, from ORCH_DATA_DIR) are skipped
+with the reason where it is missing, and fail in CI (ORCH_REQUIRE_SERVICES=1)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 warnings.filterwarnings("ignore")
 
-from orch_project.lib.settings import SAMPLES_DIR  # noqa: E402
+from orch_project.defs.support.sample_data import SAMPLES_DIR  # noqa: E402
 
 SAMPLE_TABLE = SAMPLES_DIR / "inbox_table.jsonl"
 MALFORMED = SAMPLES_DIR / "malformed"
@@ -27,17 +28,50 @@ def require_services() -> bool:
     return os.environ.get("ORCH_REQUIRE_SERVICES") == "1"
 
 
+def dataset_missing(exc: Exception):
+    """Skip the test with the DatasetMissing message; fail it in CI (ORCH_REQUIRE_SERVICES=1)."""
+    if require_services():
+        pytest.fail(f"{exc} (public datasets are required in CI: ORCH_REQUIRE_SERVICES=1)")
+    pytest.skip(str(exc))
+
+
+def require_dataset(name: str) -> Path:
+    """The folder of public dataset ``name`` in the data directory, or skip/fail (``dataset_missing``)."""
+    from orch_project.lib import datasets
+
+    try:
+        return datasets.dataset_dir(name)
+    except datasets.DatasetMissing as exc:
+        dataset_missing(exc)
+
+
+def banking77(split: str = "train") -> tuple[list[str], list[str]]:
+    """BANKING77 texts and intents of ``split`` (lib.datasets), or skip/fail (``dataset_missing``)."""
+    from orch_project.lib import datasets
+
+    try:
+        return datasets.read_banking77(split)
+    except datasets.DatasetMissing as exc:
+        dataset_missing(exc)
+
+
+def banking77_csv(split: str = "train") -> Path:
+    """The path of BANKING77's ``train.csv`` / ``test.csv``, or skip/fail (``dataset_missing``)."""
+    from orch_project.lib import datasets
+
+    try:
+        return datasets.banking77_csv(split)
+    except datasets.DatasetMissing as exc:
+        dataset_missing(exc)
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
-    """Train the triage model once per session (about 40 s) and reuse the file everywhere."""
-    import csv
-
+    """Train the triage model on BANKING77 once per session (about 40 s) and reuse the file everywhere."""
     from orch_project.lib.llm import triage_model as tm
-    from orch_project.lib.settings import BANKING77_DIR
 
-    with open(BANKING77_DIR / "train.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    model = tm.train([r["text"] for r in rows], [r["category"] for r in rows])
+    texts, labels = banking77("train")
+    model = tm.train(texts, labels)
     path = model.save(tmp_path_factory.mktemp("models"))
     return {"path": path, "version": model.version, "metrics": model.metrics}
 
@@ -184,6 +218,13 @@ def run_flow(defs, instance, day: str):
 def run_ops(defs, instance):
     return defs.resolve_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET,
                                                                   raise_on_error=False)
+
+
+def support_inbox(settings) -> Path:
+    """The support flow's own inbox folder under ORCH_INBOX_DIR (``<inbox>/support``)."""
+    from orch_project.defs.support.flow import SPEC
+
+    return SPEC.inbox_dir(settings.inbox_dir)
 
 
 def write_file(folder: Path, name: str, data: bytes) -> Path:

@@ -15,9 +15,10 @@ import dagster as dg
 import sqlalchemy as sa
 
 from orch_project.defs.resources import default_resources
-from orch_project.defs.support.logic import SupportConfig, status_counts
+from orch_project.defs.support.logic import SupportConfig
 from orch_project.lib import approvals as hitl
 from orch_project.lib.connectors.embedded import messages, tickets
+from orch_project.lib.pipeline import status_counts
 from orch_project.lib.store import approvals, audit, items, outbox
 
 from .conftest import QUIET, run_flow, sample_messages
@@ -50,9 +51,9 @@ def _flow_with_pending(db, defs, instance) -> list[str]:
 
 
 def _decision_job(defs, instance, **config):
-    return defs.resolve_job_def("approval_decision_job").execute_in_process(
+    return defs.resolve_job_def("support_approval_decision_job").execute_in_process(
         instance=instance, raise_on_error=False,
-        run_config={**QUIET, "ops": {"apply_approval_decision": {"config": config}}})
+        run_config={**QUIET, "ops": {"support_apply_approval_decision": {"config": config}}})
 
 
 def _tick(defs, instance, name):
@@ -65,7 +66,7 @@ def _run_requests(defs, instance, result):
     """Execute what a sensor tick requested, as the daemon would."""
     out = []
     for req in result.run_requests:
-        job = defs.resolve_job_def(req.job_name or "approval_resume_job")
+        job = defs.resolve_job_def(req.job_name or "support_approval_resume_job")
         out.append(job.execute_in_process(instance=instance, partition_key=req.partition_key, tags=req.tags,
                                           run_config=QUIET, raise_on_error=False))
     return out
@@ -121,7 +122,7 @@ def test_review_list_and_unauthorised_decisions_are_refused_and_audited(orch_hom
     # the Launchpad path: the job run fails with the same clear message
     result = _decision_job(defs, instance, item_id=target, decision="approve", reviewer=AGENT, reason="ok")
     assert not result.success
-    failure = result.failure_data_for_node("apply_approval_decision")
+    failure = result.failure_data_for_node("support_apply_approval_decision")
     assert "refused" in failure.user_failure_data.description
     assert "'lead'" in failure.user_failure_data.description
 
@@ -149,9 +150,9 @@ def test_approval_resumes_the_item_and_delivers_it(orch_home, db, with_model, de
     again = _orch(orch_home, "reject", target, "--as", SUPERVISOR, "--reason", "changed my mind")
     assert again.returncode != 0 and "already approved" in again.stderr
 
-    tick = _tick(defs, instance, "approval_resume_sensor")
+    tick = _tick(defs, instance, "support_approval_resume_sensor")
     assert [r.partition_key for r in tick.run_requests] == [DAY]
-    assert tick.run_requests[0].run_key.startswith("approval-resume:")
+    assert tick.run_requests[0].run_key.startswith("support-approval-resume:")
     assert _item(db, target)["status"] == "approved"
     runs = _run_requests(defs, instance, tick)
     assert all(r.success for r in runs)
@@ -170,7 +171,7 @@ def test_approval_resumes_the_item_and_delivers_it(orch_home, db, with_model, de
     assert decided["outputs"] == {"status": "approved", "edited": False}
 
     # nothing more to resume: no second run
-    second = _tick(defs, instance, "approval_resume_sensor")
+    second = _tick(defs, instance, "support_approval_resume_sensor")
     assert not second.run_requests
     assert len(_tickets_for(orch_home, target)) == 1
 
@@ -184,7 +185,7 @@ def test_rejection_is_terminal(orch_home, db, with_model, defs, instance):
     assert result.success
     assert _approval(db, target)["status"] == "rejected"
 
-    tick = _tick(defs, instance, "approval_resume_sensor")
+    tick = _tick(defs, instance, "support_approval_resume_sensor")
     assert not tick.run_requests and "rejected" in tick.skip_message
     item = _item(db, target)
     assert item["status"] == "rejected" and item["stage"] == "approval_decision"
@@ -194,16 +195,16 @@ def test_rejection_is_terminal(orch_home, db, with_model, defs, instance):
     assert run_flow(defs, instance, DAY).success
     out = _orch(orch_home, "approve", target, "--as", SUPERVISOR)
     assert out.returncode != 0 and "already rejected" in out.stderr
-    assert not _tick(defs, instance, "approval_resume_sensor").run_requests
+    assert not _tick(defs, instance, "support_approval_resume_sensor").run_requests
     assert _item(db, target)["status"] == "rejected"
     assert not _tickets_for(orch_home, target)
     with db.begin() as conn:
         assert not conn.execute(sa.select(outbox).where(outbox.c.item_id == target)).all()
 
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["states"]["rejected"] == 1 and st["lost"] == 0 and st["received"] == st["accounted"]
     assert st["terminal"] == st["states"].get("resolved", 0) + 1
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.flow import CFG
     from orch_project.defs.support.reporting import compute_kpis
 
     k, _ = compute_kpis(db, CFG)  # the KPI report shows the rejection; the flow's success rate ignores it
@@ -220,7 +221,7 @@ def test_overdue_approval_escalates_then_times_out(orch_home, db, with_model, de
         conn.execute(approvals.update().where(approvals.c.item_id.in_(later)).values(due_at=now + timedelta(days=30)))
     msgs_before = _connectors(orch_home).counts()["messages"]
 
-    tick = _tick(defs, instance, "approval_escalation_sensor")
+    tick = _tick(defs, instance, "support_approval_escalation_sensor")
     assert "escalated 1" in tick.skip_message
     ap = _approval(db, target)
     assert ap["required_role"] == "supervisor" and ap["status"] == "pending"
@@ -237,7 +238,7 @@ def test_overdue_approval_escalates_then_times_out(orch_home, db, with_model, de
     # the lead may no longer decide; the supervisor may
     assert _orch(orch_home, "approve", target, "--as", LEAD).returncode != 0
     # a second tick escalates nobody again
-    assert "no overdue approvals" in _tick(defs, instance, "approval_escalation_sensor").skip_message
+    assert "no overdue approvals" in _tick(defs, instance, "support_approval_escalation_sensor").skip_message
 
     # later (a `now` in the future): the others escalate; with on_timeout=reject the target, already at the
     # top role and past its new due date, is auto-rejected and then closed by the resume sensor
@@ -254,7 +255,7 @@ def test_overdue_approval_escalates_then_times_out(orch_home, db, with_model, de
     ap = _approval(db, target)
     assert ap["status"] == "rejected" and ap["decided_by"] == hitl.TIMEOUT_ACTOR
     assert _audit(db, target, "approval_rejected")[0]["actor"] == hitl.TIMEOUT_ACTOR
-    assert not _tick(defs, instance, "approval_resume_sensor").run_requests
+    assert not _tick(defs, instance, "support_approval_resume_sensor").run_requests
     assert _item(db, target)["status"] == "rejected"
 
 
@@ -286,7 +287,7 @@ def test_edited_draft_is_recorded_masked_and_counted_in_the_override_rate(orch_h
     assert kpis["override_rate"] == 0.5  # 1 edited of 2 decided
 
     # the customer gets the edited (masked) reply
-    assert all(r.success for r in _run_requests(defs, instance, _tick(defs, instance, "approval_resume_sensor")))
+    assert all(r.success for r in _run_requests(defs, instance, _tick(defs, instance, "support_approval_resume_sensor")))
     with _connectors(orch_home).db.begin() as conn:
         body = conn.execute(sa.select(messages.c.body).where(messages.c.item_id == edited_id,
                                                              messages.c.kind == "reply")).scalar_one()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from orch_project.lib.settings import SAMPLES_DIR
+from orch_project.defs.support.sample_data import SAMPLES_DIR
 
 from .conftest import MALFORMED
 
@@ -52,7 +52,7 @@ def test_cli_submit_status_and_dlq(orch_home, with_model, tmp_path):
             r = defs.resolve_job_def("support_flow_job").execute_in_process(instance=inst, partition_key=day,
                                                                             raise_on_error=False)
             assert r.success
-    st = json.loads(_run([orch, "status", "--json"], env).stdout)
+    st = json.loads(_run([orch, "status", "--json", "--flow", "support"], env).stdout)
     assert st["received"] == 51 and st["lost"] == 0
     assert sum(st["states"].values()) == st["received"]
     assert st["states"]["dead_lettered"] == 1
@@ -91,8 +91,8 @@ def test_backfill_over_sample_days_with_the_dagster_cli(orch_home, db, with_mode
     out = _run([str(BIN / "dagster"), "asset", "materialize", "-m", "orch_project.definitions",
                 "--select", "group:support", "--partition-range", "2026-11-19...2026-11-20"], env)
     assert "RUN_SUCCESS" in out.stderr + out.stdout
-    from orch_project.defs.support.logic import status_counts
+    from orch_project.lib.pipeline import status_counts
 
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["received"] == 100 and st["lost"] == 0 and st["in_progress"] == 0
     assert st["states"]["resolved"] + st["states"]["awaiting_approval"] == 100

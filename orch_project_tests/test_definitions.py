@@ -18,9 +18,10 @@ def test_definitions_load_with_expected_objects(defs):
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
     assert {s.name for s in defs.sensors} == {"support_intake_sensor", "support_ops_after_flow",
-                                              "approval_resume_sensor", "approval_escalation_sensor",
+                                              "support_approval_resume_sensor", "support_approval_escalation_sensor",
                                               "support_alerts_sensor", "support_run_failure_alerts"}
-    assert {s.name for s in defs.schedules} == {"support_ops_job_schedule", "retention_purge_job_schedule"}
+    assert {s.name for s in defs.schedules} == {"support_ops_job_schedule",
+                                                  "support_retention_purge_job_schedule"}
     dg.Definitions.validate_loadable(defs)
 
 

@@ -121,9 +121,9 @@ def test_cli_dlq_show_and_replay(orch_home, db, openai_env, dead_letters, instan
             audit.c.item_id == tri["item_id"], audit.c.action == "dlq_replayed")).all()
     assert statuses == {intake_dl["id"]: "open", **{r["id"]: "replayed" for r in dead_letters[1:]}}
     assert len(trail) == 1 and trail[0].trace_id == tri["trace_id"] and trail[0].actor.startswith("cli:")
-    from orch_project.defs.support.logic import status_counts
+    from orch_project.lib.pipeline import status_counts
 
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["lost"] == 0 and st["dlq_open"] == 1
 
 
@@ -135,13 +135,13 @@ def test_replay_job_then_next_run_reprocesses(orch_home, db, openai_env, dead_le
     md = ops.asset_materializations_for_node("support_dlq_backlog")[0].metadata
     assert (md["dlq_open"].value, md["dlq_open_stage_triage"].value, md["dlq_open_stage_intake"].value) == (4, 3, 1)
 
-    job = openai_env.resolve_job_def("dlq_replay_job")
+    job = openai_env.resolve_job_def("support_dlq_replay_job")
     bad = job.execute_in_process(instance=instance, raise_on_error=False, run_config={
-        **QUIET, "ops": {"replay_dead_letters": {"config": {"dlq_id": dead_letters[0]["id"], "all": False}}}})
+        **QUIET, "ops": {"support_replay_dead_letters": {"config": {"dlq_id": dead_letters[0]["id"], "all": False}}}})
     assert not bad.success  # an intake dead letter cannot be replayed: the job says so
     res = job.execute_in_process(instance=instance, run_config={
-        **QUIET, "ops": {"replay_dead_letters": {"config": {"all": True}}}})
-    assert res.success and res.output_for_node("replay_dead_letters")["replayed"] == 3
+        **QUIET, "ops": {"support_replay_dead_letters": {"config": {"all": True}}}})
+    assert res.success and res.output_for_node("support_replay_dead_letters")["replayed"] == 3
     mats = [e.event_specific_data.materialization for e in res.get_asset_materialization_events()]
     assert mats and mats[-1].asset_key == dg.AssetKey("support_dlq_backlog")
     assert mats[-1].metadata["dlq_open"].value == 1 and mats[-1].metadata["dlq_open_stage_intake"].value == 1
@@ -153,11 +153,11 @@ def test_replay_job_then_next_run_reprocesses(orch_home, db, openai_env, dead_le
         assert after[r["item_id"]]["status"] in ("resolved", "awaiting_approval")
         assert after[r["item_id"]]["trace_id"] == r["trace_id"]
     again = job.execute_in_process(instance=instance, run_config={
-        **QUIET, "ops": {"replay_dead_letters": {"config": {"all": True}}}})
-    assert again.output_for_node("replay_dead_letters")["replayed"] == 0  # replaying twice is a no-op
+        **QUIET, "ops": {"support_replay_dead_letters": {"config": {"all": True}}}})
+    assert again.output_for_node("support_replay_dead_letters")["replayed"] == 0  # replaying twice is a no-op
 
     from orch_project.defs.resources import AppDatabase
-    from orch_project.defs.support.dlq import support_dlq_backlog
+    support_dlq_backlog = openai_env.get_assets_def("support_dlq_backlog")
 
     backlog = dg.materialize([support_dlq_backlog], resources={"app_db": AppDatabase()}, instance=instance)
     md = backlog.asset_materializations_for_node("support_dlq_backlog")[0].metadata

@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from orch_project.lib.intake import submit_to_table
 from orch_project.lib.llm import registry
 from orch_project.lib.llm import triage_model as tm
-from orch_project.lib.settings import BANKING77_DIR
 from orch_project.lib.store import audit, items
 
-from .conftest import QUIET, run_flow, sample_messages
+from .conftest import QUIET, banking77_csv, require_dataset, run_flow, sample_messages
 
 ORCH = str(Path(sys.executable).with_name("orch"))
 DAY = "2026-11-20"
@@ -33,7 +32,7 @@ def _rows(path: Path):
 
 def _small_model(tmp_path, n: int, seed_offset: int = 0):
     """A quickly trained (and worse) model on the first n training examples."""
-    rows = _rows(BANKING77_DIR / "train.csv")[seed_offset: seed_offset + n]
+    rows = _rows(banking77_csv("train"))[seed_offset: seed_offset + n]
     model = tm.train([r["text"] for r in rows], [r["category"] for r in rows])
     path = model.save(tmp_path / "models")
     return {"version": model.version, "path": path, "metrics": model.metrics}
@@ -66,6 +65,7 @@ def test_retraining_on_the_same_data_is_evaluated_and_served_again(orch_home, db
     that version again (not fail for want of a "candidate")."""
     import numpy as np
 
+    require_dataset("banking77")  # without it the job trains the generated-sample stand-in (test_datasets.py)
     config = {**QUIET, "ops": {"triage_model": {"config": {"train_limit": 2000, "min_validation_accuracy": 0.0}}}}
     job = defs.resolve_job_def("train_triage_model_job")
     runs = [job.execute_in_process(instance=instance, run_config=config, raise_on_error=False) for _ in range(2)]
@@ -134,7 +134,7 @@ def test_prompt_change_and_model_change_mark_triage_stale(orch_home, db, with_mo
     from dagster._core.loader import LoadingContextForTest
 
     from orch_project.defs.support import logic
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.flow import CFG
 
     submit_to_table(db, "support", sample_messages(DAY)[:5], "test")
     # the served model is recorded as triage_model_promotion's data version, then the day is processed
@@ -156,8 +156,8 @@ def test_prompt_change_and_model_change_mark_triage_stale(orch_home, db, with_mo
     (folder / "prompts" / "triage.txt").write_text((folder / "prompts" / "triage.txt").read_text() + "\nBe terse.\n")
     new_version = logic.step_code_version("triage", logic.SupportConfig(folder))
     assert new_version != logic.step_code_version("triage", CFG)
-    from orch_project.defs.governance.assets import triage_model_promotion
-    from orch_project.defs.support.assets import support_inbound, support_triage
+    from orch_project.defs.support.triage_model import triage_model_promotion
+    support_inbound, support_triage = defs.get_assets_def("support_inbound"), defs.get_assets_def("support_triage")
 
     def graph(triage):  # the triage asset with its parents, as the UI would load them after the edit
         from orch_project.defs.resources import default_resources
@@ -175,7 +175,7 @@ def test_prompt_change_and_model_change_mark_triage_stale(orch_home, db, with_mo
 
 
 def test_ab_assignment_is_stable_per_item_and_recorded(orch_home, db, with_model, defs, instance):
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.flow import CFG
     from orch_project.lib.experiments import Experiment
 
     exp = Experiment(enabled=True, step="draft_reply", variant="b", share=0.5)
@@ -224,7 +224,7 @@ def test_ab_assignment_is_stable_per_item_and_recorded(orch_home, db, with_model
 
 
 def test_triage_train_evaluate_round_trip_with_out_of_scope(tmp_path):
-    rows = _rows(BANKING77_DIR / "train.csv")
+    rows = _rows(banking77_csv("train"))
     cats = sorted({r["category"] for r in rows})
     keep, oos = cats[0:60:6], set(cats[3:60:20])  # ten intents; three others play "out of scope"
     data = [{"message": r["text"], "intent": r["category"] if r["category"] in keep else "OOS"}
@@ -276,14 +276,14 @@ def test_memoised_character_ngrams_match_scikit_learn():
     from orch_project.lib.llm.intent_ensemble import char_wb_grams
 
     reference = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5)).build_analyzer()
-    texts = [r["text"] for r in _rows(BANKING77_DIR / "test.csv")[:300]]
+    texts = [r["text"] for r in _rows(banking77_csv("test"))[:300]]
     texts += ["", "a", "I", "ab", "abcd", "  spaced   out\ttext  ", "ÉCOLE Ünïcode", "??!", "x y z"]
     for text in texts + texts:  # the second pass is served from the per-word memo
         assert char_wb_grams(text) == reference(text), text
 
 
 def test_two_labels_tiny_sets_and_model_files_from_before_v4():
-    rows = _rows(BANKING77_DIR / "train.csv")
+    rows = _rows(banking77_csv("train"))
     two = [r for c in ("card_arrival", "exchange_rate") for r in [r for r in rows if r["category"] == c][:30]]
     model = tm.train([r["text"] for r in two], [r["category"] for r in two])  # linear members score 1-D
     labels, _ = model.predict(["where is my new card?", "what exchange rate do you use?"])

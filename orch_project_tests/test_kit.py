@@ -11,8 +11,10 @@ import dagster as dg
 import pytest
 import yaml
 
+import sqlalchemy as sa
+
 from orch_project.kit import build_flow
-from orch_project.lib.connectors.embedded import Effect
+from orch_project.lib.connectors.embedded import Effect, System, cmeta
 from orch_project.lib.flows import FlowConfig, FlowSpec, IntakeSpec, Stage
 from orch_project.lib.intake import Accepted
 from orch_project.lib.pipeline import ItemUpdate, StageSpecError, commit_stage, load_stage_items, status_counts
@@ -20,6 +22,15 @@ from orch_project.lib.saga import run_effects_stage, step_key
 from orch_project.lib.store import utcnow
 
 from .conftest import QUIET
+
+# A system the test flows bring themselves, reached through the same deliver() as the platform's.
+NOTES = sa.Table("kit_test_notes", cmeta,
+                 sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                 sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+                 sa.Column("item_id", sa.String(255), nullable=False), sa.Column("trace_id", sa.String(32)),
+                 sa.Column("words", sa.Integer, nullable=False))
+NOTES_SYSTEM = System("kit_notes", NOTES, lambda e, now: {"idempotency_key": e.idempotency_key, "item_id": e.item_id,
+                                                          "trace_id": e.trace_id, "words": e.payload["words"]})
 
 BRIEF = {"flow_name": "kit_test", "inputs": ["file"], "slo": {"p95_latency_sec": 60, "success_rate": 0.98},
          "kpis": ["words"], "guardrails": ["schema_validation"], "human_in_loop": [], "alerts": ["dlq_backlog>5"],
@@ -44,9 +55,8 @@ def _notify(env, cfg, connectors):
     rows = load_stage_items(env, "notify")
 
     def plan(r):
-        return {"note": Effect(step_key(env.flow, r, "note"), "messaging", "send_notification", r["item_id"],
-                               r["trace_id"], {"kind": "notification", "recipient": "team",
-                                               "body": f"{r['data']['words']} words"})}
+        return {"note": Effect(step_key(env.flow, r, "note"), "kit_notes", "record_note", r["item_id"],
+                               r["trace_id"], {"words": r["data"]["words"]})}
 
     return run_effects_stage(env, "notify", rows, connectors, plan=plan, compensations={},
                              policy=cfg.connector_policy, done_status="resolved", done_reason="note delivered")
@@ -60,12 +70,16 @@ def make_spec(name: str, folder: Path) -> FlowSpec:
         intake=IntakeSpec(to_item=_to_item, suffixes=(".json",)),
         stages=[Stage("score", loads="received", sets="scored", fn=_score),
                 Stage("notify", loads="scored", sets="resolved", fn=_notify, kind="connector", waits=True)],
-        effects=frozenset({("messaging", "send_notification")}))
+        effects=frozenset({("kit_notes", "record_note")}), systems=(NOTES_SYSTEM,))
 
 
 @pytest.fixture
 def two_flows(tmp_path):
-    return make_spec("kit_alpha", tmp_path / "alpha"), make_spec("kit_beta", tmp_path / "beta")
+    from orch_project.lib import flows
+
+    yield make_spec("kit_alpha", tmp_path / "alpha"), make_spec("kit_beta", tmp_path / "beta")
+    for name in ("kit_alpha", "kit_beta", "kit_bad"):
+        flows.unregister(name)  # the test flows and their system leave the process as they came
 
 
 def test_spec_derives_chain_statuses_and_replay_targets(two_flows):
@@ -74,7 +88,7 @@ def test_spec_derives_chain_statuses_and_replay_targets(two_flows):
     assert spec.open_statuses == ("received", "scored")
     assert spec.waiting_statuses == ()
     assert spec.replay_targets == {"score": ("received", "intake"), "notify": ("scored", "score")}
-    assert spec.allowed_effects >= {("messaging", "send_notification"), ("messaging", "send_alert")}
+    assert spec.allowed_effects == {("kit_notes", "record_note"), ("messaging", "send_alert")}
     with pytest.raises(ValueError, match="not among the flow's effects"):
         FlowSpec(name="kit_bad", folder=spec.folder, title="bad", config=spec.config, intake=spec.intake,
                  stages=spec.stages, compensations={"note": ("messaging", "recall")})
@@ -123,7 +137,6 @@ def _tick(defs, instance, name):
 
 
 def test_two_flows_same_id_and_file_name_both_kept(orch_home, db, instance, two_flows):
-    from orch_project.lib.connectors.embedded import messages
     from orch_project.lib.intake import drop_file, submit_to_table
     from orch_project.lib.store import intake, items
 
@@ -143,8 +156,6 @@ def test_two_flows_same_id_and_file_name_both_kept(orch_home, db, instance, two_
         assert res.success
         checks = {e.asset_check_key.name: e.passed for e in res.get_asset_check_evaluations()}
         assert checks == {"intake_nothing_lost": True, "intake_pii_masked": True, "notify_no_duplicate_effects": True}
-    import sqlalchemy as sa
-
     with db.begin() as conn:
         got = {(f, i): (st, d["text"], d["words"]) for f, i, st, d in conn.execute(
             sa.select(items.c.flow, items.c.item_id, items.c.status, items.c.data))}
@@ -160,7 +171,7 @@ def test_two_flows_same_id_and_file_name_both_kept(orch_home, db, instance, two_
     from orch_project.defs.resources import _embedded
 
     with _embedded(orch_home.connectors_url).db.begin() as conn:
-        notes = conn.execute(sa.select(messages.c.idempotency_key).where(messages.c.kind == "notification")).scalars()
+        notes = conn.execute(sa.select(NOTES.c.idempotency_key)).scalars()
         assert sorted(notes) == ["kit_alpha:row-1:note", "kit_alpha:same-1:note", "kit_beta:row-1:note",
                                  "kit_beta:same-1:note"]
     ops = defs.resolve_job_def("kit_alpha_ops_job").execute_in_process(instance=instance, run_config=QUIET,

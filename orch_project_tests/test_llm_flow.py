@@ -58,7 +58,7 @@ def test_flow_runs_through_the_sdk_without_leaking_pii_or_the_key(orch_home, db,
     assert budget.used == ledger_tokens and budget.reserved == 0
 
     # the KPI report shows the router's record: first choices, wins, cost, cache hit rates
-    from orch_project.defs.support.assets import CFG
+    from orch_project.defs.support.flow import CFG
     from orch_project.defs.support.reporting import compute_kpis
 
     k, _ = compute_kpis(db, CFG)

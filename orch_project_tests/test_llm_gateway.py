@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from orch_project.lib.contracts import LLMOutput, LLMStepRequest
+from orch_project.lib.contracts import LabelledOutput, LLMStepRequest
 from orch_project.lib.llm.gateway import Budget, Gateway, ProviderResult
 from orch_project.lib.llm.openai_provider import OpenAIProvider
 from orch_project.lib.llm.routing import BreakerPolicy, CachePolicy, Candidate, RoutingConfig, TaskPolicy
@@ -72,7 +72,7 @@ def make_gateway(db, srv, candidates, *, concurrency=1, max_retries=0, timeout_s
 
 def run(gw, texts, prefix="i"):
     reqs = [LLMStepRequest(id=f"{prefix}{n}", inputs={"text": t, "context": {}}) for n, t in enumerate(texts)]
-    return gw.run("triage", reqs, LLMOutput, label_choices=LABELS, prompt_vars={"allowed_intents": ", ".join(LABELS)})
+    return gw.run("triage", reqs, LabelledOutput, label_choices=LABELS, prompt_vars={"allowed_intents": ", ".join(LABELS)})
 
 
 def ledger(db, **where):

@@ -19,7 +19,7 @@ def pg_url(monkeypatch, orch_home, pg_database):
 def test_support_flow_on_postgres(pg_url, trained_model, defs, instance):
     import sqlalchemy as sa
 
-    from orch_project.defs.support.logic import status_counts
+    from orch_project.lib.pipeline import status_counts
     from orch_project.lib.intake import submit_to_table
     from orch_project.lib.store import Database
 
@@ -33,6 +33,6 @@ def test_support_flow_on_postgres(pg_url, trained_model, defs, instance):
     assert submit_to_table(db, "support", msgs, "test") == 0  # ON CONFLICT DO NOTHING on PostgreSQL too
     assert run_flow(defs, instance, "2026-11-20").success
     assert run_flow(defs, instance, "2026-11-20").success  # re-execution is a no-op
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["received"] == 50 and st["lost"] == 0
     assert st["states"]["resolved"] + st["states"]["awaiting_approval"] == 50

@@ -62,7 +62,7 @@ def _dagster_job_execute(day: str) -> subprocess.CompletedProcess:
 def test_support_flow_on_postgres_dagster_instance(pg_instance_env, trained_model):
     import psycopg2
 
-    from orch_project.defs.support.logic import status_counts
+    from orch_project.lib.pipeline import status_counts
     from orch_project.lib.intake import submit_to_table
     from orch_project.lib.store import Database
 
@@ -110,14 +110,14 @@ def test_support_flow_on_postgres_dagster_instance(pg_instance_env, trained_mode
         assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
 
     # the app database on PostgreSQL holds the items
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["received"] == len(msgs) and st["lost"] == 0
     assert st["states"]["resolved"] + st["states"]["awaiting_approval"] == len(msgs)
 
     # a second run of the partition is a no-op for the app (stages are idempotent by status)
     again = _dagster_job_execute(DAY)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert status_counts(db)["states"] == st["states"]
+    assert status_counts(db, "support")["states"] == st["states"]
 
 
 def test_postgres_config_matches_docker_compose():

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from orch_project.defs.resources import _embedded, default_resources
-from orch_project.defs.support import assets as support_assets
+from orch_project.defs.support.flow import CFG
 from orch_project.lib.connectors.embedded import messages, tickets
 from orch_project.lib.connectors.policy import AlertPolicy, ConnectorPolicy
 from orch_project.lib.intake import submit_to_table
@@ -31,7 +31,7 @@ def _policy(monkeypatch, **kw) -> ConnectorPolicy:
     breaker = kw.pop("breaker", {})
     policy = ConnectorPolicy(circuit_breaker=BreakerPolicy(**{"failure_threshold": 1, "cooldown_s": 3600.0,
                                                               **breaker}), **kw)
-    monkeypatch.setitem(support_assets.CFG.__dict__, "connector_policy", policy)
+    monkeypatch.setitem(CFG.__dict__, "connector_policy", policy)
     return policy
 
 
@@ -308,8 +308,8 @@ def channels(monkeypatch):
 
 
 def _low_dlq_threshold(monkeypatch):
-    brief = support_assets.CFG.brief.model_copy(update={"alerts": ["dlq_backlog>2", "error_rate>50%"]})
-    monkeypatch.setitem(support_assets.CFG.__dict__, "brief", brief)
+    brief = CFG.brief.model_copy(update={"alerts": ["dlq_backlog>2", "error_rate>50%"]})
+    monkeypatch.setitem(CFG.__dict__, "brief", brief)
 
 
 def _alert_messages(orch_home) -> list[dict]:
@@ -319,7 +319,7 @@ def _alert_messages(orch_home) -> list[dict]:
 
 
 def test_dlq_backlog_alert_raised_once_per_window(orch_home, db, defs, instance, monkeypatch, channels):
-    from orch_project.defs.support.alerts import support_alerts_sensor
+    support_alerts_sensor = defs.get_sensor_def("support_alerts_sensor")
 
     slack, smtp = channels
     _policy(monkeypatch, alerts=AlertPolicy(window_s=3600))
@@ -347,7 +347,7 @@ def test_dlq_backlog_alert_raised_once_per_window(orch_home, db, defs, instance,
 
 
 def test_run_failure_sensor_raises_an_alert_once(orch_home, db, defs, instance, monkeypatch, channels):
-    from orch_project.defs.support.alerts import support_run_failure_alerts
+    support_run_failure_alerts = defs.get_sensor_def("support_run_failure_alerts")
 
     slack, _ = channels
 

@@ -12,7 +12,7 @@ from orch_project.lib.intake import drop_file, submit_to_table
 from orch_project.lib.retention import purge
 from orch_project.lib.store import audit, inbox, items, utcnow, vault
 
-from .conftest import QUIET, run_flow, sample_messages
+from .conftest import QUIET, run_flow, sample_messages, support_inbox
 
 DAY = "2026-11-20"
 
@@ -22,7 +22,7 @@ def test_purge_removes_raw_data_past_the_limit_and_keeps_what_is_still_needed(or
     msgs = sample_messages(DAY)[:6]
     submit_to_table(db, "support", msgs, "test")
     file_msg = {**sample_messages(DAY)[6], "id": "file-msg-1"}
-    drop_file(orch_home.inbox_dir, "file-msg-1.json", json.dumps(file_msg).encode())
+    drop_file(support_inbox(orch_home), "file-msg-1.json", json.dumps(file_msg).encode())
     assert run_flow(defs, instance, DAY).success
     with db.begin() as conn:
         statuses = dict(conn.execute(sa.select(items.c.item_id, items.c.status)).all())
@@ -37,12 +37,12 @@ def test_purge_removes_raw_data_past_the_limit_and_keeps_what_is_still_needed(or
     restored = _restore_raw_payload(db, msgs[0])  # as a crash between ingest and tombstone would leave it
 
     # inside the limit nothing happens
-    inside = purge(db, "support", orch_home.inbox_dir, retention_days=30)
+    inside = purge(db, "support", support_inbox(orch_home), retention_days=30)
     assert (inside["inbox_rows_purged"], inside["inbox_files_purged"], inside["vault_tokens_purged"]) == (0, 0, 0)
-    assert (orch_home.inbox_dir / "file-msg-1.json").exists()
+    assert (support_inbox(orch_home) / "file-msg-1.json").exists()
 
     later = utcnow() + timedelta(days=31)
-    counts = purge(db, "support", orch_home.inbox_dir, retention_days=30, now=later)
+    counts = purge(db, "support", support_inbox(orch_home), retention_days=30, now=later)
     assert counts["inbox_rows_purged"] == 1 and counts["inbox_files_purged"] == 1
     with db.begin() as conn:
         assert set(json.loads(conn.execute(sa.select(inbox.c.payload).where(inbox.c.id == restored)).scalar_one())) \
@@ -56,11 +56,11 @@ def test_purge_removes_raw_data_past_the_limit_and_keeps_what_is_still_needed(or
     raw = {m["sender"]["email"] for m in msgs} | {m["body"] for m in msgs}
     assert not [v for v in raw if v in json.dumps(payloads)]
     assert left == waiting  # the reply to a waiting item still needs its tokens
-    assert not (orch_home.inbox_dir / "file-msg-1.json").exists()
+    assert not (support_inbox(orch_home) / "file-msg-1.json").exists()
     assert trail[-1]["inbox_files_purged"] == 1
 
     # a purge is idempotent, and purged input is never ingested again
-    assert purge(db, "support", orch_home.inbox_dir, retention_days=30, now=later)["inbox_rows_purged"] == 0
+    assert purge(db, "support", support_inbox(orch_home), retention_days=30, now=later)["inbox_rows_purged"] == 0
     assert submit_to_table(db, "support", msgs, "test") == 0
     assert run_flow(defs, instance, DAY).success
     with db.begin() as conn:
@@ -84,7 +84,7 @@ def test_retention_job_runs_from_dagster(orch_home, db, with_model, defs, instan
         ended = conn.execute(sa.select(sa.func.count()).select_from(vault).join(items, items.c.item_id == vault.c.item_id)
                              .where(items.c.status.in_(("resolved", "dead_lettered", "rejected")))).scalar_one()
     assert ended > 0
-    res = defs.resolve_job_def("retention_purge_job").execute_in_process(
+    res = defs.resolve_job_def("support_retention_purge_job").execute_in_process(
         instance=instance, run_config={**QUIET, "ops": {"support_raw_retention": {"config": {"retention_days": 0}}}})
     assert res.success
     mat = res.get_asset_materialization_events()[0].event_specific_data.materialization

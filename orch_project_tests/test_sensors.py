@@ -9,7 +9,7 @@ import dagster as dg
 from orch_project.defs.resources import default_resources
 from orch_project.lib.intake import submit_to_table
 
-from .conftest import QUIET, run_flow, sample_messages, write_file
+from .conftest import QUIET, run_flow, sample_messages, support_inbox, write_file
 
 
 def _tick(defs, instance, cursor):
@@ -23,7 +23,7 @@ def test_sensor_micro_batches_by_day_and_never_reads_twice(orch_home, db, defs, 
     msgs = sample_messages()
     submit_to_table(db, "support", msgs[:60], "test")  # 50 on the 19th, 10 on the 20th
     file_msg = dict(msgs[70], id="file-msg-1")
-    write_file(orch_home.inbox_dir, "a.json", json.dumps(file_msg).encode())
+    write_file(support_inbox(orch_home), "a.json", json.dumps(file_msg).encode())
 
     first = _tick(defs, instance, None)
     reqs = {r.partition_key: r for r in first.run_requests}
@@ -35,18 +35,18 @@ def test_sensor_micro_batches_by_day_and_never_reads_twice(orch_home, db, defs, 
     assert cursor["table"] > 0 and cursor["file"][1] == "a.json"
 
     second = _tick(defs, instance, first.cursor)
-    assert not second.run_requests and "no new messages" in second.skip_message
+    assert not second.run_requests and "nothing new in the support inbox" in second.skip_message
 
     # new arrivals after the cursor: only they are requested
     submit_to_table(db, "support", msgs[60:65], "test")
-    write_file(orch_home.inbox_dir, "b.json", json.dumps(dict(msgs[71], id="file-msg-2")).encode())
+    write_file(support_inbox(orch_home), "b.json", json.dumps(dict(msgs[71], id="file-msg-2")).encode())
     third = _tick(defs, instance, second.cursor or first.cursor)
     assert [(r.partition_key, r.tags["orch/new_sources"]) for r in third.run_requests] == [("2026-11-20", "6")]
     assert third.run_requests[0].run_key not in {r.run_key for r in first.run_requests}
 
 
 def test_sensor_puts_undated_bad_files_on_their_arrival_day(orch_home, db, defs, instance):
-    write_file(orch_home.inbox_dir, "broken.json", b"{not json")
+    write_file(support_inbox(orch_home), "broken.json", b"{not json")
     result = _tick(defs, instance, None)
     assert len(result.run_requests) == 1
     from datetime import datetime, timezone

@@ -6,11 +6,11 @@ import json
 
 import sqlalchemy as sa
 
-from orch_project.defs.support.logic import status_counts
+from orch_project.lib.pipeline import status_counts
 from orch_project.lib.intake import submit_to_table
 from orch_project.lib.store import approvals, audit, dlq, item_stages, items, outbox, vault
 
-from .conftest import MALFORMED, run_flow, run_ops, sample_messages, write_file
+from .conftest import MALFORMED, run_flow, run_ops, sample_messages, support_inbox, write_file
 
 DAY = "2026-11-20"
 
@@ -39,7 +39,7 @@ def test_flow_materialises_a_day_end_to_end(orch_home, db, with_model, defs, ins
     assert checks == {"inbound_nothing_lost": True, "inbound_pii_masked": True, "triage_labels_valid": True,
                       "drafts_outbound_clean": True, "actions_no_duplicate_effects": True}
 
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["received"] == 50 and st["lost"] == 0
     resolved, waiting = st["states"].get("resolved", 0), st["states"].get("awaiting_approval", 0)
     assert resolved + waiting == 50 and resolved > 0 and waiting > 0
@@ -80,23 +80,23 @@ def test_rerun_and_second_submit_add_nothing(orch_home, db, with_model, defs, in
     assert run_flow(defs, instance, DAY).success
     assert _connectors(orch_home).counts() == before
     assert _connectors(orch_home).duplicates() == {"tickets": 0, "crm_activities": 0, "messages": 0}
-    assert status_counts(db)["received"] == 50
+    assert status_counts(db, "support")["received"] == 50
 
 
 def test_duplicate_message_ids_across_sources_are_counted_not_reprocessed(orch_home, db, with_model, defs, instance):
     msgs = sample_messages(DAY)[:5]
     submit_to_table(db, "support", msgs, "test")
     # the same first message also arrives as a file in the inbox folder
-    write_file(orch_home.inbox_dir, "resend.json", json.dumps(msgs[0]).encode())
+    write_file(support_inbox(orch_home), "resend.json", json.dumps(msgs[0]).encode())
     assert run_flow(defs, instance, DAY).success
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["received"] == 6 and st["states"]["duplicate"] == 1 and st["lost"] == 0
 
 
 def test_malformed_inbound_goes_to_dlq_while_the_batch_succeeds(orch_home, db, with_model, defs, instance):
     good = sample_messages(DAY)[:10]
     submit_to_table(db, "support", good, "test")
-    inbox = orch_home.inbox_dir
+    inbox = support_inbox(orch_home)
     template = dict(good[0], id="bad-big")
     bad = {
         "empty.json": b"",
@@ -137,7 +137,7 @@ def test_malformed_inbound_goes_to_dlq_while_the_batch_succeeds(orch_home, db, w
     assert len(shipped) == 6 and "shipped_bad_channel.json" not in shipped
     for _, reason in dead.values():
         assert "yyyy" not in reason and "xxxx" not in reason, "reasons never echo input"
-    st = status_counts(db)
+    st = status_counts(db, "support")
     assert st["states"]["dead_lettered"] == len(dead) == 12
     assert st["states"].get("resolved", 0) + st["states"].get("awaiting_approval", 0) == 10
     assert st["received"] == 22 and st["lost"] == 0
@@ -177,7 +177,7 @@ def test_ops_job_folds_csat_escalates_and_writes_the_report(orch_home, db, with_
             e.event_specific_data.materialization for e in result.get_asset_materialization_events()}
     assert mats["support_csat"].metadata["responses_folded"].value == 20
     # every open item past its first-response due time is escalated, and only those
-    st = status_counts(db)
+    st = status_counts(db, "support")
     with db.begin() as conn:
         overdue = conn.execute(sa.select(sa.func.count()).select_from(items).where(
             items.c.status == "awaiting_approval", items.c.due_at < datetime.now(timezone.utc))).scalar_one()
@@ -216,7 +216,7 @@ def test_ops_job_reports_on_a_new_install_and_on_a_day_of_bad_input_only(orch_ho
 
     from datetime import datetime, timezone
 
-    write_file(orch_home.inbox_dir, "broken.json", b"{not json")  # undated: belongs to its arrival day
+    write_file(support_inbox(orch_home), "broken.json", b"{not json")  # undated: belongs to its arrival day
     assert run_flow(defs, instance, datetime.now(timezone.utc).date().isoformat()).success
     second = run_ops(defs, instance)
     assert second.success

@@ -288,6 +288,16 @@ def register(spec: FlowSpec) -> None:
     _FLOWS[spec.name] = spec
 
 
+def unregister(name: str) -> None:
+    """Forget a flow and the embedded systems it brought (tests that define throwaway flows)."""
+    spec = _FLOWS.pop(name, None)
+    if spec is not None and spec.systems:
+        from .connectors.embedded import unregister_system
+
+        for system in spec.systems:
+            unregister_system(system.name)
+
+
 def get(name: str) -> FlowSpec:
     if name not in _FLOWS:
         known = ", ".join(sorted(_FLOWS)) or "none loaded"

@@ -157,6 +157,11 @@ def register_system(system: System) -> None:
     _SYSTEMS[system.name] = system
 
 
+def unregister_system(name: str) -> None:
+    """Forget a system a flow registered (tests that define throwaway flows)."""
+    _SYSTEMS.pop(name, None)
+
+
 def systems() -> dict[str, System]:
     return dict(_SYSTEMS)
 
