@@ -184,7 +184,7 @@ def run(args) -> int:
     from orch_project.defs.resources import Connectors, reset_process_caches
     from orch_project.defs.support import logic
     from orch_project.lib.pipeline import status_counts
-    from orch_project.defs.support.flow import CFG, SPEC
+    from orch_project.defs.support.flow import CFG
     from orch_project.lib.intake import drop_file
     from orch_project.lib.pipeline import StageEnv
     from orch_project.lib.settings import Settings

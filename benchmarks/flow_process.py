@@ -225,7 +225,7 @@ def unfinished_steps(instance, run_id: str) -> list[str]:
 
 def figures(db, n_items: int) -> dict:
     from orch_project.defs.resources import Connectors
-    from orch_project.defs.support import logic
+    from orch_project.defs.support import logic  # noqa: F401  (registers the flow spec status_counts reads)
     from orch_project.lib.pipeline import status_counts
 
     st = status_counts(db, "support")

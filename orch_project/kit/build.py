@@ -112,12 +112,7 @@ def _stage_callable(spec: FlowSpec, stage: Stage | OpsStage, partitioned: bool) 
 
 
 def _code_version(spec: FlowSpec, stage: Stage) -> str | None:
-    if not stage.tasks:
-        return None
-    parts = [stage.logic_version]
-    for task in stage.tasks:
-        parts += [v for pid, v in sorted(spec.config.prompt_versions.items()) if pid.split(".")[0] == task]
-    return "-".join(parts)
+    return spec.config.code_version(stage.tasks, stage.logic_version) if stage.tasks else None
 
 
 def flow_assets(spec: FlowSpec, daily) -> list[dg.AssetsDefinition]:

@@ -78,7 +78,6 @@ class OpsStage:
     kind: StageKind = "plain"
     description: str = ""
     after: tuple[str, ...] = ()  # stages or ops stages (by name) whose assets it depends on
-    metadata: Callable[[Any], dict[str, Any]] | None = None  # extra numeric metadata from the report
 
 
 @dataclass(frozen=True)
@@ -273,11 +272,13 @@ class FlowConfig:
             out[prompt_id] = hashlib.sha256(out.get(prompt_id, "").encode() + p.read_bytes()).hexdigest()[:12]
         return out
 
-    def task_code_version(self, task: str, logic_version: str = "v1") -> str:
-        """Code version of a model step: its logic version plus the version of every prompt it can use
-        (variants included). Editing a prompt file changes it, so Dagster marks the asset stale."""
-        prompts = sorted((pid, v) for pid, v in self.prompt_versions.items() if pid.split(".")[0] == task)
-        return "-".join([logic_version, *(v for _, v in prompts)])
+    def code_version(self, tasks: Sequence[str], logic_version: str = "v1") -> str:
+        """Code version of a model step: its logic version plus the version of every prompt its tasks
+        can use (variants included). Editing a prompt file changes it, so Dagster marks the asset stale."""
+        parts = [logic_version]
+        for task in tasks:
+            parts += [v for pid, v in sorted(self.prompt_versions.items()) if pid.split(".")[0] == task]
+        return "-".join(parts)
 
 
 _FLOWS: dict[str, FlowSpec] = {}

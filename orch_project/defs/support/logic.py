@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import re
 from collections import Counter
-from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -97,7 +96,7 @@ def step_code_version(task: str, cfg: SupportConfig) -> str:
     """Code version of a model step's asset: its logic version plus the version of every prompt it can
     use (variants included). Editing a prompt file changes it, so Dagster marks the asset stale; the
     served model's id reaches the same asset as the data version of ``triage_model_promotion``."""
-    return cfg.task_code_version(task, STEP_LOGIC_VERSION[task])
+    return cfg.code_version([task], STEP_LOGIC_VERSION[task])
 
 
 # --- intake: validation and PII masking ----------------------------------------------
