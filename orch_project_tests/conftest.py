@@ -210,21 +210,26 @@ def sample_messages(day: str | None = None) -> list[dict]:
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
-def run_flow(defs, instance, day: str):
-    return defs.resolve_job_def("support_flow_job").execute_in_process(
+def run_flow(defs, instance, day: str, flow: str = "support"):
+    """One partition of ``flow``'s flow job, in process."""
+    return defs.resolve_job_def(f"{flow}_flow_job").execute_in_process(
         instance=instance, partition_key=day, run_config=QUIET, raise_on_error=False)
 
 
-def run_ops(defs, instance):
-    return defs.resolve_job_def("support_ops_job").execute_in_process(instance=instance, run_config=QUIET,
-                                                                  raise_on_error=False)
+def run_ops(defs, instance, flow: str = "support"):
+    return defs.resolve_job_def(f"{flow}_ops_job").execute_in_process(instance=instance, run_config=QUIET,
+                                                                     raise_on_error=False)
+
+
+def flow_inbox(settings, flow: str = "support") -> Path:
+    """A flow's own inbox folder under ORCH_INBOX_DIR (``<inbox>/<flow>``)."""
+    from orch_project.kit.registry import discover
+
+    return discover()[flow].inbox_dir(settings.inbox_dir)
 
 
 def support_inbox(settings) -> Path:
-    """The support flow's own inbox folder under ORCH_INBOX_DIR (``<inbox>/support``)."""
-    from orch_project.defs.support.flow import SPEC
-
-    return SPEC.inbox_dir(settings.inbox_dir)
+    return flow_inbox(settings, "support")
 
 
 def write_file(folder: Path, name: str, data: bytes) -> Path:
