@@ -198,3 +198,18 @@ def test_stage_held_to_its_spec(orch_home, db, two_flows):
         commit_stage(env, "score", utcnow(), [ItemUpdate("x-1", "resolved", rows[0]["data"])],
                      trace_ids={"x-1": rows[0]["trace_id"]})
     assert status_counts(db, alpha.name)["states"] == {"dead_lettered": 0, "duplicate": 0, "received": 1}
+
+
+def test_registry_discovers_flow_folders_and_resolves_names():
+    from orch_project.kit.registry import discover, resolve
+
+    found = discover()
+    assert "support" in found and all(spec.name == name for name, spec in found.items())
+    assert resolve("support") is found["support"]
+    if len(found) == 1:
+        assert resolve(None) is found["support"]  # the only flow needs no --flow
+    else:
+        with pytest.raises(KeyError, match="choose one with --flow"):
+            resolve(None)
+    with pytest.raises(KeyError, match="no flow 'nope'; flows: .*support"):
+        resolve("nope")
