@@ -256,7 +256,7 @@ def _build(spec: FlowSpec) -> dg.Definitions:
         by_day, new_cursor = scan_new_sources(spec, app_db.database(), spec.inbox_dir(workspace.settings().inbox_dir),
                                               cursor)
         if not by_day:
-            return dg.SkipReason(f"nothing new in the {spec.name} inbox folder or inbox table")
+            return dg.SkipReason(f"no new messages in the {spec.name} inbox folder or its inbox-table rows")
         return dg.SensorResult(run_requests=day_run_requests(by_day, key_prefix=f"{spec.name}-intake",
                                                              trigger=f"{spec.name}_intake_sensor",
                                                              count_tag="orch/new_sources"),
