@@ -213,3 +213,66 @@ def test_registry_discovers_flow_folders_and_resolves_names():
             resolve(None)
     with pytest.raises(KeyError, match="no flow 'nope'; flows: .*support"):
         resolve("nope")
+
+
+def _review(env, cfg):
+    """Long texts wait for a person (branch ``needs_review``), short ones are validated."""
+    started = utcnow()
+    rows = load_stage_items(env, "review")
+    updates, approval_rows = [], []
+    for r in rows:
+        if r["data"]["words"] > 2:
+            updates.append(ItemUpdate(r["item_id"], "needs_review", r["data"], "routed"))
+            approval_rows.append({"flow": env.flow, "item_id": r["item_id"], "reason": "long", "required_role": "lead",
+                                  "status": "pending", "due_at": None, "created_at": started, "edited": False})
+        else:
+            updates.append(ItemUpdate(r["item_id"], "validated", r["data"]))
+    return commit_stage(env, "review", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                        approval_rows=approval_rows)
+
+
+def test_a_gate_of_another_shape_gets_approval_jobs_and_resumes(orch_home, db, instance, tmp_path):
+    """A flow whose gate sets ``validated`` and waits in ``needs_review``: the kit builds its approval
+    decision/resume jobs and sensors, and a person's approval moves the item on to the next stage."""
+    from orch_project.lib import approvals as hitl
+    from orch_project.lib import flows
+    from orch_project.lib.intake import submit_to_table
+
+    folder = tmp_path / "gamma"
+    base = make_spec("kit_gamma", folder)
+    (folder / "roster.yaml").write_text(yaml.safe_dump({"people": [{"id": "l-lee", "name": "Lee", "role": "lead"}]}))
+    spec = FlowSpec(name="kit_gamma", folder=folder, title="Kit test gamma", config=FlowConfig(folder),
+                    intake=base.intake, effects=base.effects, systems=base.systems,
+                    stages=[base.stages[0],
+                            Stage("review", loads="scored", sets="validated", branches=("needs_review",), fn=_review),
+                            Stage("notify", loads="validated", sets="resolved", fn=_notify, kind="connector",
+                                  waits=True)])
+    try:
+        assert spec.open_statuses == ("received", "scored", "validated", "needs_review")
+        assert spec.waiting_statuses == ("needs_review",) and hitl.gate_statuses("kit_gamma") == (
+            "needs_review", "validated", "notify")
+        defs = dg.Definitions.merge(build_flow(spec), dg.Definitions(resources=_resources()))
+        assert {"kit_gamma_approval_decision_job", "kit_gamma_approval_resume_job"} <= {
+            j.name for j in defs.resolve_all_job_defs()}
+        assert {"kit_gamma_approval_resume_sensor", "kit_gamma_approval_escalation_sensor"} <= {
+            s.name for s in defs.sensors}
+        day = utcnow().date().isoformat()
+        submit_to_table(db, "kit_gamma", [{"id": "g-short", "text": "two words"},
+                                          {"id": "g-long", "text": "this one is long"}], "test")
+        res = defs.resolve_job_def("kit_gamma_flow_job").execute_in_process(
+            instance=instance, partition_key=day, run_config=QUIET, raise_on_error=False)
+        assert res.success
+        st = status_counts(db, "kit_gamma")["states"]
+        assert (st.get("resolved"), st.get("needs_review")) == (1, 1)
+        assert [r["item_id"] for r in hitl.pending(db, "kit_gamma")] == ["g-long"]
+        hitl.decide(db, "g-long", "approve", "l-lee", "fine", None, spec.config.roster, flow="kit_gamma")
+        sensor = defs.get_sensor_def("kit_gamma_approval_resume_sensor")
+        with dg.build_sensor_context(instance=instance, definitions=defs, resources=_resources()) as ctx:
+            tick = sensor.evaluate_tick(ctx)
+        assert [r.partition_key for r in tick.run_requests] == [day]
+        resume = defs.resolve_job_def("kit_gamma_approval_resume_job")
+        assert {k.to_user_string() for k in resume.asset_layer.executable_asset_keys} == {"kit_gamma_notify"}
+        assert resume.execute_in_process(instance=instance, partition_key=day, run_config=QUIET).success
+        assert status_counts(db, "kit_gamma")["states"].get("resolved") == 2
+    finally:
+        flows.unregister("kit_gamma")

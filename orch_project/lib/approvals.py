@@ -5,7 +5,7 @@ CLI, the ``approval_decision_job`` and the approval sensors call the same functi
 Life of an approval row (table ``approvals``; the approval gate creates it as ``pending`` with
 ``required_role`` = the brief's reviewer role and ``due_at`` = the item's SLA due date):
 
-    pending --decide(approve)--> approved  --resume--> item "approved" -> actions stage delivers it
+    pending --decide(approve)--> approved  --resume--> item at the gate's ``sets`` status -> the next stage
     pending --decide(reject)---> rejected  --resume--> item "rejected" (terminal)
     pending --past due_at------> pending, required_role = escalation role, new due date, alert
     pending (top role) --past due_at, on_timeout=reject--> rejected (system:approval_timeout)
@@ -35,6 +35,7 @@ ROLE_ORDER = ("agent", "lead", "supervisor")
 DECISIONS = {"approve": "approved", "reject": "rejected"}
 DECIDED = ("approved", "rejected")
 TIMEOUT_ACTOR = "system:approval_timeout"
+RESUMED_STAGE = "approval_decision"  # the stage an item is "after" once a person's decision moved it on
 ESCALATION_ACTOR = "system:approval_escalation"
 
 
@@ -230,16 +231,29 @@ class Resumed:
         return bool(self.approved or self.rejected)
 
 
+def gate_statuses(flow: str) -> tuple[str, str, str]:
+    """(status an item waits in, status an approved item goes on at, the stage that takes it next) for
+    ``flow``: its spec's first stage with a waiting branch (``awaiting_approval`` / its ``sets``)."""
+    spec = flows.find(flow)
+    gate = next((s for s in spec.stages if s.branches), None) if spec is not None else None
+    if gate is None:
+        return "awaiting_approval", "approved", "the next stage"
+    chain = spec.stage_names
+    i = chain.index(gate.name)
+    return gate.branches[0], gate.sets, chain[i + 1] if i + 1 < len(chain) else "the end of the flow"
+
+
 def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: str = "system:approval_resume"
                    ) -> Resumed:
     """Items whose approval was decided but that still wait (status ``awaiting_approval``) move on:
     approved -> item ``approved`` (the actions stage delivers it), rejected -> item ``rejected``
     (terminal). One transaction; each move audited. Idempotent: a resumed item no longer waits."""
     now = now or utcnow()
+    waiting, go_on, next_stage = gate_statuses(flow)
     q = (sa.select(items.c.item_id, items.c.day, items.c.trace_id, approvals.c.status, approvals.c.decided_by,
                    approvals.c.decision_reason)
          .select_from(_joined())
-         .where(items.c.flow == flow, items.c.status == "awaiting_approval", approvals.c.status.in_(DECIDED))
+         .where(items.c.flow == flow, items.c.status == waiting, approvals.c.status.in_(DECIDED))
          .order_by(approvals.c.decided_at, approvals.c.id))
     approved: dict[str, list[str]] = {}
     rejected: list[str] = []
@@ -247,9 +261,10 @@ def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: 
         rows = conn.execute(q).all()
         audit_rows = []
         for r in rows:
+            status = go_on if r.status == "approved" else "rejected"
             res = conn.execute(items.update().where(items.c.flow == flow, items.c.item_id == r.item_id,
-                                                    items.c.status == "awaiting_approval")
-                               .values(status=r.status, stage="approval_decision", updated_at=now))
+                                                    items.c.status == waiting)
+                               .values(status=status, stage=RESUMED_STAGE, updated_at=now))
             if res.rowcount != 1:
                 continue
             if r.status == "approved":
@@ -262,17 +277,18 @@ def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: 
                                "reason": (f"approved by {r.decided_by}" if r.status == "approved"
                                           else f"rejected by {r.decided_by}: {r.decision_reason or ''}".strip()),
                                "inputs": {"approval_status": r.status, "decided_by": r.decided_by},
-                               "outputs": {"item_status": r.status,
-                                           "next": "actions" if r.status == "approved" else "terminal"}})
+                               "outputs": {"item_status": status,
+                                           "next": next_stage if r.status == "approved" else "terminal"}})
         if audit_rows:
             db.audit(conn, audit_rows)
     return Resumed(approved, rejected)
 
 
 def approved_waiting_delivery(db: Database, flow: str) -> dict[str, list[str]]:
-    """Items resumed as approved whose actions stage has not run yet, by partition day."""
-    q = sa.select(items.c.day, items.c.item_id).where(items.c.flow == flow, items.c.status == "approved",
-                                                      items.c.stage == "approval_decision")
+    """Items resumed as approved whose next stage has not run yet, by partition day."""
+    _, go_on, _ = gate_statuses(flow)
+    q = sa.select(items.c.day, items.c.item_id).where(items.c.flow == flow, items.c.status == go_on,
+                                                      items.c.stage == RESUMED_STAGE)
     out: dict[str, list[str]] = {}
     with db.begin() as conn:
         for day, item_id in conn.execute(q.order_by(items.c.day, items.c.item_id)):
