@@ -106,16 +106,16 @@ def prepare(home: Path, model_rows: list[dict], messages: list[dict]) -> str:
 
 def run_bare(day: str, cold_model: bool) -> tuple[float, dict[str, float]]:
     """The eight stage functions in order, with the objects the assets would build."""
-    from orch_project.defs import resources
     from orch_project.defs.resources import AppDatabase, Connectors, LLMGateway
     from orch_project.defs.support import logic
+    from orch_project.lib.llm import model_cache
     from orch_project.defs.support.flow import CFG, SPEC
     from orch_project.lib.pipeline import StageEnv
     from orch_project.lib.settings import Settings
     from orch_project.lib.telemetry import get_logger
 
     if cold_model:
-        resources._local_provider.cache_clear()
+        model_cache.clear()
     llm = LLMGateway(provider=os.environ.get("ORCH_LLM_PROVIDER", "local"))
     stages: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -142,11 +142,11 @@ def run_bare(day: str, cold_model: bool) -> tuple[float, dict[str, float]]:
 
 
 def run_dagster(instance, day: str, cold_model: bool, profile: bool) -> tuple[float, dict[str, float]]:
-    from orch_project.defs import resources
     from orch_project.definitions import defs
+    from orch_project.lib.llm import model_cache
 
     if cold_model:
-        resources._local_provider.cache_clear()
+        model_cache.clear()
     job = defs.resolve_job_def("support_flow_job")
     prof = None
     if profile:

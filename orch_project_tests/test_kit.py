@@ -276,3 +276,91 @@ def test_a_gate_of_another_shape_gets_approval_jobs_and_resumes(orch_home, db, i
         assert status_counts(db, "kit_gamma")["states"].get("resolved") == 2
     finally:
         flows.unregister("kit_gamma")
+
+
+def _spec(tmp_path, stages, **kw):
+    folder = tmp_path / "v"
+    folder.mkdir(exist_ok=True)
+    return FlowSpec(name="kit_bad", folder=folder, title="bad", config=FlowConfig(folder),
+                    intake=IntakeSpec(to_item=_to_item), stages=stages, **kw)
+
+
+@pytest.mark.parametrize("stages, ops, message", [
+    ([Stage("a", loads="received", sets="stuck", fn=_score)], (), "sets 'stuck', which no stage loads"),
+    ([Stage("a", loads="nowhere", sets="resolved", fn=_score)], (), "loads .*which no earlier stage sets"),
+    ([Stage("a", loads="received", sets="resolved", fn=_score, after="b")], (), "is after 'b'"),
+    ([Stage("kpi_report", loads="received", sets="resolved", fn=_score)], (), "names the kit uses"),
+    ([Stage("a", loads="received", sets="x", branches=("w1", "w2"), fn=_score),
+      Stage("b", loads="x", sets="resolved", fn=_score)], (), "one approval gate per flow"),
+    ([Stage("a", loads="received", sets="resolved", branches=("w",), fn=_score)], (), "needs a stage after it"),
+    ([Stage("a", loads="received", sets="resolved", fn=_score)], "typo", "after unknown stage"),
+])
+def test_spec_refuses_what_the_kit_would_build_wrongly(tmp_path, stages, ops, message):
+    from orch_project.lib.flows import OpsStage
+
+    extra = {"ops": [OpsStage("o", fn=_score, after=(ops,))]} if ops else {}
+    with pytest.raises(ValueError, match=message):
+        _spec(tmp_path, stages, **extra)
+
+
+def test_model_task_names_are_unique_across_flows(tmp_path):
+    import orch_project.defs.support.flow  # noqa: F401  (registers the support flow and its tasks)
+    from orch_project.lib.flows import ModelTask
+
+    with pytest.raises(ValueError, match=r"model task\(s\) \['triage'\] already belong to flow 'support'"):
+        _spec(tmp_path, [Stage("a", loads="received", sets="resolved", fn=_score)],
+              model_tasks={"triage": ModelTask(output=dict)})
+
+
+def test_duplicates_are_found_by_the_flow_s_item_id(orch_home, db, tmp_path):
+    """A flow whose item id is not the raw record's ``id``: a resubmission under another source key is a
+    duplicate, not an item lost at insert."""
+    from orch_project.lib import flows
+    from orch_project.lib.intake import run_intake, submit_to_table
+    from orch_project.lib.pipeline import StageEnv
+
+    def by_ref(raw, ctx):
+        return Accepted(item_id=f"ref-{raw['ref']}", data={"text": raw["text"]})
+
+    folder = tmp_path / "delta"
+    folder.mkdir()
+    spec = FlowSpec(name="kit_delta", folder=folder, title="delta", config=FlowConfig(folder),
+                    intake=IntakeSpec(to_item=by_ref), stages=[Stage("a", loads="received", sets="resolved", fn=_score)])
+    try:
+        day = utcnow().date().isoformat()
+        submit_to_table(db, "kit_delta", [{"ref": 7, "text": "first"}], "test")
+        run_intake(StageEnv(db, "kit_delta", [day], spec=spec), spec, None, "salt")
+        submit_to_table(db, "kit_delta", [{"ref": 7, "text": "again"}, {"ref": 8, "text": "new"}], "test")
+        run_intake(StageEnv(db, "kit_delta", [day], spec=spec), spec, None, "salt")
+        st = status_counts(db, "kit_delta")
+        assert (st["received"], st["lost"], st["states"]["duplicate"], st["states"]["received"]) == (3, 0, 1, 2)
+    finally:
+        flows.unregister("kit_delta")
+
+
+def test_a_model_stage_after_the_gate_picks_up_its_deferred_items(orch_home, db, tmp_path):
+    """An approved item the model stage after the gate deferred is still after the person's decision."""
+    from orch_project.lib import flows
+    from orch_project.lib.flows import RESUMED_STAGE
+    from orch_project.lib.pipeline import StageEnv
+    from orch_project.lib.store import items
+
+    folder = tmp_path / "eps"
+    folder.mkdir()
+    spec = FlowSpec(name="kit_eps", folder=folder, title="eps", config=FlowConfig(folder),
+                    intake=IntakeSpec(to_item=_to_item),
+                    stages=[Stage("gate", loads="received", sets="ok", branches=("waiting",), fn=_score),
+                            Stage("m", loads="ok", sets="resolved", fn=_score, kind="model")])
+    try:
+        now = utcnow()
+        day = now.date().isoformat()
+        base = {"flow": "kit_eps", "trace_id": "t", "day": day, "ingested_at": now, "updated_at": now,
+                "escalation_level": 0, "data": {"text": "x"}}
+        with db.begin() as conn:
+            conn.execute(items.insert(), [{**base, "item_id": "by-person", "status": "deferred", "stage": RESUMED_STAGE},
+                                          {**base, "item_id": "by-gate", "status": "deferred", "stage": "gate"},
+                                          {**base, "item_id": "elsewhere", "status": "deferred", "stage": "intake"}])
+        got = load_stage_items(StageEnv(db, "kit_eps", [day], spec=spec), "m")
+        assert sorted(r["item_id"] for r in got) == ["by-gate", "by-person"]
+    finally:
+        flows.unregister("kit_eps")

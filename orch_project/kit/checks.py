@@ -4,7 +4,8 @@ An ERROR failure stops downstream assets of the same run; results show on each a
 - ``<intake>_nothing_lost``: every source read is an item, a duplicate, or a dead letter with a reason;
 - ``<intake>_pii_masked``: no unmasked e-mail, SSN, card number or IBAN in the stored item text;
 - one check per ``GXCheck`` of the spec (a frame of the stage's batch against an expectation suite);
-- ``<stage>_no_duplicate_effects`` on every stage that causes effects: no item has the same effect twice.
+- ``<stage>_no_duplicate_effects`` on every connector stage that waits on its effects (the act stages):
+  no item of the flow has the same record twice in any system.
 """
 
 
@@ -31,6 +32,10 @@ class GXCheck:
     description: str
     frame: Callable[..., Any]
     expectations: Callable[[Any], list]
+
+    def __post_init__(self) -> None:
+        if not callable(self.frame) or not callable(self.expectations):
+            raise TypeError(f"GX check {self.name!r}: frame and expectations must be callables")
 
 
 def gx_result(result, **extra) -> dg.AssetCheckResult:
@@ -111,7 +116,11 @@ def _gx_check(spec: FlowSpec, daily, gx: GXCheck):
         from ..lib.guardrails import quality
 
         frame = gx.frame(app_db.database(), spec.name, list(context.partition_keys), spec.config)
-        return gx_result(quality.validate(f"{spec.name}_{gx.stage}", frame, gx.expectations(spec.config)))
+        expectations = gx.expectations(spec.config)
+        if not expectations:  # a suite that checks nothing must not pass as a guardrail
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                       description=f"suite {gx.name} has no expectations")
+        return gx_result(quality.validate(f"{spec.name}_{gx.stage}", frame, expectations))
 
     return check
 
@@ -123,7 +132,7 @@ def _duplicates_check(spec: FlowSpec, stage: str):
                     description="Exactly-once side effects: no item has the same effect twice in any connector "
                                 "(an effect undone by its compensation does not count).")
     def check(connectors: Connectors) -> dg.AssetCheckResult:
-        dups = connectors.client().duplicates()
+        dups = connectors.client().duplicates(spec.name)
         return dg.AssetCheckResult(passed=not any(dups.values()), metadata={k: int(v) for k, v in dups.items()})
 
     return check

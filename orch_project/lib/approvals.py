@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from .connectors.embedded import Effect
 from . import flows
 from .contracts import ApprovalPolicy
+from .flows import RESUMED_STAGE
 from .outbox import dispatch, enqueue, idempotency_key
 from .store import Database, approvals, as_utc, items, utcnow
 
@@ -35,7 +36,6 @@ ROLE_ORDER = ("agent", "lead", "supervisor")
 DECISIONS = {"approve": "approved", "reject": "rejected"}
 DECIDED = ("approved", "rejected")
 TIMEOUT_ACTOR = "system:approval_timeout"
-RESUMED_STAGE = "approval_decision"  # the stage an item is "after" once a person's decision moved it on
 ESCALATION_ACTOR = "system:approval_escalation"
 
 
@@ -122,8 +122,8 @@ def pending(db: Database, flow: str | None = None, now: datetime | None = None) 
         due = as_utc(r["due_at"])
         d = r.pop("data") or {}
         shown = {f: d.get(f) for f in review_fields(r["flow"])}
-        out.append({**r, "due_at": due, "created_at": as_utc(r["created_at"]),
-                    "overdue": bool(due is not None and due < now), **shown, "fields": shown,
+        out.append({**shown, **r, "due_at": due, "created_at": as_utc(r["created_at"]),
+                    "overdue": bool(due is not None and due < now), "fields": shown,
                     "reasons": d.get("approval_reasons") or [r["reason"]]})
     return out
 
@@ -136,8 +136,7 @@ def _refuse(db: Database, reviewer: str, item_id: str, flow: str | None, trace_i
 
 
 def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str, edited_draft: str | None,
-           roster: Sequence[Mapping[str, Any]], now: datetime | None = None,
-           flow: str = "") -> dict[str, Any]:
+           roster: Sequence[Mapping[str, Any]], now: datetime | None = None, *, flow: str) -> dict[str, Any]:
     """Apply a reviewer's decision to a pending approval.
 
     Enforces roles (the reviewer's roster role must equal the row's ``required_role`` or rank above
@@ -234,13 +233,12 @@ class Resumed:
 def gate_statuses(flow: str) -> tuple[str, str, str]:
     """(status an item waits in, status an approved item goes on at, the stage that takes it next) for
     ``flow``: its spec's first stage with a waiting branch (``awaiting_approval`` / its ``sets``)."""
-    spec = flows.find(flow)
-    gate = next((s for s in spec.stages if s.branches), None) if spec is not None else None
+    spec = flows.get(flow)
+    gate = spec.gate
     if gate is None:
-        return "awaiting_approval", "approved", "the next stage"
+        raise KeyError(f"flow {flow!r} has no stage that waits for a person")
     chain = spec.stage_names
-    i = chain.index(gate.name)
-    return gate.branches[0], gate.sets, chain[i + 1] if i + 1 < len(chain) else "the end of the flow"
+    return gate.branches[0], gate.sets, chain[chain.index(gate.name) + 1]
 
 
 def resume_decided(db: Database, flow: str, now: datetime | None = None, actor: str = "system:approval_resume"

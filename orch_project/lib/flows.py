@@ -24,6 +24,11 @@ from typing import Any, Literal
 TERMINAL_STATUSES = ("resolved", "rejected", "dead_lettered")
 # The status of an item a model step could not serve now (budget, open circuit): picked up by the next run.
 DEFERRED = "deferred"
+# The stage an item is "after" once a person's decision at an approval gate moved it on.
+RESUMED_STAGE = "approval_decision"
+# Names the kit uses for its own assets and steps: a flow's stages and ops stages cannot take them.
+KIT_NAMES = frozenset({"intake", "escalation", "escalations", "dlq_backlog", "kpi_report", "raw_retention",
+                       RESUMED_STAGE})
 # Effects the platform itself causes for any flow (alerts on SLA breaches, overdue approvals, failed runs).
 PLATFORM_EFFECTS = frozenset({("messaging", "send_alert")})
 
@@ -84,8 +89,8 @@ class OpsStage:
 class IntakeSpec:
     """Where a flow's items come from and how a raw record becomes one.
 
-    ``to_item(raw, salt, flow)`` validates a parsed source record against the flow's contract and
-    returns an ``intake.Accepted`` (or raises: pydantic's ValidationError / ValueError become dead
+    ``to_item(raw, ctx)`` validates a parsed source record against the flow's contract and returns an
+    ``intake.Accepted`` (``ctx``: an ``intake.IntakeContext`` with the salt and the vault) (or raises: pydantic's ValidationError / ValueError become dead
     letters with a reason that names fields, never values)."""
 
     to_item: Callable[..., Any]
@@ -157,9 +162,7 @@ class FlowSpec:
     kinds: frozenset[str] = frozenset({"python", "sqlite"})
 
     def __post_init__(self) -> None:
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names) or "intake" in names:
-            raise ValueError(f"flow {self.name!r}: stage names must be unique and not 'intake': {names}")
+        self._validate()
         for comp in self.compensations.values():
             if tuple(comp) not in self.effects:
                 raise ValueError(f"flow {self.name!r}: compensation {comp} is not among the flow's effects")
@@ -169,6 +172,51 @@ class FlowSpec:
             for system in self.systems:
                 register_system(system)
         register(self)
+
+    def _validate(self) -> None:
+        """Refuse a spec the kit would build wrongly (each message says what to change)."""
+        def fail(msg: str):
+            raise ValueError(f"flow {self.name!r}: {msg}")
+
+        names = [s.name for s in self.stages]
+        ops = [o.name for o in self.ops]
+        if len(set(names + ops)) != len(names) + len(ops):
+            fail(f"stage and ops stage names must be unique: {names + ops}")
+        if clash := sorted(set(names + ops) & KIT_NAMES):
+            fail(f"{clash} are names the kit uses itself; rename the stage")
+        produced = {"received"}
+        for i, s in enumerate(self.stages):
+            if not set(s.load_statuses) & produced:
+                fail(f"stage {s.name!r} loads {s.load_statuses}, which no earlier stage sets")
+            if s.after is not None and s.after not in ("intake", *names[:i]):
+                fail(f"stage {s.name!r} is after {s.after!r}, which is not an earlier stage")
+            produced |= {s.sets, *s.branches}
+        loaded = {st for s in self.stages for st in s.load_statuses}
+        gates = [s for s in self.stages if s.branches]
+        if len(gates) > 1 or any(len(g.branches) > 1 for g in gates):
+            fail("the kit runs one approval gate per flow with one waiting branch; "
+                 f"found {[(g.name, g.branches) for g in gates]}")
+        if gates and gates[0] is self.stages[-1]:
+            fail(f"the approval gate {gates[0].name!r} needs a stage after it to take approved items")
+        branches = {b for g in gates for b in g.branches}
+        for s in self.stages:
+            if s.sets not in loaded and s.sets not in TERMINAL_STATUSES:
+                fail(f"stage {s.name!r} sets {s.sets!r}, which no stage loads and is not terminal "
+                     f"({', '.join(TERMINAL_STATUSES)}): items would be stuck there")
+        for st in branches & loaded:
+            fail(f"the waiting branch {st!r} is also loaded by a stage; a person decides it")
+        known = {*names, *ops}
+        for o in self.ops:
+            if bad := [a for a in o.after if a not in known]:
+                fail(f"ops stage {o.name!r} is after unknown stage(s) {bad}")
+        for c in self.checks:
+            if getattr(c, "stage", None) not in names:
+                fail(f"check {getattr(c, 'name', c)!r} is on unknown stage {getattr(c, 'stage', None)!r}")
+
+    @property
+    def gate(self) -> Stage | None:
+        """The stage with a branch that waits for a person (the approval gate), if any."""
+        return next((s for s in self.stages if s.branches), None)
 
     # -- derived from the one stage list ------------------------------------------------
     @property
@@ -285,7 +333,12 @@ _FLOWS: dict[str, FlowSpec] = {}
 
 
 def register(spec: FlowSpec) -> None:
-    """Make a flow known to the shared layers (a re-import of the same flow replaces it)."""
+    """Make a flow known to the shared layers (a re-import of the same flow replaces it). Model task
+    names are unique across flows: the model registry, caches and ledgers are keyed by task."""
+    for other in _FLOWS.values():
+        if other.name != spec.name and (shared := sorted(set(other.model_tasks) & set(spec.model_tasks))):
+            raise ValueError(f"flow {spec.name!r}: model task(s) {shared} already belong to flow {other.name!r}; "
+                             f"name them after the flow (e.g. {spec.name}_{shared[0]})")
     _FLOWS[spec.name] = spec
 
 

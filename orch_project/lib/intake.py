@@ -276,20 +276,25 @@ def run_intake(env, spec, inbox_dir: Path | None, salt: str, today: date | None 
     seen_ids: set[str] = set()
     batch = [(p, d) for p in pending_sources(env.db, flow, inbox_dir, spec.intake.suffixes, spec.intake.parse_file)
              if (d := p.partition_day(spec.first_day, today)) in days]
-    existing = existing_item_ids(env.db, flow, [str(p.raw.get("id")) for p, _ in batch if p.raw and p.raw.get("id")])
     now = utcnow()
     ctx = IntakeContext(flow, salt, now)
+    parsed: list[tuple[Parsed, str, Accepted | None, str | None, str | None, list[dict[str, Any]]]] = []
     for p, day in batch:
-        base = {"source_key": p.source_key, "flow": flow, "day": day, "run_id": env.run_id, "ingested_at": now}
         got: Accepted | None = None
         error_type, reason = p.error_type, p.error
+        mark = len(ctx.vault_rows)
         if reason is None:
-            mark = len(ctx.vault_rows)
             try:
                 got = spec.intake.to_item(p.raw, ctx)
             except Exception as exc:  # pydantic ValidationError, or a type error deep in the payload
-                del ctx.vault_rows[mark:]
                 error_type, reason = "validation", describe_validation_error(exc)
+        parsed.append((p, day, got, error_type, reason, ctx.vault_rows[mark:]))
+        del ctx.vault_rows[mark:]
+    # duplicates by the id the flow gives its item (which need not be a field of the raw record)
+    existing = existing_item_ids(env.db, flow, [g.item_id for _, _, g, *_ in parsed if g is not None])
+    vault_rows: list[dict[str, Any]] = []
+    for p, day, got, error_type, reason, tokens in parsed:
+        base = {"source_key": p.source_key, "flow": flow, "day": day, "run_id": env.run_id, "ingested_at": now}
         if got is None:
             intake_rows.append({**base, "item_id": None, "outcome": "dead_lettered"})
             dead.append({"flow": flow, "item_id": None, "source_key": p.source_key, "stage": "intake",
@@ -298,10 +303,10 @@ def run_intake(env, spec, inbox_dir: Path | None, salt: str, today: date | None 
                          "created_at": now})
             continue
         if got.item_id in existing or got.item_id in seen_ids:
-            del ctx.vault_rows[mark:]
             intake_rows.append({**base, "item_id": got.item_id, "outcome": "duplicate"})
             continue
         seen_ids.add(got.item_id)
+        vault_rows.extend(tokens)
         pii_total += got.pii
         data = {"source_key": p.source_key, **got.data, "pii": dict(got.pii)}
         if got.injection:
@@ -311,7 +316,6 @@ def run_intake(env, spec, inbox_dir: Path | None, salt: str, today: date | None 
             "status": "received", "stage": "intake", "received_at": got.received_at, "ingested_at": now,
             "updated_at": now, "escalation_level": 0, "data": data})
         intake_rows.append({**base, "item_id": got.item_id, "outcome": "accepted"})
-    vault_rows = ctx.vault_rows
     finished = utcnow()
     ms = (finished - started).total_seconds() * 1000.0
     timings = [{"item_id": a["item_id"], "flow": flow, "stage": "intake", "run_id": env.run_id,

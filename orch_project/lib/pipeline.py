@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .connectors.embedded import Effect
-from .flows import DEFERRED, TERMINAL_STATUSES, FlowSpec, Stage
+from .flows import DEFERRED, RESUMED_STAGE, TERMINAL_STATUSES, FlowSpec, Stage
 from .outbox import enqueue
 from .store import Database, approvals, as_utc, chunked, dlq, item_stages, items, utcnow
 from .telemetry import log_event
@@ -91,15 +91,16 @@ class StageReport:
 
 
 def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None = None,
-               deferred_after: str | None = None) -> list[dict[str, Any]]:
+               deferred_after: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Items of the partition days at ``status``; with ``deferred_after``, also the items a stage
-    deferred (status ``deferred``) whose last completed stage is that one."""
+    deferred (status ``deferred``) whose last completed stage is that one (or one of those)."""
     statuses = [status] if isinstance(status, str) else list(status)
     cond = items.c.status.in_(statuses)
     if stage is not None:
         cond = sa.and_(cond, items.c.stage == stage)
     if deferred_after is not None:
-        cond = sa.or_(cond, sa.and_(items.c.status == "deferred", items.c.stage == deferred_after))
+        after = [deferred_after] if isinstance(deferred_after, str) else list(deferred_after)
+        cond = sa.or_(cond, sa.and_(items.c.status == "deferred", items.c.stage.in_(after)))
     q = sa.select(*ITEM_COLUMNS).where(items.c.flow == env.flow, cond)  # item ids are unique per flow
     if env.days:
         q = q.where(items.c.day.in_(env.days))
@@ -114,15 +115,20 @@ def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None 
 def load_stage_items(env: StageEnv, name: str, *, after: str | None = None) -> list[dict[str, Any]]:
     """The items stage ``name`` of the flow's spec works on: at its ``loads`` status(es), only those
     after ``after`` (default: the stage's own ``after``), plus -- for a model stage -- the items it
-    deferred earlier (still after the stage before it)."""
+    deferred earlier (a deferred item stays after the stage it last completed: the one before, the
+    stage's ``after``, or a person's decision when the stage before is an approval gate)."""
     spec = env.spec
     if spec is None:
         raise StageSpecError(f"stage {name!r} needs the flow spec on its StageEnv")
     st = spec.stage(name)
-    chain = spec.stage_names
-    previous = chain[chain.index(name) - 1]
-    return load_items(env, st.load_statuses, stage=after or st.after,
-                      deferred_after=previous if st.kind == "model" else None)
+    deferred = None
+    if st.kind == "model":
+        chain = spec.stage_names
+        previous = chain[chain.index(name) - 1]
+        deferred = [previous, *([st.after] if st.after else []), *([after] if after else [])]
+        if previous != "intake" and spec.stage(previous).branches:
+            deferred.append(RESUMED_STAGE)
+    return load_items(env, st.load_statuses, stage=after or st.after, deferred_after=deferred)
 
 
 def commit_stage(

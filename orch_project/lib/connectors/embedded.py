@@ -154,6 +154,9 @@ def register_system(system: System) -> None:
     """Make a system reachable through ``deliver`` (its table is created on the next connection)."""
     if system.table.metadata is not cmeta:
         raise ValueError(f"system {system.name!r}: define its table on lib.connectors.embedded.cmeta")
+    known = _SYSTEMS.get(system.name)
+    if known is not None and known is not system:
+        raise ValueError(f"a system {system.name!r} is already registered; give the flow's system its own name")
     _SYSTEMS[system.name] = system
 
 
@@ -280,10 +283,11 @@ class EmbeddedConnectors:
                                 ("messages", messages), ("survey_responses", survey_responses))
             }
 
-    def duplicates(self) -> dict[str, int]:
+    def duplicates(self, flow: str | None = None) -> dict[str, int]:
         """Records per system that repeat one item's record (by the system's ``same_record``): must
         always be zero. An item is a flow's item: the flow is the first part of the idempotency key
-        (``flow:item:step``), so two flows' items with the same id are two items."""
+        (``flow:item:step``), so two flows' items with the same id are two items; ``flow`` counts only
+        that flow's records."""
         from collections import Counter
 
         out = {}
@@ -295,6 +299,8 @@ class EmbeddedConnectors:
                     continue
                 where = system.counts_as_duplicate(t) if system.counts_as_duplicate else sa.true()
                 cols = [t.c.idempotency_key, *(t.c[c] for c in system.same_record)]
+                if flow is not None:
+                    where = sa.and_(where, t.c.idempotency_key.like(f"{flow}:%"))
                 seen = Counter((key.split(":", 1)[0], *rest) for key, *rest in conn.execute(sa.select(*cols).where(where)))
                 out[t.name] = sum(1 for n in seen.values() if n > 1)
         return out

@@ -81,20 +81,6 @@ def validate(name: str, frame, expectations: list) -> QualityResult:
     return QualityResult(bool(result.success), len(frame), out)
 
 
-def triage_expectations(allowed_labels: list[str]) -> list:
-    import great_expectations.expectations as gxe
-
-    return [
-        gxe.ExpectColumnValuesToBeUnique(column="item_id"),
-        gxe.ExpectColumnValuesToBeInSet(column="intent", value_set=allowed_labels),
-        gxe.ExpectColumnValuesToNotBeNull(column="confidence"),
-        gxe.ExpectColumnValuesToBeBetween(column="confidence", min_value=0.0, max_value=1.0),
-        gxe.ExpectColumnValuesToBeInSet(column="priority", value_set=["low", "medium", "high"]),
-        gxe.ExpectColumnValuesToNotBeNull(column="queue"),
-        gxe.ExpectColumnValuesToNotBeNull(column="due_at"),  # SLA field
-    ]
-
-
 def outbound_expectations(column: str) -> list:
     """No raw e-mail address, card-like number, SSN or IBAN in the outbound text column."""
     import great_expectations.expectations as gxe
