@@ -361,7 +361,3 @@ def get(name: str) -> FlowSpec:
 
 def find(name: str) -> FlowSpec | None:
     return _FLOWS.get(name)
-
-
-def registered() -> dict[str, FlowSpec]:
-    return dict(_FLOWS)

@@ -122,7 +122,8 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
 
 def intake_stage(env: StageEnv, cfg: SupportConfig, inbox_dir: Path | None, salt: str,
                  today: date | None = None) -> StageReport:
-    """The kit's intake over the support inbox (the Dagster asset calls run_intake the same way)."""
+    """The kit's intake for the support flow over ``inbox_dir`` (the Dagster asset passes the flow's own
+    folder, ``SPEC.inbox_dir(ORCH_INBOX_DIR)``; tests and benchmarks may pass any folder)."""
     return run_intake(env, env.spec, inbox_dir, salt, today)
 
 

@@ -118,7 +118,8 @@ def _spec():
 
 
 def compute_kpis(db: Database, cfg: Any = None, now: datetime | None = None) -> tuple[dict[str, Any], Any]:
-    """The platform's KPIs of the support flow plus CSAT, the A/B arms' outcomes and the intents."""
+    """The platform's KPIs of the support flow plus CSAT and the A/B arms' outcomes. The thresholds come
+    from the flow spec's config; ``cfg`` is accepted for callers that pass the flow config and not read."""
     fr = _frames(db)
     it, _st, _ik, _dl, _lc, ap = fr
     k = kpis.base_kpis(_spec(), fr, now)

@@ -165,10 +165,6 @@ def unregister_system(name: str) -> None:
     _SYSTEMS.pop(name, None)
 
 
-def systems() -> dict[str, System]:
-    return dict(_SYSTEMS)
-
-
 register_system(System("ticketing", tickets, _ticket_row, handlers={"void_ticket": _void_tickets},
                        counts_as_duplicate=lambda t: t.c.status != "voided"))
 register_system(System("crm", crm_activities, lambda e, now: {
