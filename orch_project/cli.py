@@ -17,6 +17,8 @@
     orch pii scan             PII spans in the text on stdin, as JSON (Presidio, offline)
     orch pii scan --jsonl F   the same for each {"id", "text"} line of F, one JSON line each
     orch pii redact           the text on stdin with PII replaced by <ENTITY_TYPE>
+    orch documents extract PATH... [--jsonl]    fields + validation of documents, without Dagster
+    orch documents review ID                    a waiting document: its text, fields and failed rules
 """
 
 from __future__ import annotations
@@ -88,7 +90,29 @@ flow_option = click.option("--flow", "flow", default=None, metavar="FLOW",
                            help="the flow (see `orch flows`); optional while only one flow exists")
 
 
-@click.group(help=__doc__)
+class FlowCommands(click.Group):
+    """The platform's commands, plus one command group per flow whose folder has a ``cli.py`` defining
+    ``group`` (``orch documents ...``); a flow's group is imported only when it is used or listed."""
+
+    @staticmethod
+    def flow_groups() -> list[str]:
+        from .kit.registry import DEFS_DIR
+
+        return sorted(p.name for p in DEFS_DIR.iterdir() if (p / "cli.py").is_file() and (p / "flow.py").is_file())
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.flow_groups()})
+
+    def get_command(self, ctx: click.Context, name: str):
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in self.flow_groups():
+            import importlib
+
+            cmd = importlib.import_module(f"orch_project.defs.{name}.cli").group
+        return cmd
+
+
+@click.group(cls=FlowCommands, help=__doc__)
 def main() -> None:
     pass
 
@@ -111,7 +135,8 @@ def submit_paths(s: Settings, paths: list[Path], spec=None) -> dict[str, int]:
     counts = {"files_added": 0, "files_already_there": 0, "table_rows_added": 0, "table_rows_already_there": 0}
     for p in paths:
         if p.is_dir():
-            sub = submit_paths(s, sorted(x for x in p.iterdir() if x.suffix in (*suffixes, ".jsonl")), spec)
+            sub = submit_paths(s, sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith(".")
+                                         and (x.name.endswith(suffixes) or x.suffix == ".jsonl")), spec)
             for k, v in sub.items():
                 counts[k] += v
         elif p.suffix == ".jsonl":
@@ -125,7 +150,7 @@ def submit_paths(s: Settings, paths: list[Path], spec=None) -> dict[str, int]:
             added = submit_to_table(_db(s), spec.name, msgs, submitted_by=f"cli:{p.name}")
             counts["table_rows_added"] += added
             counts["table_rows_already_there"] += len(msgs) - added
-        elif p.suffix in suffixes:
+        elif p.name.endswith(suffixes):
             if drop_file(spec.inbox_dir(s.inbox_dir), p.name, p.read_bytes()):
                 counts["files_added"] += 1
             else:

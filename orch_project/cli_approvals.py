@@ -42,18 +42,26 @@ def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str
                           flow=spec.name)
     except hitl.ApprovalError as exc:
         raise click.ClickException(str(exc))
+    edit_label = spec.review.edit_label
+    if out.get("needs_second_approval_by_role"):
+        click.echo(f"{out['item_id']}: signed off by {out['decided_by']}"
+                   + (f" with an edited {edit_label}" if out["edited"] else "")
+                   + f"; it now needs a second approval by another person with role "
+                     f"{out['needs_second_approval_by_role']!r} or above")
+        return
     click.echo(f"{out['item_id']}: {out['status']} by {out['decided_by']}"
-               + (" with an edited draft" if out["edited"] else "")
+               + (f" with an edited {edit_label}" if out["edited"] else "")
                + "; the approval resume sensor picks it up on its next tick")
 
 
 @click.command(help="Approve an item waiting for a human. Needs the approval's required role or above "
-                    "(agent < lead < supervisor). --edit-file replaces the draft reply (PII is masked).")
+                    "(agent < lead < supervisor). --edit-file applies the reviewer's correction: the draft reply "
+                    "(support, PII masked) or field corrections (documents: a YAML/JSON mapping field: value).")
 @click.argument("item_id")
 @click.option("--as", "reviewer", required=True, help="your roster id (e.g. a-ravi) or name")
 @click.option("--reason", default="", help="why (recorded in the audit log)")
 @click.option("--edit-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="a file with the corrected text (the flow's editable field, e.g. the reply)")
+              help="a file with the correction (the flow's editable part: a reply's text, a document's fields)")
 @click.option("--flow", "flow", default=None, metavar="FLOW", help="the item's flow (needed when ids collide)")
 def approve(item_id: str, reviewer: str, reason: str, edit_file: Path | None, flow: str | None) -> None:
     edited = None

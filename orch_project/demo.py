@@ -44,6 +44,29 @@ def run_demo(s: Settings, dagster_home, specs, submit_paths) -> int:
     return 1 if failed or lost else 0
 
 
+def _resume_approvals(defs, instance, spec) -> int:
+    """Decisions people took (the demo's reviewers) move their items on: one tick of the flow's approval
+    resume sensor and the runs it asks for. Returns the number of failed runs."""
+    import dagster as dg
+
+    from .defs.resources import default_resources
+
+    if spec.gate is None:
+        return 0
+    sensor = defs.get_sensor_def(f"{spec.name}_approval_resume_sensor")
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=default_resources()) as ctx:
+        result = sensor.evaluate_tick(ctx)
+    failed = 0
+    job = defs.resolve_job_def(f"{spec.name}_approval_resume_job")
+    for req in result.run_requests or []:
+        _step(f"[{spec.name}] {job.name} partition {req.partition_key} ({req.tags.get('orch/approved_items')} "
+              "approved items)")
+        r = job.execute_in_process(instance=instance, partition_key=req.partition_key, run_config=QUIET,
+                                   tags=req.tags, raise_on_error=False)
+        failed += 0 if r.success else 1
+    return failed
+
+
 def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool, dict]:
     import dagster as dg
 
@@ -91,6 +114,7 @@ def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool
         line = demo.before_ops(s, db)
         if line:
             _step(f"[{name}] {line}")
+        failed += _resume_approvals(defs, instance, spec)
 
     _step(f"[{name}] {name}_ops_job: fold-backs, escalation, redelivery, DLQ backlog, KPI report")
     ops = defs.resolve_job_def(f"{name}_ops_job").execute_in_process(instance=instance, run_config=QUIET,

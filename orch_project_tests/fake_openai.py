@@ -117,6 +117,8 @@ def answer(body: dict[str, Any]) -> dict[str, Any]:
     schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
     props = schema.get("properties") or {}
     labels = _allowed_labels(body)
+    if "line_items" in props and "total" in props:  # a document extraction
+        return extraction_answer(user)
     if "text" in props:  # a draft
         title = re.search(r"Article \S+: (.+)", system)
         sign = re.search(r"Sign the reply as (.+?)\.?$", system, flags=re.M)
@@ -126,6 +128,27 @@ def answer(body: dict[str, Any]) -> dict[str, Any]:
         return {"label": labels[0] if labels else "draft_reply", "confidence": 0.9, "text": text}
     label = choose_label(labels, user) if labels else "unknown"
     return {"label": label, "confidence": 0.8}
+
+
+def extraction_answer(user: str) -> dict[str, Any]:
+    """A plausible model answer for a document given as "[n] text" lines: the first line as the vendor,
+    the amount on the last TOTAL line as the total, the first day-first date; the rest unknown."""
+    lines = re.findall(r"^\[(\d+)\] (.*)$", user, flags=re.M)
+    empty = {"value": None, "confidence": 0.0, "lines": []}
+    out: dict[str, Any] = {f: dict(empty) for f in ("vendor", "address", "tax_id", "number", "date", "currency",
+                                                    "subtotal", "tax", "total")}
+    out["line_items"] = []
+    if lines:
+        out["vendor"] = {"value": lines[0][1].strip(), "confidence": 0.8, "lines": [int(lines[0][0])]}
+    for n, text in lines:
+        d = re.search(r"(\d{1,2})[./](\d{1,2})[./](\d{4})", text)
+        if d and out["date"]["value"] is None:
+            out["date"] = {"value": f"{d.group(3)}-{int(d.group(2)):02d}-{int(d.group(1)):02d}", "confidence": 0.7,
+                           "lines": [int(n)]}
+        t = re.search(r"total\b.*?([\d,]+\.\d{2})\s*$", text, flags=re.I)
+        if t and "sub" not in text.lower():
+            out["total"] = {"value": t.group(1).replace(",", ""), "confidence": 0.85, "lines": [int(n)]}
+    return out
 
 
 class FakeOpenAI:

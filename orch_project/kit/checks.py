@@ -91,7 +91,7 @@ def flow_checks(spec: FlowSpec, daily, stage_assets: Sequence[dg.AssetsDefinitio
                 items.c.flow == flow, items.c.day.in_(list(context.partition_keys)))).all()
         leaks = {}
         for item_id, data in rows:
-            hit = find_unmasked("\n".join(str(data.get(f) or "") for f in fields))
+            hit = find_unmasked("\n".join(_text_of(data.get(f)) for f in fields))
             if hit:
                 leaks[item_id] = hit
         return dg.AssetCheckResult(passed=not leaks, metadata={
@@ -105,6 +105,13 @@ def flow_checks(spec: FlowSpec, daily, stage_assets: Sequence[dg.AssetsDefinitio
         if st.kind == "connector" and st.waits:
             out.append(_duplicates_check(spec, st.name))
     return out
+
+
+def _text_of(value) -> str:
+    """A text field as the PII check scans it: a string, or a list of lines ({"text": ...} or strings)."""
+    if isinstance(value, list):
+        return "\n".join(str(v.get("text") or "") if isinstance(v, dict) else str(v) for v in value)
+    return str(value or "")
 
 
 def _gx_check(spec: FlowSpec, daily, gx: GXCheck):

@@ -185,6 +185,13 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     if edited_draft is not None and spec.review.apply_edit is None:
         raise ApprovalError(f"flow {flow!r} has nothing a reviewer can edit; approve or reject as it is")
 
+    signoffs = list(((item.data or {}) if item is not None else {}).get("signoffs") or [])
+    if decision == "approve" and any(sg.get("by") == person["id"] for sg in signoffs):
+        msg = (f"refused: {person['id']} already signed item {item_id!r} off; the second approval must come "
+               f"from another person with role {row['required_role']!r} or above")
+        _refuse(db, person["id"], item_id, row["flow"], trace_id, msg, refusal_inputs, now)
+        raise NotAuthorised(msg)
+
     status = DECISIONS[decision]
     if reason:
         from .guardrails import pii
@@ -198,25 +205,42 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     if edited_draft is not None and data is not None:
         from .guardrails import pii
 
-        masked = pii.mask(edited_draft)
-        data, replaced = spec.review.apply_edit(data, masked.text, person["id"], now.isoformat())
+        masked = pii.mask(edited_draft) if spec.review.mask_edit else pii.Masked(edited_draft)
+        try:
+            data, replaced = spec.review.apply_edit(data, masked.text, person["id"], now.isoformat())
+        except ValueError as exc:
+            raise ApprovalError(f"the edit was not applied: {exc}") from None
         inputs[f"original_{spec.review.edit_label}"] = replaced
         outputs["pii_masked_in_edit"] = dict(masked.counts)
         outputs[f"{spec.review.edit_label}_chars"] = len(masked.text)
+    changed = edited_draft is not None and data is not None
+    # four eyes: an approval the flow wants a second person for is a sign-off until that person approves
+    second = (spec.review.second_role(data or {}) if spec.review.second_role and decision == "approve" else None)
+    if data is not None and decision == "approve" and (second or signoffs):
+        data = {**data, "signoffs": [*signoffs, {"by": person["id"], "role": person.get("role"), "at": now.isoformat()}]}
+        changed = True
+    first_signoff = bool(second) and not signoffs
+    values = (dict(required_role=second) if first_signoff else
+              dict(status=status, decided_at=now, decided_by=person["id"], decision_reason=reason or None,
+                   edited=bool(row.get("edited")) or edited_draft is not None))
+    action = "approval_signed_off" if first_signoff else f"approval_{status}"
+    if first_signoff:
+        outputs = {**outputs, "status": "pending", "needs_second_approval_by_role": second}
     with db.begin() as conn:
-        res = conn.execute(approvals.update().where(approvals.c.id == row["id"], approvals.c.status == "pending")
-                           .values(status=status, decided_at=now, decided_by=person["id"],
-                                   decision_reason=reason or None, edited=edited_draft is not None))
+        res = conn.execute(approvals.update().where(approvals.c.id == row["id"], approvals.c.status == "pending",
+                                                    approvals.c.required_role == row["required_role"])
+                           .values(**values))
         if res.rowcount != 1:  # someone else decided in between
             raise AlreadyDecided(f"approval for item {item_id!r} was decided by someone else just now")
-        if edited_draft is not None and data is not None:
+        if changed:
             conn.execute(items.update().where(items.c.flow == flow, items.c.item_id == item_id)
                          .values(data=data, updated_at=now))
-        db.audit(conn, [{"at": now, "actor": f"user:{person['id']}", "action": f"approval_{status}",
+        db.audit(conn, [{"at": now, "actor": f"user:{person['id']}", "action": action,
                          "flow": flow, "item_id": item_id, "trace_id": trace_id,
                          "reason": reason or None, "inputs": inputs, "outputs": outputs}])
-    return {"item_id": item_id, "status": status, "decided_by": person["id"], "decided_at": now,
-            "edited": edited_draft is not None, "required_role": row["required_role"]}
+    return {"item_id": item_id, "status": "pending" if first_signoff else status, "decided_by": person["id"],
+            "decided_at": now, "edited": edited_draft is not None, "required_role": row["required_role"],
+            "needs_second_approval_by_role": second if first_signoff else None}
 
 
 # --- resume: decided approvals move their items on ------------------------------------------------

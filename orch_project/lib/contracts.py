@@ -222,6 +222,9 @@ class DesignBrief(BaseModel):
         description="First-response SLA per priority, measured from received_at.",
     )
     approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The flow's own knobs (thresholds, limits), validated by the flow's configuration.")
 
     @field_validator("alerts")
     @classmethod

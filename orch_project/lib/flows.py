@@ -94,7 +94,7 @@ class IntakeSpec:
     letters with a reason that names fields, never values)."""
 
     to_item: Callable[..., Any]
-    suffixes: tuple[str, ...] = (".json",)
+    suffixes: tuple[str, ...] = (".json",)  # ("",): every file (the flow refuses what it cannot read)
     parse_file: Callable[[Path], Any] | None = None  # default: lib.intake.parse_file
     description: str = ""
     text_fields: tuple[str, ...] = ("text",)  # masked ``data`` fields the no-unmasked-PII check scans
@@ -115,11 +115,18 @@ class ModelTask:
 @dataclass(frozen=True)
 class ReviewSpec:
     """What a reviewer sees of a waiting item (masked ``data`` fields) and how an edit lands:
-    ``apply_edit(data, masked_text, reviewer_id, now_iso) -> (new data, the value replaced)``."""
+    ``apply_edit(data, masked_text, reviewer_id, now_iso) -> (new data, the value replaced)``; it
+    may raise ValueError for an edit it refuses (the reviewer sees the message)."""
 
     fields: tuple[str, ...] = ()
     apply_edit: Callable[..., tuple[dict[str, Any], Any]] | None = None
     edit_label: str = "text"
+    # False: the edit reaches ``apply_edit`` as the reviewer wrote it and the hook masks what is
+    # personal itself (an edit that is structured data, e.g. field corrections, not free text)
+    mask_edit: bool = True
+    # ``second_role(data) -> role | None``: an approval of this item also needs a second person with
+    # that role (four eyes, e.g. above an amount); the first approval is recorded as a sign-off
+    second_role: Callable[[dict[str, Any]], str | None] | None = None
 
 
 @dataclass(frozen=True)

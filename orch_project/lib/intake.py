@@ -216,6 +216,15 @@ def drop_file(inbox_dir: Path, name: str, data: bytes) -> bool:
 
 # --- the intake stage every flow shares ------------------------------------------------------
 
+class Rejected(ValueError):
+    """Raised by a flow's ``to_item`` for a record it cannot take, with the dead letter's error type
+    (e.g. ``encrypted``, ``unsupported``) and a reason that says what to do."""
+
+    def __init__(self, error_type: str, reason: str):
+        super().__init__(reason)
+        self.error_type, self.reason = error_type, reason
+
+
 @dataclass
 class Accepted:
     """A validated source record as the flow's ``to_item`` hook makes it: the item's id, when it was
@@ -286,6 +295,8 @@ def run_intake(env, spec, inbox_dir: Path | None, salt: str, today: date | None 
         if reason is None:
             try:
                 got = spec.intake.to_item(p.raw, ctx)
+            except Rejected as exc:
+                error_type, reason = exc.error_type, exc.reason
             except Exception as exc:  # pydantic ValidationError, or a type error deep in the payload
                 error_type, reason = "validation", describe_validation_error(exc)
         parsed.append((p, day, got, error_type, reason, ctx.vault_rows[mark:]))

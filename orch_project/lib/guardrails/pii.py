@@ -145,13 +145,14 @@ def name_terms(names: list[str | None]) -> list[str]:
     return sorted(terms, key=len, reverse=True)
 
 
-def detect(text: str, known_names: list[str | None] = ()) -> list[Span]:
-    """All PII spans in ``text``; overlapping detections keep the earliest, longest one."""
+def detect(text: str, known_names: list[str | None] = (), entities: tuple[str, ...] | None = None) -> list[Span]:
+    """All PII spans in ``text`` (only of ``entities`` when given); overlapping detections keep the
+    earliest, longest one."""
     if not text:
         return []
     terms = tuple(name_terms(list(known_names)))
     ad_hoc = [_known_names_recognizer(terms)] if terms else None
-    results = _analyze(text, ad_hoc_recognizers=ad_hoc)
+    results = _analyze(text, ad_hoc_recognizers=ad_hoc, entities=list(entities) if entities else None)
     return _resolve_overlaps([Span(r.entity_type, r.start, r.end, r.score) for r in results])
 
 
@@ -166,11 +167,13 @@ def _resolve_overlaps(spans: list[Span]) -> list[Span]:
     return out
 
 
-def mask(text: str | None, known_names: list[str | None] = ()) -> Masked:
-    """``text`` with every detected span replaced by ``<ENTITY_TYPE>``, and counts per type."""
+def mask(text: str | None, known_names: list[str | None] = (), entities: tuple[str, ...] | None = None) -> Masked:
+    """``text`` with every detected span replaced by ``<ENTITY_TYPE>``, and counts per type. A flow
+    whose text carries business data it needs (a vendor's address and phone on an invoice) passes the
+    ``entities`` it masks."""
     if not text:
         return Masked(text or "")
-    spans = detect(text, known_names)
+    spans = detect(text, known_names, entities)
     if not spans:
         return Masked(text)
     from presidio_anonymizer.entities import OperatorConfig, RecognizerResult

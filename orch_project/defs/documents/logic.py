@@ -1,0 +1,586 @@
+"""The document workflow (accounts payable) as plain functions, one per stage. The flow spec (flow.py)
+orders them and the kit builds their Dagster assets; ``orch documents extract`` and
+benchmarks/documents.py call the same reading, extraction and validation functions without Dagster.
+
+intake (read the file: PDF text layer, OCR of images, OCR line files, text; mask personal data; the file
+hash is the item id, so a re-submitted file is a duplicate) -> extract (model task ``documents_extract``
+through the gateway: the embedded layout extractor, or an OpenAI-compatible model with structured output)
+-> validate (named rules, validation.py) -> review gate (a failed rule, a low confidence or an amount
+above the brief's threshold waits for a person; above the threshold a second person signs off) ->
+post (AP bill to the accounting connector and a notification to the submitter, through the outbox,
+exactly once; a bill that cannot be completed is voided) ; ops: redelivery, labelled examples from
+reviewers' corrections, KPI report (reporting.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ...lib import docread
+from ...lib.connectors.embedded import Delivery, Effect, System, cmeta
+from ...lib.contracts import EMAIL_RE, LLMStepRequest
+from ...lib.flows import FlowConfig
+from ...lib.guardrails import pii
+from ...lib.intake import Accepted, IntakeContext, Parsed, Rejected
+from ...lib.llm.gateway import ProviderResult, estimate_tokens
+from ...lib.outbox import dispatch
+from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_stage_items
+from ...lib.saga import run_effects_stage, step_key
+from ...lib.store import Database, items, utcnow
+from . import validation as v
+from .schema import AMOUNT_FIELDS, FIELDS, ExtractionOutput
+
+FLOW = "documents"
+FOLDER = Path(__file__).parent
+FIRST_DAY = date(2026, 1, 1)
+TASK = "documents_extract"
+DEFER_ERRORS = {"quota_exceeded", "circuit_open"}
+STEP_LOGIC_VERSION = {"extract": "extract-v1", "validate": "validate-v1"}
+
+
+class DocumentSettings(BaseModel):
+    """The flow's own knobs (brief.yaml ``settings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    default_currency: str | None = None
+    max_age_days: int = Field(365, ge=1)
+    future_tolerance_days: int = Field(1, ge=0)
+    amount_tolerance: Decimal = Decimal("0.05")
+    second_approval_over: Decimal = Decimal("5000.00")
+    second_approval_role: str = "supervisor"
+    required_fields: list[str] = Field(default_factory=lambda: ["vendor", "date", "total", "currency"])
+    min_confidence: dict[str, float] = Field(default_factory=dict)
+    mask_entities: list[str] = Field(default_factory=lambda: ["EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE",
+                                                              "US_SSN", "IP_ADDRESS"])
+    max_file_mib: float = Field(10, gt=0)
+    max_pages: int = Field(20, ge=1)
+
+    @field_validator("required_fields")
+    @classmethod
+    def _known(cls, fields: list[str]) -> list[str]:
+        if bad := [f for f in fields if f not in FIELDS]:
+            raise ValueError(f"unknown fields {bad}; fields are {', '.join(FIELDS)}")
+        return fields
+
+
+class DocumentsConfig(FlowConfig):
+    def __init__(self, folder: Path = FOLDER):
+        super().__init__(folder)
+
+    @cached_property
+    def settings(self) -> DocumentSettings:
+        return DocumentSettings.model_validate(self.brief.settings)
+
+    @cached_property
+    def rules(self) -> v.Rules:
+        s = self.settings
+        return v.Rules(required_fields=tuple(s.required_fields), min_confidence=dict(s.min_confidence),
+                       amount_tolerance=s.amount_tolerance, max_age_days=s.max_age_days,
+                       future_tolerance_days=s.future_tolerance_days)
+
+
+CFG = DocumentsConfig()
+
+
+# --- intake: read the document, mask personal data --------------------------------------------
+
+def read_file(path: Path, settings: DocumentSettings | None = None) -> docread.DocumentText:
+    """A document file read into lines (size checked before the file is read); raises DocumentError."""
+    settings = settings or CFG.settings
+    limit = int(settings.max_file_mib * 1024 * 1024)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise docread.DocumentError("too_large", f"file is {size / 1048576:.1f} MiB, above the "
+                                                     f"{settings.max_file_mib:g} MiB limit; split or compress it")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise docread.DocumentError("unreadable", f"cannot read the file: {exc.strerror}") from None
+    return docread.read_document(path.name, data, max_bytes=limit, max_pages=settings.max_pages)
+
+
+def parse_file(path: Path) -> Parsed:
+    """The intake's reader for the flow's inbox folder: a document file becomes a raw record with its
+    lines, or a Parsed error the dead-letter queue gets with the reader's reason."""
+    key = f"file:{path.name}"
+    try:
+        arrival = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+    except OSError as exc:
+        return Parsed(key, utcnow(), error=f"cannot stat file: {exc.strerror}", error_type="unreadable")
+    try:
+        doc = read_file(path)
+    except docread.DocumentError as exc:
+        return Parsed(key, arrival, error=f"{path.name}: {exc.reason}", error_type=exc.kind)
+    return Parsed(key, arrival, raw={"name": path.name, "received_at": arrival.isoformat(), "document": doc,
+                                     "source": f"inbox://{FLOW}/{path.name}"})
+
+
+class DocumentRegistration(BaseModel):
+    """A row of the flow's inbox table: a document registered by its path (e.g. by a mail gateway that
+    saved the attachment), with who sent it."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    path: str = Field(min_length=1, max_length=4096)
+    id: str | None = Field(None, max_length=255)
+    received_at: datetime | None = None
+    submitter_email: str | None = Field(None, max_length=320)
+    submitter_name: str | None = Field(None, max_length=200)
+
+    @field_validator("submitter_email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value and not EMAIL_RE.match(value):
+            raise ValueError("not a valid e-mail address")
+        return value or None
+
+
+def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
+    """One document as an item: its id from the file hash (a re-submitted file is a duplicate), its
+    lines with boxes, personal data masked per the brief (the submitter's name and address go to the
+    vault only)."""
+    settings = CFG.settings
+    submitter_email = submitter_name = None
+    doc = raw.get("document")
+    if doc is None:  # a registration from the inbox table: read the file it names
+        reg = DocumentRegistration.model_validate(raw)
+        path = Path(reg.path).expanduser()
+        if not path.is_file():
+            raise Rejected("unreadable", f"registered document {path.name!r} is not a file that can be read; "
+                                         "check the path and register it again")
+        try:
+            doc = read_file(path, settings)
+        except docread.DocumentError as exc:
+            raise Rejected(exc.kind, f"{path.name}: {exc.reason}") from None
+        submitter_email, submitter_name = reg.submitter_email, reg.submitter_name
+        raw = {"name": path.name, "received_at": (reg.received_at or ctx.now).isoformat(),
+               "source": f"file://{path.resolve()}"}
+    item_id = f"doc-{doc.sha256[:20]}"
+    lines, counts = masked_lines(doc.lines, [submitter_name] if submitter_name else [], settings)
+    received = raw.get("received_at")
+    received_at = datetime.fromisoformat(received) if isinstance(received, str) else received
+    data = {"name": raw["name"], "format": doc.format, "pages": doc.pages, "sha256": doc.sha256,
+            "size_bytes": doc.size_bytes, "document_link": raw.get("source"), "lines": lines,
+            "submitter_token": ctx.vault(item_id, "EMAIL_ADDRESS", submitter_email) if submitter_email else None}
+    return Accepted(item_id=item_id, data=data, received_at=received_at, channel=doc.format, pii=counts)
+
+
+def masked_lines(lines: Sequence[docread.Line], names: Sequence[str], settings: DocumentSettings | None = None
+                 ) -> tuple[list[dict[str, Any]], Counter]:
+    """The document's lines as the flow keeps them, with the brief's personal-data entities masked. The
+    text is analysed in one pass (one Presidio call per document) and split back into its lines."""
+    entities = tuple((settings or CFG.settings).mask_entities)
+    joined = "\n".join(line.text for line in lines)
+    m = pii.mask(joined, list(names), entities)
+    texts = m.text.split("\n")
+    counts = m.counts
+    if len(texts) != len(lines):  # a span across a line break: mask line by line instead
+        counts, texts = Counter(), []
+        for line in lines:
+            one = pii.mask(line.text, list(names), entities)
+            counts += one.counts
+            texts.append(one.text)
+    return [{**line.as_dict(), "text": t} for line, t in zip(lines, texts)], counts
+
+
+def document_text(lines: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(str(line["text"]) for line in lines)
+
+
+def numbered_text(lines: Sequence[dict[str, Any]]) -> str:
+    """The document as the model sees it: ``[n] text`` per line in reading order (n = line index, the
+    provenance a model answers with)."""
+    return "\n".join(f"[{line['index']}] {line['text']}" for line in lines)
+
+
+# --- extract: the model task --------------------------------------------------------------------
+
+class LayoutExtractTask:
+    """The embedded provider's handler for ``documents_extract``: the layout extractor (extract.py) over
+    the document's lines, deterministic and offline."""
+
+    def __init__(self, default_currency: str | None):
+        from .extract import EXTRACTOR_VERSION
+
+        self.model = f"documents-{EXTRACTOR_VERSION}"
+        self.default_currency = default_currency
+
+    def run(self, requests: Sequence[LLMStepRequest], prompt_vars) -> list[ProviderResult]:
+        from .extract import extract
+
+        out = []
+        for r in requests:
+            t0 = time.perf_counter()
+            try:
+                lines = [docread.Line.from_dict(d) for d in r.inputs.context.get("lines") or []]
+                result = extract(lines, default_currency=r.inputs.context.get("default_currency") or self.default_currency)
+            except Exception as exc:  # one document the extractor cannot handle must not stop the batch
+                out.append(ProviderResult(None, error="provider_error",
+                                          reason=f"the layout extractor failed on this document ({type(exc).__name__})"))
+                continue
+            payload = {**result.model_dump(mode="json"), "model_version": self.model}
+            out.append(ProviderResult(payload, estimate_tokens(r.inputs.text), estimate_tokens(json.dumps(payload)),
+                                      (time.perf_counter() - t0) * 1000.0))
+        return out
+
+
+def extract_local_task(db) -> LayoutExtractTask:
+    return LayoutExtractTask(CFG.settings.default_currency)
+
+
+def provenance(line_ids: Sequence[int], lines_by_index: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"page": lines_by_index[i]["page"], "line": i, "box": [round(float(b), 1) for b in lines_by_index[i]["box"]]}
+            for i in line_ids if i in lines_by_index]
+
+
+def fields_from_output(out: ExtractionOutput, lines: Sequence[dict[str, Any]]) -> tuple[dict, list]:
+    """The extraction as the item keeps it: every field with value, confidence and provenance (page,
+    line, box); amounts normalised to two decimals, the currency upper-case."""
+    by_index = {int(line["index"]): line for line in lines}
+    fields: dict[str, Any] = {}
+    for name in FIELDS:
+        fv = getattr(out, name)
+        value = fv.value.strip() if isinstance(fv.value, str) else fv.value
+        if name in AMOUNT_FIELDS and value is not None:
+            d = v.amount(value)
+            value = f"{d.quantize(Decimal('0.01'))}" if d is not None else value
+        if name == "currency" and value:
+            value = value.upper()
+        fields[name] = {"value": value or None, "confidence": round(float(fv.confidence), 4) if value else 0.0,
+                        "provenance": provenance(fv.lines, by_index)}
+    line_items = [{"description": li.description, "quantity": li.quantity, "unit_price": li.unit_price,
+                   "amount": li.amount, "confidence": round(float(li.confidence), 4),
+                   "provenance": provenance(li.lines, by_index)} for li in out.line_items]
+    return fields, line_items
+
+
+def _dead(row: dict[str, Any], error: str, reason: str) -> ItemUpdate:
+    return ItemUpdate(row["item_id"], "dead_lettered", row["data"], "dead_lettered", dead_letter=(error, reason))
+
+
+def extract_stage(env: StageEnv, cfg: DocumentsConfig, gateway) -> StageReport:
+    """Fields of each document through the gateway (model task ``documents_extract``): the masked lines
+    go out numbered, each field comes back with a confidence and the lines it was read from."""
+    started = utcnow()
+    rows = load_stage_items(env, "extract")
+    reqs = [LLMStepRequest(id=r["item_id"], inputs={
+        "text": numbered_text(r["data"]["lines"]),
+        "context": {"lines": r["data"]["lines"], "format": r["data"]["format"],
+                    "default_currency": cfg.settings.default_currency or ""}}) for r in rows]
+    responses, stats = gateway.run(TASK, reqs, ExtractionOutput) if reqs else ([], None)
+    updates = []
+    for row, resp in zip(rows, responses):
+        if not resp.ok:
+            error = resp.error or "provider_error"
+            if error in DEFER_ERRORS:
+                updates.append(ItemUpdate(row["item_id"], "deferred", {**row["data"], "deferred": {
+                    "stage": "extract", "error": error, "reason": resp.reason, "at": utcnow().isoformat()}}, "deferred"))
+            else:
+                updates.append(_dead(row, error, f"extraction failed: {resp.reason}"))
+            continue
+        fields, line_items = fields_from_output(resp.output, row["data"]["lines"])
+        data = {k: val for k, val in row["data"].items() if k != "deferred"}
+        data.update({"fields": fields, "line_items": line_items,
+                     "extractor": (resp.output.model_extra or {}).get("model_version")})
+        updates.append(ItemUpdate(row["item_id"], "extracted", data))
+    md = stats.as_metadata("extract") if stats else {}
+    found = Counter(f for u in updates if u.outcome == "ok" for f, fv in u.data["fields"].items() if fv["value"])
+    md["fields_found"] = {f: found.get(f, 0) for f in FIELDS}
+    return commit_stage(env, "extract", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                        metadata=md)
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+def duplicate_index(db: Database, flow: str = FLOW, exclude: Sequence[str] = ()) -> v.DuplicateIndex:
+    """The duplicate keys of every document of the flow that is extracted and still counts (not
+    dead-lettered or rejected), except ``exclude``."""
+    skip = set(exclude)
+    index = v.DuplicateIndex()
+    q = (sa.select(items.c.item_id, items.c.data).where(
+        items.c.flow == flow, items.c.status.notin_(("dead_lettered", "rejected", "received", "deferred")))
+        .order_by(items.c.received_at, items.c.item_id))
+    with db.begin() as conn:
+        for item_id, data in conn.execute(q):
+            if item_id not in skip and data.get("fields"):
+                index.add(item_id, data.get("sha256"), data["fields"])
+    return index
+
+
+def validate_document(item_id: str, data: dict[str, Any], cfg: DocumentsConfig, received: date,
+                      index: v.DuplicateIndex) -> list[v.Check]:
+    return v.validate(item_id, data["fields"], data.get("line_items") or [], text=document_text(data["lines"]),
+                      sha256=data.get("sha256"), received=received, rules=cfg.rules, duplicates=index)
+
+
+def validate_stage(env: StageEnv, cfg: DocumentsConfig) -> StageReport:
+    """Every rule on every extracted document (validation.py); the failures and their reasons are what a
+    reviewer sees. Documents of the same batch are checked against each other in arrival order."""
+    started = utcnow()
+    rows = sorted(load_stage_items(env, "validate"), key=lambda r: (r["received_at"] or r["ingested_at"], r["item_id"]))
+    index = duplicate_index(env.db, env.flow, exclude=[r["item_id"] for r in rows])
+    updates = []
+    for r in rows:
+        received = (r["received_at"] or r["ingested_at"]).date()
+        checks = validate_document(r["item_id"], r["data"], cfg, received, index)
+        index.add(r["item_id"], r["data"].get("sha256"), r["data"]["fields"])
+        failed = [c for c in checks if not c.ok]
+        updates.append(ItemUpdate(r["item_id"], "validated", {
+            **r["data"], "validation": [c.as_dict() for c in checks], "needs_review": bool(failed),
+            "failed_rules": [c.rule for c in failed]}))
+    fails = Counter(rule for u in updates for rule in u.data["failed_rules"])
+    md = {"passed_all_rules": sum(1 for u in updates if not u.data["needs_review"]),
+          "failed_by_rule": {rule: fails.get(rule, 0) for rule in v.RULES},
+          "duplicates_caught": fails.get("duplicate", 0)}
+    return commit_stage(env, "validate", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                        metadata=md)
+
+
+# --- review gate ----------------------------------------------------------------------------------
+
+def total_amount(data: dict[str, Any]) -> Decimal | None:
+    return v.amount(((data.get("fields") or {}).get("total") or {}).get("value"))
+
+
+def second_role(data: dict[str, Any]) -> str | None:
+    """Four eyes: a document above the brief's amount needs a second approver with this role."""
+    total = total_amount(data)
+    s = CFG.settings
+    return s.second_approval_role if total is not None and total > s.second_approval_over else None
+
+
+def review_reasons(data: dict[str, Any]) -> list[str]:
+    reasons = list(data.get("failed_rules") or [])
+    if second_role(data):
+        reasons.append("amount_over_threshold")
+    return reasons
+
+
+def review_gate_stage(env: StageEnv, cfg: DocumentsConfig) -> StageReport:
+    """A document that failed a rule, was read with low confidence or is above the brief's amount waits
+    for a person in the approvals queue with the failing fields and reasons; the rest is approved by
+    policy. Either way the decision is audited."""
+    started = utcnow()
+    rows = load_stage_items(env, "review_gate")
+    now = utcnow()
+    pol = cfg.brief.approval
+    updates, approval_rows, audit_rows = [], [], []
+    for r in rows:
+        reasons = review_reasons(r["data"])
+        total = total_amount(r["data"])
+        if reasons:
+            high = "amount_over_threshold" in reasons
+            due = (r["received_at"] or r["ingested_at"]) + timedelta(hours=cfg.brief.sla_hours["high" if high else "medium"])
+            updates.append(ItemUpdate(r["item_id"], "awaiting_review", {**r["data"], "approval_reasons": reasons},
+                                      "routed", columns={"due_at": due}))
+            approval_rows.append({"flow": env.flow, "item_id": r["item_id"], "reason": reasons[0],
+                                  "required_role": pol.reviewer_role, "status": "pending", "due_at": due,
+                                  "created_at": now, "edited": False})
+            action = "approval_requested"
+        else:
+            updates.append(ItemUpdate(r["item_id"], "approved", r["data"]))
+            action = "auto_approved"
+        audit_rows.append({"actor": "system:review_gate", "action": action, "flow": env.flow, "item_id": r["item_id"],
+                           "trace_id": r["trace_id"], "reason": ",".join(reasons) or "every rule passed",
+                           "inputs": {"failed_rules": r["data"].get("failed_rules"),
+                                      "total": str(total) if total is not None else None}})
+    md = {"awaiting_review": len(approval_rows), "straight_through": len(rows) - len(approval_rows),
+          "review_reasons": dict(Counter(x for u in updates for x in u.data.get("approval_reasons", [])))}
+    return commit_stage(env, "review_gate", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                        approval_rows=approval_rows, audit_rows=audit_rows, metadata=md)
+
+
+def parse_corrections(text: str) -> dict[str, Any]:
+    """A reviewer's correction file: a YAML (or JSON) mapping of field -> corrected value, and
+    optionally ``line_items`` -> the corrected list. Unknown fields are refused."""
+    import yaml
+
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the correction file is not YAML/JSON ({type(exc).__name__}); write `field: value` lines")
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError("the correction file must be a mapping of field: corrected value, e.g. `total: \"12.50\"`")
+    if unknown := sorted(set(obj) - set(FIELDS) - {"line_items"}):
+        raise ValueError(f"unknown field(s) {unknown}; fields are {', '.join(FIELDS)}, line_items")
+    out: dict[str, Any] = {}
+    for f, val in obj.items():
+        if f == "line_items":
+            if not isinstance(val, list) or not all(isinstance(x, dict) and x.get("description") for x in val):
+                raise ValueError("line_items must be a list of {description, quantity, unit_price, amount}")
+            out[f] = [{k: (str(x.get(k)) if x.get(k) is not None else None)
+                       for k in ("description", "quantity", "unit_price", "amount")} for x in val]
+            continue
+        val = None if val is None else str(val).strip()
+        if f in AMOUNT_FIELDS and val is not None:
+            d = v.amount(val)
+            if d is None:
+                raise ValueError(f"{f}: {val!r} is not an amount")
+            val = f"{d.quantize(Decimal('0.01'))}"
+        if f == "date" and val is not None:
+            if v.iso_date(val) is None:
+                raise ValueError(f"date: {val!r} is not an ISO date (YYYY-MM-DD)")
+        if f == "currency" and val is not None:
+            val = val.upper()
+            if val not in v.ISO_4217:
+                raise ValueError(f"currency: {val!r} is not an ISO 4217 code")
+        out[f] = val
+    return out
+
+
+def apply_corrections(data: dict[str, Any], text: str, reviewer: str, at: str) -> tuple[dict[str, Any], Any]:
+    """A reviewer's field corrections (``orch approve ID --edit-file F``): the corrected fields replace
+    the extracted ones (confidence 1, source ``reviewer``), the extracted values are kept beside them
+    as the labelled example, and the rules are run again on the corrected document."""
+    corrections = parse_corrections(text)
+    entities = tuple(CFG.settings.mask_entities)
+    fields = {k: dict(fv) for k, fv in data["fields"].items()}
+    changes: dict[str, Any] = {}
+    for f, val in corrections.items():
+        if f == "line_items":
+            changes[f] = {"extracted": data.get("line_items"), "corrected": val}
+            continue
+        masked = pii.mask(val, (), entities).text if val else val
+        if masked != fields[f].get("value"):
+            changes[f] = {"extracted": fields[f].get("value"), "corrected": masked}
+        fields[f] = {**fields[f], "value": masked, "confidence": 1.0, "source": "reviewer"}
+    new = {**data, "fields": fields, "corrections": {**(data.get("corrections") or {}), **changes},
+           "corrected_by": reviewer, "corrected_at": at}
+    if "line_items" in corrections:
+        new["line_items"] = [{**li, "confidence": 1.0, "provenance": []} for li in corrections["line_items"]]
+    checks = v.validate(f"{data.get('sha256')}", new["fields"], new.get("line_items") or [],
+                        text=document_text(data["lines"]), sha256=None, received=date.fromisoformat(at[:10]),
+                        rules=CFG.rules, duplicates=v.DuplicateIndex())
+    new["review_validation"] = [c.as_dict() for c in checks if c.rule != "duplicate"]
+    return new, {f: c["extracted"] for f, c in changes.items()}
+
+
+# --- post: AP bill and notification, exactly once ---------------------------------------------
+
+ap_bills = sa.Table(
+    "ap_bills", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+    sa.Column("item_id", sa.String(255), nullable=False),
+    sa.Column("trace_id", sa.String(32)),
+    sa.Column("vendor", sa.Text),
+    sa.Column("vendor_tax_id", sa.String(64)),
+    sa.Column("number", sa.String(128)),
+    sa.Column("doc_date", sa.String(10)),
+    sa.Column("currency", sa.String(3)),
+    sa.Column("subtotal", sa.String(32)),
+    sa.Column("tax", sa.String(32)),
+    sa.Column("total", sa.String(32)),
+    sa.Column("lines", sa.JSON),
+    sa.Column("document_link", sa.Text),
+    sa.Column("document_sha256", sa.String(64)),
+    sa.Column("status", sa.String(16), nullable=False, doc="posted | void"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _bill_row(e: Effect, now) -> dict[str, Any]:
+    p = e.payload
+    return {"idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id,
+            "vendor": p.get("vendor"), "vendor_tax_id": p.get("tax_id"), "number": p.get("number"),
+            "doc_date": p.get("date"), "currency": p.get("currency"), "subtotal": p.get("subtotal"),
+            "tax": p.get("tax"), "total": p.get("total"), "lines": p.get("lines") or [],
+            "document_link": p.get("document_link"), "document_sha256": p.get("sha256"), "status": "posted",
+            "created_at": now}
+
+
+def _void_bills(conn, effects: Sequence[Effect]) -> list[Delivery]:
+    """Compensation: the bill posted under ``payload.effect_key`` is voided (idempotent)."""
+    out = []
+    for e in effects:
+        bid = conn.execute(sa.select(ap_bills.c.id).where(ap_bills.c.idempotency_key == e.payload.get("effect_key"))).scalar()
+        if bid is None:
+            out.append(Delivery(e.idempotency_key, True, "accounting:none:void"))
+            continue
+        conn.execute(ap_bills.update().where(ap_bills.c.id == bid).values(status="void"))
+        out.append(Delivery(e.idempotency_key, True, f"accounting:{bid}:void"))
+    return out
+
+
+ACCOUNTING = System("accounting", ap_bills, _bill_row, handlers={"void_bill": _void_bills},
+                    counts_as_duplicate=lambda t: t.c.status != "void")
+POST_STEPS = ("bill", "notify")
+COMPENSATIONS = {"bill": ("accounting", "void_bill")}
+EFFECTS = frozenset({("accounting", "post_bill"), ("accounting", "void_bill"), ("messaging", "send_notification")})
+
+
+def _post_effects(row: dict[str, Any]) -> dict[str, Effect]:
+    d, iid, tr = row["data"], row["item_id"], row["trace_id"]
+    f = {k: (d["fields"].get(k) or {}).get("value") for k in FIELDS}
+    keys = {s: step_key(FLOW, row, s) for s in POST_STEPS}
+    summary = f"{f['vendor']} {f['number'] or ''} {f['date']} {f['currency']} {f['total']}".replace("  ", " ")
+    return {
+        "bill": Effect(keys["bill"], "accounting", "post_bill", iid, tr, {
+            **{k: f[k] for k in ("vendor", "tax_id", "number", "date", "currency", "subtotal", "tax", "total")},
+            "lines": d.get("line_items") or [], "document_link": d.get("document_link"), "sha256": d.get("sha256")}),
+        "notify": Effect(keys["notify"], "messaging", "send_notification", iid, tr, {
+            "kind": "notification", "recipient": d.get("submitter_token") or f"channel:{FLOW}:ap-inbox",
+            "subject": f"Posted: {d.get('name')}",
+            "body": f"Your document {d.get('name')} was posted to accounts payable as a bill: {summary}."}),
+    }
+
+
+def post_stage(env: StageEnv, cfg: DocumentsConfig, connectors, *, waiting_only: bool = False) -> StageReport:
+    """The bill and the submitter's notification through the outbox (the kit's saga): both delivered ->
+    ``resolved``; undelivered -> the document waits (redelivered by the ops job); a bill that failed for
+    good is compensated (voided) and the document dead-lettered, replayable."""
+    rows = load_stage_items(env, "post", after="post" if waiting_only else None)
+    return run_effects_stage(env, "post", rows, connectors, plan=_post_effects, compensations=COMPENSATIONS,
+                             policy=cfg.connector_policy, done_status="resolved",
+                             done_reason="bill posted and submitter notified")
+
+
+def redelivery_stage(env: StageEnv, cfg: DocumentsConfig, connectors) -> StageReport:
+    """The ops job's self-healing step: deliver every effect still in the outbox, then resolve or
+    compensate the documents that were waiting for them."""
+    started = utcnow()
+    sent = dispatch(env.db, connectors, env.flow, policy=cfg.connector_policy)
+    post = post_stage(env, cfg, connectors, waiting_only=True)
+    md = {"redelivered": sent["delivered"], "still_failing": sent["failed"],
+          "waiting_open_circuit": sent.get("skipped", 0), "resolved": post.metadata["resolved"],
+          "compensated": post.metadata["compensated"]}
+    return StageReport("redelivery", post.n_in, post.outcomes, (utcnow() - started).total_seconds() * 1000.0, md)
+
+
+def labelled_examples_stage(env: StageEnv, cfg: DocumentsConfig) -> StageReport:
+    """Reviewers' corrections kept as labelled examples for the next extractor version: every reviewed,
+    posted document's masked lines with its final fields, written to
+    ``$ORCH_HOME/datasets/documents_labelled.jsonl`` (rewritten each time, sorted by item id)."""
+    from ...lib.settings import Settings
+
+    started = utcnow()
+    q = sa.select(items.c.item_id, items.c.data).where(items.c.flow == env.flow, items.c.status == "resolved")
+    with env.db.begin() as conn:
+        rows = [(i, d) for i, d in conn.execute(q.order_by(items.c.item_id)) if d.get("corrected_by")]
+    out = Settings.from_env().home / "datasets" / "documents_labelled.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for item_id, d in rows:
+            fh.write(json.dumps({"id": item_id, "lines": d["lines"],
+                                 "fields": {k: fv.get("value") for k, fv in d["fields"].items()},
+                                 "line_items": d.get("line_items") or [],
+                                 "corrected": sorted(d.get("corrections") or {})}, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    md = {"labelled_examples": len(rows), "path": str(out),
+          "fields_corrected": dict(Counter(f for _, d in rows for f in (d.get("corrections") or {})))}
+    return StageReport("labelled_examples", len(rows), Counter(ok=len(rows)),
+                       (utcnow() - started).total_seconds() * 1000.0, md)
+
+
+from . import flow as _flow  # noqa: E402,F401  (registers the flow spec for code that imports only this module)
