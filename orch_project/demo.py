@@ -123,6 +123,7 @@ def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool
     st = status_counts(db, name)
     lines = [("items received", st["received"]), ("resolved", st["states"].get("resolved", 0)),
              ("awaiting approval", sum(st["states"].get(x, 0) for x in spec.waiting_statuses)),
+             ("rejected by a person", st["states"].get("rejected", 0)),
              ("dead-lettered", st["states"].get("dead_lettered", 0)),
              ("duplicates ignored", st["states"].get("duplicate", 0)), ("still in progress", st["in_progress"]),
              ("escalated (SLA)", st["escalated"]), ("unaccounted", st["lost"])]

@@ -17,11 +17,15 @@ def test_definitions_load_with_expected_objects(defs):
             "triage_model_promotion"} <= keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
-    assert {s.name for s in defs.sensors} == {"support_intake_sensor", "support_ops_after_flow",
-                                              "support_approval_resume_sensor", "support_approval_escalation_sensor",
-                                              "support_alerts_sensor", "support_run_failure_alerts"}
-    assert {s.name for s in defs.schedules} == {"support_ops_job_schedule",
-                                                  "support_retention_purge_job_schedule"}
+    flows = ("support", "documents")
+    assert {s.name for s in defs.sensors} == {f"{f}_{s}" for f in flows for s in (
+        "intake_sensor", "ops_after_flow", "approval_resume_sensor", "approval_escalation_sensor", "alerts_sensor",
+        "run_failure_alerts")}
+    assert {s.name for s in defs.schedules} == {f"{f}_{s}" for f in flows for s in (
+        "ops_job_schedule", "retention_purge_job_schedule")}
+    assert {"documents_intake_documents", "documents_extract", "documents_validate", "documents_review_gate",
+            "documents_post", "documents_outbox_redelivery", "documents_labelled_examples",
+            "documents_kpi_report"} <= keys
     dg.Definitions.validate_loadable(defs)
 
 
@@ -36,6 +40,8 @@ def test_lineage_runs_intake_to_report(defs):
     assert parents["support_actions"] == {"support_approval_gate"}
     assert parents["support_csat"] == {"support_surveys"}
     assert "support_insights" in parents["support_kpi_report"]
+    assert parents["documents_extract"] == {"documents_intake_documents"}
+    assert parents["documents_post"] == {"documents_review_gate"}
     spec = graph.get(dg.AssetKey("support_inbound"))
     assert isinstance(spec.partitions_def, dg.DailyPartitionsDefinition)
 
@@ -43,6 +49,6 @@ def test_lineage_runs_intake_to_report(defs):
 def test_code_location_import_skips_heavy_libraries():
     code = ("import sys, json; import orch_project.definitions; "
             "print(json.dumps([m for m in ('pandas','sklearn','matplotlib','great_expectations','presidio_analyzer',"
-            "'openai') if m in sys.modules]))")
+            "'openai','rapidocr_onnxruntime','pdfplumber','PIL','stdnum') if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

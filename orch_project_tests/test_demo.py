@@ -28,11 +28,21 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert s["connectors"].startswith(f"tickets {s['resolved']}, CRM entries {s['resolved']}")
     assert "customers answer their surveys" in first.output
     assert (orch_home.reports_dir / "support" / "kpi_report.html").is_file()
+    d = _summary(first.output, "Document workflow summary")
+    assert d["items received"] == "40" and d["unaccounted"] == "0" and d["dead-lettered"] == "7"
+    assert d["duplicates ignored"] == "1" and d["still in progress"] == "0"
+    assert int(d["awaiting approval"]) >= 1 and d["rejected by a person"] == "2"
+    assert sum(int(d[k]) for k in ("resolved", "awaiting approval", "rejected by a person", "dead-lettered",
+                                   "duplicates ignored")) == 40
+    assert d["connectors"] == f"AP bills posted {d['resolved']}, voided 0"
+    assert "the AP team reviews" in first.output
+    assert (orch_home.reports_dir / "documents" / "kpi_report.html").is_file()
 
     second = runner.invoke(main, ["demo"], catch_exceptions=False)
     assert second.exit_code == 0, second.output[-3000:]
     assert "nothing new" in second.output
     again = _summary(second.output, "Support loop summary")
     assert again == s  # no new item, ticket, CRM entry, message or survey answer
+    assert _summary(second.output, "Document workflow summary") == d  # no new document or bill
     only = runner.invoke(main, ["demo", "--flow", "nope"])
     assert only.exit_code == 2 and "no flow 'nope'" in only.output

@@ -260,3 +260,33 @@ def test_sroie_held_out_targets():
     everything = result["all"]
     assert everything["total"] >= 0.90 and everything["date"] >= 0.90, everything
     assert everything["company"] >= 0.75 and everything["address"] >= 0.60, everything
+
+
+def _generated_cases():
+    """One invoice of each sample vendor (German, UK, US, French, a Malaysian receipt without a
+    printed currency) whose items hold digits and keyword-like words ("Business cards (500)",
+    "Backup service", "Extra storage 1 TB", "A4 PAPER 80GSM"), a one-row table, and a line whose
+    amount does not add up."""
+    from orch_project.defs.documents import sample_data as sd
+
+    base = sd.invoices(1, 25)
+    picked = [base[0], base[1], base[2], base[7], base[8], base[14], base[19], base[21]]  # [2], [21]: one row
+    return picked + [sd.special_cases(base)["line_mismatch"]]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "pdf"])
+def test_generated_invoices_exact(fmt):
+    from orch_project.defs.documents import sample_data as sd
+
+    cases = _generated_cases()
+    assert {inv.vendor.name for inv in cases} == {v.name for v in sd.VENDORS}
+    for inv in cases:
+        out = extract(read_document(f"doc.{fmt}", sd.render(inv, fmt)).lines)
+        truth = inv.truth()
+        assert values(out) == truth, (fmt, inv.number)  # the address too: its lines joined with ", "
+        assert items(out) == [(d, str(q), f"{p:.2f}", f"{inv.amount(i):.2f}")
+                              for i, (d, q, p) in enumerate(inv.lines)], (fmt, inv.number)
+        if not inv.line_amount_override:
+            assert sum(Decimal(i.amount) for i in out.line_items) == Decimal(out.subtotal.value)
+            assert all(i.confidence >= 0.8 for i in out.line_items)
+    assert cases[5].vendor.print_currency is False  # ringgit read from the Malaysian address alone

@@ -26,15 +26,22 @@ skims a receipt, with keyword rules that hold across vendors rather than anythin
    is chosen among the name-like lines above it: a legal-form suffix (SDN BHD, BHD, S/B, LTD, GMBH,
    INC, LLC...) beats a business word (ENTERPRISE, TRADING, RESTAURANT...), which beats a plain line;
    a name split over lines is joined, registration numbers ("(JM0517726)", "822737-X") and owner
-   prefixes ("OWNED BY:") are dropped.
+   prefixes ("OWNED BY:") are dropped. The address's lines are joined with ", " (unless a line
+   already ends in a comma): "Hauptstrasse 12" / "10115 Berlin" -> "Hauptstrasse 12, 10115 Berlin".
 5. **Tax id, number, currency.** A tax-id keyword (GST ID/NO/REG, SST, VAT REG NO, USt-IdNr, TIN,
    ABN, EIN...) followed by an id, checked with python-stdnum where the country has a checksum; a
    document-number keyword (INVOICE NO, INVOICE #, RECEIPT #, DOC NO, BILL NO, INV#...) followed by a
    token with a digit; an ISO currency code, else a symbol (RM, S$, EUR sign, pound sign, yen sign;
    "$" by the country), else the country of the address or tax id, else ``default_currency``.
-6. **Line items**: rows between the item table's header and the first subtotal / total line whose
-   trailing numbers read as quantity x unit price = amount (confidence high when the product
-   checks), or description + amount (best effort, lower confidence).
+6. **Line items**: rows between the item table's header and the first subtotal / total line. The
+   numeric columns are the boxes that hold only numbers (OCR runs) or the trailing number tokens of
+   a one-line row, as many as the header names (quantity, unit price, amount); digits inside a
+   description ("Flyers A5 (1000)", "Extra storage 1 TB") stay in it. A row reads as quantity x unit
+   price = amount (confidence high when the product checks), as the header's three columns in order
+   (low confidence when they do not add up, so validation can say which line is wrong), as a leading
+   quantity ("2 TOWEL ROD 6.00 12.00"), or as description + amount (best effort, lower confidence).
+   A row that checks is an item even when its description holds a keyword ("Business cards",
+   "Backup service", "Total care kit"), and is then no tender / service / total line.
 
 Confidences say how the value was found: a keyword-anchored value that a cross-check confirms is
 around 0.9 or more; a keyword-anchored value alone around 0.7-0.8; a guess below 0.6; unknown is None
@@ -59,7 +66,7 @@ from typing import Iterable
 from ...lib.docread import Line
 from .schema import ExtractionOutput, FieldValue, LineItem
 
-EXTRACTOR_VERSION = "layout-v1"
+EXTRACTOR_VERSION = "layout-v2"  # v2: line items by columns, address lines joined with ", "
 
 __all__ = ["EXTRACTOR_VERSION", "extract", "find_amounts", "find_dates", "normalise", "parse_amount",
            "sroie_accuracy", "sroie_split"]
@@ -756,7 +763,9 @@ def _vendor_address(doc: _Doc) -> tuple[FieldValue, FieldValue]:
             seen_postcode = seen_postcode or bool(_POSTCODE.search(ln.up))
             parts.append((ln.line.index, ln.line.text.strip()))
         if parts:
-            text = " ".join(t for _, t in parts)
+            text = parts[0][1]
+            for _, t in parts[1:]:  # one line after another, as printed: "Hauptstrasse 12, 10115 Berlin"
+                text += (" " if text.endswith((",", ".", ";", "-", "/", "&")) else ", ") + t
             score = sum(_address_score(t.upper()) for _, t in parts)
             conf = 0.85 if score >= 4 else 0.65 if score >= 2.5 else 0.5
             address = FieldValue(value=text, confidence=conf, lines=[i for i, _ in parts])
@@ -801,8 +810,8 @@ def _join_name(lines: list[_Ln], best: _Ln) -> list[_Ln]:
 # --- tax id, document number ------------------------------------------------------------------
 
 _TAXID_KW = re.compile(r"(?<![A-Z])(?:GST|SST|VAT|TIN|ABN|EIN|UST|MWST|UID|TAX|STEUER(?:NR|NUMMER)?|BTW|TVA|IVA"
-                       r"|NIF|CIF|GSTIN|TRN|NPWP)(?:[\s.\-]*(?:ID(?:NR)?|IDENTIFICATION|NO|NR|NUMBER|NUM|REG"
-                       r"(?:ISTRATION)?|REF|#|IDNR))*(?:[\s.\-]*(?:NO|NR|NUMBER|#))?[\s.:#\-]*", re.I)
+                       r"|NIF|CIF|GSTIN|TRN|NPWP)(?:[\s.\-]*(?:(?:ID|[L1|]D(?=NR))(?:NR)?|IDENTIFICATION|NO|NR|NUMBER"
+                       r"|NUM|REG(?:ISTRATION)?|REF|#|IDNR))*(?:[\s.\-]*(?:NO|NR|NUMBER|#))?[\s.:#\-]*", re.I)
 _TAXID_VAL = re.compile(r"(?:[A-Z]{2}[\s\-]?)?\d[\d\-]*(?:\s\d[\d\-]*)*[A-Z]?(?![\w])|[A-Z]\d{2}-\d{4}-\d{8}")
 
 
@@ -1034,37 +1043,54 @@ def _row_item(text: str, limit: int = 3) -> tuple[str, list[tuple[Decimal, str]]
 
 _HDR_QTY = re.compile(r"(?<![A-Z])(QTY|QUANTITY|QTE|QTÉ|QUANTITÉ|MENGE|ANZAHL|KUANTITI|PCS|NOS)(?![A-Z])")
 _HDR_PRICE = re.compile(r"(?<![A-Z])(PRICE|U/P|S/PRICE|UNIT|RATE|PREIS|EINZELPREIS|PRIX|HARGA)(?![A-Z])")
-_HDR_AMOUNT = re.compile(r"(?<![A-Z])(AMOUNT|AMT|TOTAL|BETRAG|GESAMT|MONTANT|JUMLAH)(?![A-Z])")
+_HDR_AMOUNT = re.compile(r"(?<![A-Z])(AMOUNT|AMT|TOTAL|BETRAG|GESAMT|MONTANT|JUMLAH|RM|EUR|USD|GBP|MYR)(?![A-Z])"
+                         r"|[$€£]")
 
 
-def _header_columns(text: str) -> int:
-    """How many numeric columns (quantity, unit price, amount) an item table's header names, 0 when
-    it names none of them."""
-    return sum(1 for rx in (_HDR_QTY, _HDR_PRICE, _HDR_AMOUNT) if rx.search(text))
+def _header_columns(text: str) -> tuple[int, bool]:
+    """How many numeric columns (quantity, unit price, amount) an item table's header names (0 when
+    none), and whether one of them is the quantity."""
+    return sum(1 for rx in (_HDR_QTY, _HDR_PRICE, _HDR_AMOUNT) if rx.search(text)), bool(_HDR_QTY.search(text))
 
 
-def _row_numbers(row: list[_Ln], want: int) -> tuple[str, list[tuple[Decimal, str]]]:
-    """A table row's description and its trailing numbers (at most ``want``). When the row is several
-    boxes (OCR runs), the boxes that are only numbers are the numeric columns and the boxes before
-    them the description, so digits inside a description ("Flyers A5 (1000)", "Gel pens 12") stay
-    in it; when it is one line, the trailing number tokens are the columns."""
+def _checks(nums: list[tuple[Decimal, str]]) -> bool:
+    """The last three numbers read as quantity x unit price = amount."""
+    if len(nums) < 3:
+        return False
+    q, u, a = (v for v, _ in nums[-3:])
+    return a != 0 and abs(q * u - a) <= CENT * max(1, q)
+
+
+def _row_numbers(row: list[_Ln], want: int, has_qty: bool) -> tuple[str, list[tuple[Decimal, str]]]:
+    """A table row's description and its trailing numbers (quantity, unit price, amount; the header
+    names ``want`` numeric columns). When the row is several boxes (OCR runs), the boxes holding only
+    numbers are the numeric columns and the boxes before them the description, so digits inside a
+    description ("Flyers A5 (1000)", "Gel pens 12") stay in it; when the row is one line of text, up
+    to three trailing number tokens are the columns. Fewer when qty x price = amount does not hold and
+    the header names fewer columns."""
+    text = " ".join(ln.line.text for ln in row)
+    head = None
     if len(row) > 1:
-        k = len(row)
+        k, tail = len(row), []
         while k > 1:
-            desc, nums = _row_item(row[k - 1].line.text)
-            if desc or not nums:
+            box = row[k - 1].line.text
+            desc, nums = _row_item(box)
+            if desc or (not nums and not _TAX_CODE.match(box.strip().upper())):
                 break
+            tail = nums + tail
             k -= 1
-        if k < len(row):
-            tail: list[tuple[Decimal, str]] = []
-            for ln in row[k:]:
-                tail += _row_item(ln.line.text)[1]
-            head = " ".join(ln.line.text for ln in row[:k])
-            if len(tail) >= want:
-                return head.strip(" :-"), tail[-want:]
-            desc, more = _row_item(head, want - len(tail))
-            return desc, more + tail
-    return _row_item(" ".join(ln.line.text for ln in row), want)
+        if tail:
+            head = " ".join(ln.line.text for ln in row[:k]).strip(" :-")
+            if len(tail) < want:  # a number glued to the description box ("Business cards (500) 4")
+                desc, more = _row_item(head, want - len(tail))
+                if more and (want < 3 or _checks(more + tail)):
+                    return desc, more + tail
+            desc, nums = head, tail[-3:]
+    if head is None:
+        desc, nums = _row_item(text)
+    if want < len(nums) and not _checks(nums) and (want == 1 or has_qty and not re.search(r"[.,]", nums[-2][1])):
+        return (head, nums[-want:]) if head is not None else _row_item(text, want)
+    return desc, nums
 
 
 def _line_items(doc: _Doc) -> list[LineItem]:
@@ -1078,26 +1104,39 @@ def _line_items(doc: _Doc) -> list[LineItem]:
         if len(set(_ITEM_HEADER_WORDS.findall(row_text))) >= 2:
             header = ln
             break
-    want = 3
-    if header is not None:
-        want = _header_columns(" ".join(lines[p].up for p in doc.rows[doc.row_of[header.pos]])) or 3
-    end = next((ln.pos for ln in lines if ln.kind in ("subtotal", "total") and (header is None or ln.pos > header.pos)),
-               len(lines))
-    start_row = doc.row_of[header.pos] + 1 if header is not None else 0
+    want, has_qty, start_row = 3, True, 0
+    if header is not None:  # the header's words, also from a second header row ("S/PRICE AMOUNT" / "ITEM QTY")
+        r = doc.row_of[header.pos]
+        text = " ".join(lines[p].up for p in doc.rows[r])
+        start_row = r + 1
+        if r + 1 < len(doc.rows):
+            nxt = " ".join(lines[p].up for p in doc.rows[r + 1])
+            if _ITEM_HEADER_WORDS.search(nxt) and not re.search(r"\d", nxt):
+                text, start_row = text + " " + nxt, r + 2
+        want, has_qty = _header_columns(text)
+        want = want or 3
     items: list[LineItem] = []
     pending: tuple[str, list[int]] | None = None  # a description row waiting for its numbers
     for r in range(start_row, len(doc.rows)):
         row = [lines[p] for p in doc.rows[r]]
-        if row[0].pos >= end or any(ln.pos >= end for ln in row):
-            break
         keyword_row = any(ln.kind != "other" for ln in row)
-        desc, nums = _row_numbers(row, want)
+        desc, nums = _row_numbers(row, want, has_qty)
+        if any(ln.kind in ("subtotal", "total") for ln in row):
+            # the table ends at the first subtotal / total line, unless the row is an item whose name
+            # holds the word ("Total care kit 2 10.00 20.00"): its numbers check and it has other words
+            rest = re.sub(r"(?<![A-Z])(SUB|GRAND|NETT?|TOTAL|AMOUNT|DUE|RM|EUR|USD|GBP)(?![A-Z])", "", desc.upper())
+            if not (_checks(nums) and sum(ch.isalpha() for ch in rest) >= 3):
+                break
         idx = [ln.line.index for ln in row]
         letters = sum(ch.isalpha() for ch in desc)
         values = [v for v, _ in nums]
-        checks = len(values) >= 3 and abs(values[-3] * values[-2] - values[-1]) <= CENT * max(1, values[-3]) \
-            and values[-1] != 0
-        if keyword_row and not checks:
+        checks = _checks(nums)
+        # the header's three columns (quantity, unit price, amount) filled, quantity a whole number: an
+        # item row by its shape, even when its amount does not add up (validation reports that)
+        shaped = header is not None and want == 3 and has_qty and len(values) == 3 \
+            and re.fullmatch(r"\d{1,4}", nums[0][1]) is not None and values[0] > 0 and values[2] != 0
+        if keyword_row and not checks and not (shaped and all(ln.kind in ("other", "tender", "service")
+                                                              for ln in row)):
             pending = None
             continue
         if not nums:
@@ -1118,6 +1157,8 @@ def _line_items(doc: _Doc) -> list[LineItem]:
             q, u, a = values[-3:]
             if checks:
                 qty, unit, amount, conf = q, u, a, 0.85 if header is not None else 0.75
+            elif shaped:
+                qty, unit, amount, conf = q, u, a, 0.45
             elif abs(values[-2] - a) <= CENT:
                 unit, amount, conf = values[-2], a, 0.5
             else:
@@ -1127,6 +1168,10 @@ def _line_items(doc: _Doc) -> list[LineItem]:
             if not decimals[0] and 0 < q < 1000:
                 qty, amount, conf = q, a, 0.55
                 unit = (a / q).quantize(CENT)
+            elif (lead := re.match(r"(\d{1,3})\s*[X*]?\s+(?=\S)", desc.upper())) and int(lead.group(1)) > 0 \
+                    and abs(int(lead.group(1)) * q - a) <= CENT:  # quantity first: "2 TOWEL ROD 6.00 12.00"
+                qty, unit, amount, conf = Decimal(lead.group(1)), q, a, 0.7
+                desc = desc[lead.end():]
             elif q == a:
                 unit, amount, conf = q, a, 0.5
             else:
@@ -1135,7 +1180,7 @@ def _line_items(doc: _Doc) -> list[LineItem]:
             amount = values[-1]
         if amount is None:
             continue
-        if checks:
+        if checks or shaped:
             for ln in row:  # an item row, not a tender / service / tax line
                 ln.kind, ln.strength = "other", 0.0
         items.append(LineItem(description=desc, quantity=None if qty is None else _qty(qty),

@@ -388,7 +388,8 @@ def review_gate_stage(env: StageEnv, cfg: DocumentsConfig) -> StageReport:
                                   "created_at": now, "edited": False})
             action = "approval_requested"
         else:
-            updates.append(ItemUpdate(r["item_id"], "approved", r["data"]))
+            due = (r["received_at"] or r["ingested_at"]) + timedelta(hours=cfg.brief.sla_hours["low"])
+            updates.append(ItemUpdate(r["item_id"], "approved", r["data"], columns={"due_at": due}))
             action = "auto_approved"
         audit_rows.append({"actor": "system:review_gate", "action": action, "flow": env.flow, "item_id": r["item_id"],
                            "trace_id": r["trace_id"], "reason": ",".join(reasons) or "every rule passed",

@@ -231,10 +231,11 @@ def render(inv: Invoice, fmt: str) -> bytes:
 
 # --- the sample set -------------------------------------------------------------------------------
 
-def invoices(seed: int = 7, n: int = 24, today: date = date(2026, 11, 30)) -> list[Invoice]:
+def invoices(seed: int = 7, n: int = 24, today: date = date(2026, 11, 30), first: int = 0) -> list[Invoice]:
+    """``n`` invoices round the vendors; ``first`` offsets their numbers (sets that must not share any)."""
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for i in range(first, first + n):
         v = VENDORS[i % len(VENDORS)]
         picks = rng.sample(v.catalogue, k=rng.randint(1, min(4, len(v.catalogue))))
         lines = [(d, rng.randint(1, 6), Decimal(p)) for d, p in picks]
@@ -291,7 +292,7 @@ def write_samples(out: Path = SAMPLES_DIR, seed: int = 7) -> dict:
     # the very same file under another name: the same hash, a duplicate at intake
     first = sorted((out / "inbox").glob("*.csv"))[0]
     (out / "inbox" / f"resent_{first.name}").write_bytes(first.read_bytes())
-    for i, inv in enumerate(invoices(seed + 1, n=2)):
+    for i, inv in enumerate(invoices(seed + 1, n=2, first=100)):
         (out / "registered" / f"registered-{i}.pdf").write_bytes(render(inv, "pdf"))
     bad = out / "malformed"
     (bad / "empty.pdf").write_bytes(b"")
