@@ -190,10 +190,20 @@ def _font_path() -> str | None:
     return next((p for p in FONT_CANDIDATES if Path(p).is_file()), None)
 
 
-def render_pdf(inv: Invoice, *, password: str | None = None) -> bytes:
+def _pdf():
+    """An fpdf2 document whose bytes depend only on its content (fixed creation date and file id)."""
+    from datetime import datetime, timezone
+
     from fpdf import FPDF
 
     pdf = FPDF(unit="pt", format="A4")
+    pdf.set_creation_date(datetime(2026, 11, 30, tzinfo=timezone.utc))
+    pdf.file_id = lambda: "<00000000000000000000000000000000><00000000000000000000000000000000>"
+    return pdf
+
+
+def render_pdf(inv: Invoice, *, password: str | None = None) -> bytes:
+    pdf = _pdf()
     pdf.add_page()
     font = _font_path()
     if font:
@@ -306,9 +316,7 @@ def write_samples(out: Path = SAMPLES_DIR, seed: int = 7) -> dict:
 
 
 def _blank_pdf() -> bytes:
-    from fpdf import FPDF
-
-    pdf = FPDF(unit="pt", format="A4")
+    pdf = _pdf()
     pdf.add_page()
     pdf.rect(40, 40, 200, 100)  # a drawing, no text layer
     return bytes(pdf.output())
