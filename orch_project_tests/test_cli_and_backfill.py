@@ -31,13 +31,14 @@ def _env(orch_home):
 def test_cli_submit_status_and_dlq(orch_home, with_model, tmp_path):
     env = _env(orch_home)
     orch = str(BIN / "orch")
-    out = json.loads(_run([orch, "submit", str(SAMPLES_DIR / "inbox_table.jsonl"), str(MALFORMED / "empty.json")],
+    out = json.loads(_run([orch, "submit", "--flow", "support", str(SAMPLES_DIR / "inbox_table.jsonl"),
+                          str(MALFORMED / "empty.json")],
                           env).stdout)
     assert out == {"files_added": 1, "files_already_there": 0, "table_rows_added": 100,
                    "table_rows_already_there": 0}
-    again = json.loads(_run([orch, "submit", str(SAMPLES_DIR / "inbox_table.jsonl")], env).stdout)
+    again = json.loads(_run([orch, "submit", "--flow", "support", str(SAMPLES_DIR / "inbox_table.jsonl")], env).stdout)
     assert again["table_rows_added"] == 0 and again["table_rows_already_there"] == 100
-    bad = _run([orch, "submit", str(SAMPLES_DIR / "README.md")], env, check=False)
+    bad = _run([orch, "submit", "--flow", "support", str(SAMPLES_DIR / "README.md")], env, check=False)
     assert bad.returncode != 0 and "expected .eml, .json, .jsonl" in bad.stderr
 
     st = json.loads(_run([orch, "status", "--json"], env).stdout)
@@ -66,7 +67,7 @@ def test_cli_submit_status_and_dlq(orch_home, with_model, tmp_path):
     trail = json.loads(_run([orch, "audit", item], env).stdout)
     assert trail and trail[0]["action"] in ("auto_approved", "approval_requested")
     missing = _run([orch, "audit", "no-such-item"], env, check=False)
-    assert missing.returncode != 0 and "no audit entries" in missing.stderr
+    assert missing.returncode != 0 and "no item 'no-such-item' in any flow" in missing.stderr
 
 
 def _today() -> str:

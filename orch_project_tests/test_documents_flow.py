@@ -307,3 +307,43 @@ def test_openai_path_uses_structured_output_with_the_contract(orch_home, openai_
     it = item(db, "o.txt")
     assert it["fields"]["total"]["value"] == invoice(0).truth()["total"]
     assert it["fields"]["total"]["provenance"]
+
+
+def test_jpeg_and_multi_page_tiff_are_read_through_ocr():
+    import io
+
+    from PIL import Image
+
+    from orch_project.lib import docread
+
+    inv = invoice(1)
+    page = Image.open(io.BytesIO(sd.render(inv, "png"))).convert("RGB")
+    jpg = io.BytesIO()
+    page.save(jpg, format="JPEG", quality=90)
+    doc = docread.read_document("scan.jpg", jpg.getvalue())
+    assert doc.format == "image" and doc.pages == 1
+    assert any(inv.number in line.text.replace(" ", "") for line in doc.lines)
+    tif = io.BytesIO()
+    page.save(tif, format="TIFF", save_all=True, append_images=[page.rotate(0)])
+    doc = docread.read_document("scan.tiff", tif.getvalue())
+    assert doc.pages == 2 and {line.page for line in doc.lines} == {1, 2}
+    assert all(0.0 < line.confidence <= 1.0 for line in doc.lines)
+
+
+def test_intake_sensor_requests_one_run_per_day_for_every_file(orch_home, defs, instance):
+    import dagster as dg
+
+    from orch_project.defs.resources import default_resources
+
+    drop(orch_home, "a.txt", sd.render(invoice(0), "txt"))
+    drop(orch_home, "b.docx", b"PK\x03\x04 not a document")  # unsupported, still seen: it must reach the DLQ
+    drop(orch_home, "c.pdf", sd.render(invoice(2), "pdf"), at=ARRIVAL + 86400)
+    sensor = defs.get_sensor_def(f"{FLOW}_intake_sensor")
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=default_resources()) as ctx:
+        result = sensor.evaluate_tick(ctx)
+    by_day = {r.partition_key: r.tags["orch/new_sources"] for r in result.run_requests}
+    assert by_day == {"2026-11-30": "2", "2026-12-01": "1"}
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=default_resources(),
+                                 cursor=result.cursor) as ctx:
+        again = sensor.evaluate_tick(ctx)
+    assert not again.run_requests

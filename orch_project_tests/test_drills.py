@@ -106,7 +106,7 @@ def test_cli_dlq_show_and_replay(orch_home, db, openai_env, dead_letters, instan
     refused = _orch("dlq", "replay", str(intake_dl["id"]), check=False)
     assert refused.returncode == 1 and "fix the source file and submit it again" in refused.stdout
 
-    everything = json.loads(_orch("dlq", "replay", "--all", "--json").stdout)
+    everything = json.loads(_orch("dlq", "replay", "--all", "--json", "--flow", "support").stdout)
     assert everything["replayed"] == 2 and everything["not_replayable"] == 1
 
     # the next run of the partition reprocesses the replayed items; trace ids are kept

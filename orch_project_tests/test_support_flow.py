@@ -79,7 +79,8 @@ def test_rerun_and_second_submit_add_nothing(orch_home, db, with_model, defs, in
     assert submit_to_table(db, "support", msgs, "test") == 0
     assert run_flow(defs, instance, DAY).success
     assert _connectors(orch_home).counts() == before
-    assert _connectors(orch_home).duplicates() == {"tickets": 0, "crm_activities": 0, "messages": 0}
+    dups = _connectors(orch_home).duplicates()
+    assert {"tickets", "crm_activities", "messages"} <= set(dups) and not any(dups.values())
     assert status_counts(db, "support")["received"] == 50
 
 
