@@ -19,6 +19,7 @@
     orch pii redact           the text on stdin with PII replaced by <ENTITY_TYPE>
     orch documents extract PATH... [--jsonl]    fields + validation of documents, without Dagster
     orch documents review ID                    a waiting document: its text, fields and failed rules
+    orch leads train|evaluate|score ...         the lead-scoring model on any labelled tabular history
 """
 
 from __future__ import annotations
@@ -91,14 +92,14 @@ flow_option = click.option("--flow", "flow", default=None, metavar="FLOW",
 
 
 class FlowCommands(click.Group):
-    """The platform's commands, plus one command group per flow whose folder has a ``cli.py`` defining
-    ``group`` (``orch documents ...``); a flow's group is imported only when it is used or listed."""
+    """The platform's commands, plus one command group per flow folder with a ``cli.py`` defining ``group``
+    (``orch documents ...``, ``orch leads ...``); a flow's group is imported only when it is used."""
 
     @staticmethod
     def flow_groups() -> list[str]:
         from .kit.registry import DEFS_DIR
 
-        return sorted(p.name for p in DEFS_DIR.iterdir() if (p / "cli.py").is_file() and (p / "flow.py").is_file())
+        return sorted(p.name for p in DEFS_DIR.iterdir() if (p / "cli.py").is_file())
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.flow_groups()})

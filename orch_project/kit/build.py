@@ -179,7 +179,7 @@ def scan_new_sources(spec: FlowSpec, db, inbox_dir, cursor: dict) -> tuple[dict[
     from ..lib.intake import list_inbox_files, parse_file, parse_inbox_row
     from ..lib.store import inbox, utcnow
 
-    parse = spec.intake.parse_file or parse_file
+    parse = spec.intake.peek or spec.intake.parse_file or parse_file
     by_day: dict[str, list[str]] = {}
     today = utcnow().date()
     file_mark = tuple(cursor.get("file") or (0, ""))
@@ -190,8 +190,9 @@ def scan_new_sources(spec: FlowSpec, db, inbox_dir, cursor: dict) -> tuple[dict[
             continue
         if budget == 0:
             break
-        p = parse(path)
-        by_day.setdefault(p.partition_day(spec.first_day, today), []).append(p.source_key)
+        got = parse(path)
+        for p in (got if isinstance(got, list) else [got]):
+            by_day.setdefault(p.partition_day(spec.first_day, today), []).append(p.source_key)
         new_file_mark = (ctime_ns, name)
         budget -= 1
     table_mark = int(cursor.get("table") or 0)

@@ -95,7 +95,12 @@ class IntakeSpec:
 
     to_item: Callable[..., Any]
     suffixes: tuple[str, ...] = (".json",)  # ("",): every file (the flow refuses what it cannot read)
-    parse_file: Callable[[Path], Any] | None = None  # default: lib.intake.parse_file
+    # parse_file(path) -> intake.Parsed, or a list of them for a file of many records (one per record,
+    # source keys ``file:<name>#row=<n>``); default: lib.intake.parse_file
+    parse_file: Callable[[Path], Any] | None = None
+    # peek(path) -> intake.Parsed with the partition day only, for the intake sensor (default: parse_file);
+    # a flow whose files are expensive to read (OCR) peeks at the file's arrival time instead
+    peek: Callable[[Path], Any] | None = None
     description: str = ""
     text_fields: tuple[str, ...] = ("text",)  # masked ``data`` fields the no-unmasked-PII check scans
     asset: str = "intake"  # the intake asset's name after the flow prefix

@@ -167,9 +167,17 @@ def parse_inbox_row(row_id: int, payload: str, submitted_at: datetime) -> Parsed
     return _parse_json_bytes(f"table:{row_id}", as_utc(submitted_at), payload.encode("utf-8", "surrogatepass"))
 
 
+def file_of(source_key: str) -> str:
+    """The inbox source a key belongs to: ``file:import.csv#row=12`` (one record of a file of many)
+    belongs to ``file:import.csv``."""
+    return source_key.split("#", 1)[0]
+
+
 def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: Sequence[str] = INBOX_SUFFIXES,
-                    parse: Callable[[Path], Parsed] | None = None) -> Iterator[Parsed]:
-    """Every source entry of ``flow`` not yet in its intake log, parsed, in arrival order."""
+                    parse: Callable[[Path], Parsed | list[Parsed]] | None = None) -> Iterator[Parsed]:
+    """Every source entry of ``flow`` not yet in its intake log, parsed, in arrival order. A file of
+    many records (a CSV import) parses into one ``Parsed`` per record, keyed ``file:<name>#row=<n>``;
+    its records are ingested together, so a file with any record in the log has been read."""
     parse = parse or parse_file
     with db.begin() as conn:
         seen = set(conn.execute(sa.select(intake.c.source_key).where(intake.c.flow == flow)).scalars())
@@ -177,9 +185,11 @@ def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: S
             sa.select(inbox.c.id, inbox.c.payload, inbox.c.submitted_at).where(inbox.c.flow == flow).order_by(inbox.c.id)
         ).all()
     if inbox_dir is not None:
+        files_seen = {file_of(k) for k in seen if k.startswith("file:")}
         for _, name, path in list_inbox_files(inbox_dir, suffixes):
-            if f"file:{name}" not in seen:
-                yield parse(path)
+            if f"file:{name}" not in files_seen:
+                got = parse(path)
+                yield from (got if isinstance(got, list) else [got])
     for row_id, payload, submitted_at in rows:
         if f"table:{row_id}" not in seen:
             yield parse_inbox_row(row_id, payload, submitted_at)

@@ -126,7 +126,8 @@ SPEC = FlowSpec(
     config=logic.CFG,
     first_day=logic.FIRST_DAY,
     intake=IntakeSpec(
-        to_item=logic.to_item, suffixes=("",), parse_file=logic.parse_file, text_fields=("lines",), asset="intake_documents",
+        to_item=logic.to_item, suffixes=("",), parse_file=logic.parse_file, peek=logic.peek_file,
+        text_fields=("lines",), asset="intake_documents",
         description="Documents from the inbox folder (PDF with a text layer, PNG/JPEG/TIFF through offline OCR, OCR "
                     "line files, text) and the inbox table (registered paths): read into lines with boxes, personal "
                     "data masked, the file hash as the item id (a re-submitted file is a duplicate). Unreadable, "

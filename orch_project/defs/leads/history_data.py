@@ -34,8 +34,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy and pandas load inside the functions: the code location imports this module
+    import numpy as np
+    import pandas as pd
 
 LABEL_COLUMN = "Converted"
 ID_COLUMN = "Prospect ID"
@@ -144,6 +147,7 @@ PROFILE = {"Potential Lead": (0.175, 0.79), "Other Leads": (0.053, 0.36), "Stude
 
 
 def _pick(rng: np.random.Generator, table: dict, size: int) -> np.ndarray:
+    import numpy as np
     keys = list(table)
     p = np.array([table[k] for k in keys], dtype=float)
     idx = rng.choice(len(keys), size=size, p=p / p.sum())
@@ -152,6 +156,7 @@ def _pick(rng: np.random.Generator, table: dict, size: int) -> np.ndarray:
 
 def _pick_given(rng: np.random.Generator, table: dict, y: np.ndarray) -> np.ndarray:
     """Draw a sales-team value given the outcome: P(level | y) from each level's share and conversion rate."""
+    import numpy as np
     out = np.empty(len(y), dtype=object)
     keys = list(table)
     for label in (0, 1):
@@ -181,6 +186,8 @@ def _note(rng: np.random.Generator, intent: float) -> str | None:
 
 def generate_history(n: int = 9000, seed: int = 7) -> pd.DataFrame:
     """``n`` generated leads with their outcome (``Converted`` 0/1), deterministic for a seed."""
+    import numpy as np
+    import pandas as pd
     rng = np.random.default_rng(seed)
     u = rng.normal(0, 1, n)  # hidden intent
     origin = _pick(rng, ORIGINS, n)
