@@ -1,5 +1,6 @@
 """`orch`: the command line for people running orch_project.
 
+\b
     orch flows [--json]       the flows and their counts
     orch demo                 seed every flow's inbox with its shipped samples and run every flow
     orch submit FILE... [--flow F]   put sources in a flow's inbox (files into its folder; .jsonl into its table)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import date
@@ -558,6 +559,175 @@ def _amount_fields(doc: _Doc) -> dict[str, FieldValue]:
             out["tax"] = FieldValue(value=_fmt(t.value), confidence=0.55 if t.pos < summary_from else 0.4,
                                     lines=t.lines)
     return out
+
+
+# --- the learned total ranker -------------------------------------------------------------------
+# Every positive amount on the page is a total candidate with the features below; a logistic
+# regression over them (weights in ``TOTAL_RANKER``, fitted offline by benchmarks/documents_ranker_fit.py)
+# scores each candidate, the best one is the total, and its probability (with the margin over the
+# best other value) is the confidence. The rules' own choice is one of the features.
+
+_RK_GRAND = re.compile(r"GRAND")
+_RK_NETT = re.compile(r"NETT|NETTOTAL|NETAMOUNTDUE")
+_RK_ROUND = re.compile(r"ROUND|RND|ADJ")
+_RK_INCL = re.compile(r"INCL|INC\.|INCLUSIVE|INCGST|INCSST|INCTAX")
+_RK_DUE = re.compile(r"AMOUNTDUE|AMTDUE|BALANCEDUE|TOTALDUE|PAYABLE|ZUZAHLEN|ENDBETRAG")
+_RK_QTY = re.compile(r"QTY|QUANTITY|ITEM|PCS|PIECE|UNIT|COUNT|NO\.?OF|WEIGHT|POINT")
+_RK_DISCOUNT = re.compile(r"DISC|SAVING|VOUCHER|REBATE|LESS|COUPON|PROMO")
+
+TOTAL_FEATURES = (
+    "kw_total", "kw_strength", "kw_grand", "kw_nett", "kw_round", "kw_incl", "kw_due", "kw_subtotal",
+    "kw_tax", "kw_tender", "kw_change", "kw_qty", "kw_discount", "kw_none", "above_total", "above_tender",
+    "kw_same_line", "kw_same_row", "kw_below", "rel_pos", "last_total_kw", "is_max", "is_max_below",
+    "rel_value", "eq_cash_minus_change", "eq_paid", "eq_sub_tax", "eq_sub_tax_rounded", "eq_items_sum",
+    "repeats", "round_005", "currency_on_row", "in_summary", "in_table", "after_adjustment", "superseded",
+    "rule_pick",
+)
+
+
+@dataclass
+class _TotalCand:
+    value: Decimal
+    lines: list[int]
+    pos: int
+    f: dict[str, float]
+
+
+def _total_candidates(doc: _Doc, rule_total: Decimal | None, items: list[LineItem]) -> list[_TotalCand]:
+    """Every positive amount on the page as a total candidate, with the ranker's features (after
+    ``_classify`` and ``_line_items``; ``rule_total`` is the rules' choice)."""
+    lines = doc.lines
+    n = max(1, len(lines))
+    summary_from = next((ln.pos for ln in lines if _KW_SUMMARY.search(ln.compact)), n)
+    # the keyword line announcing each amount (the amount's line index, value) -> (keyword line, how)
+    anchor: dict[tuple[int, Decimal], tuple[_Ln, int]] = {}
+    by_index = {ln.line.index: ln for ln in lines}
+    kw_cands: list[tuple[_Ln, _Cand]] = []
+    for ln in lines:
+        if ln.kind == "other":
+            continue
+        c = _value_for(doc, ln)
+        if c is None:
+            continue
+        kw_cands.append((ln, c))
+        last = by_index[c.lines[-1]]
+        where = 0 if len(c.lines) == 1 else 1 if doc.row_of[last.pos] == doc.row_of[ln.pos] or _same_row(ln, last) else 2
+        key = (c.lines[-1], c.value)
+        if key not in anchor or where < anchor[key][1]:
+            anchor[key] = (ln, where)
+
+    def is_change(ln: _Ln) -> bool:
+        return bool(_KW_CHANGE.search(ln.compact))
+
+    tender = [c.value for ln, c in kw_cands if ln.kind == "tender" and not is_change(ln) and c.value > 0]
+    change = [c.value for ln, c in kw_cands if ln.kind == "tender" and is_change(ln) and c.value >= 0]
+    cash_minus_change = {t - ch for t in tender for ch in change if t > ch}
+    subtotals = [c.value for ln, c in kw_cands if ln.kind == "subtotal" and ln.pos < summary_from]
+    taxes = [c.value for ln, c in kw_cands if ln.kind == "tax" and c.value >= 0]
+    services = [c.value for ln, c in kw_cands if ln.kind == "service"]
+    adjustments = [(ln.pos, c.value) for ln, c in kw_cands if ln.kind == "rounding" and c.value != 0
+                   and abs(c.value) < Decimal("0.10")]
+    totals_kw = [(ln.pos, c.value) for ln, c in kw_cands if ln.kind == "total" and c.value > 0]
+    sums = {s + t + sv for s in subtotals for t in [Decimal(0), *taxes] for sv in [Decimal(0), *services]}
+    sums -= set(subtotals) if not taxes and not services else set()
+    items_sum = sum((Decimal(i.amount) for i in items if i.amount), Decimal(0)) if items else None
+    first_summary_kw = next((ln.pos for ln in lines if ln.kind in ("subtotal", "total")), n)
+    counts: dict[Decimal, int] = {}
+    for ln in lines:
+        for a in ln.amounts:
+            counts[a.value] = counts.get(a.value, 0) + 1
+    non_tender = [a.value for ln in lines if ln.kind != "tender" for a in ln.amounts if a.value > 0]
+    largest = max(non_tender, default=None)
+    largest_below = max((a.value for ln in lines[first_summary_kw:] if ln.kind != "tender"
+                         for a in ln.amounts if a.value > 0), default=None)
+    last_total_pos = max((p for p, _ in totals_kw), default=None)
+
+    out: list[_TotalCand] = []
+    for ln in lines:
+        row = doc.rows[doc.row_of[ln.pos]]
+        row_amounts = sum(len(lines[p].amounts) for p in row)
+        row_text = " ".join(lines[p].up for p in row)
+        prev_row = doc.rows[doc.row_of[ln.pos] - 1] if doc.row_of[ln.pos] > 0 else []
+        above = [lines[p] for p in prev_row]
+        for a in ln.amounts:
+            v = a.value
+            if v <= 0:
+                continue
+            kw, where = anchor.get((ln.line.index, v), (None, -1))
+            f = dict.fromkeys(TOTAL_FEATURES, 0.0)
+            if kw is None:
+                f["kw_none"] = 1.0
+            else:
+                c = kw.compact
+                f["kw_total"] = float(kw.kind == "total")
+                f["kw_strength"] = kw.strength / 3.0 if kw.kind == "total" else 0.0
+                f["kw_grand"] = float(bool(_RK_GRAND.search(c)))
+                f["kw_nett"] = float(bool(_RK_NETT.search(c)))
+                f["kw_round"] = float(bool(_RK_ROUND.search(c)))
+                f["kw_incl"] = float(bool(_RK_INCL.search(c)))
+                f["kw_due"] = float(bool(_RK_DUE.search(c)))
+                f["kw_subtotal"] = float(kw.kind == "subtotal")
+                f["kw_tax"] = float(kw.kind == "tax")
+                f["kw_tender"] = float(kw.kind == "tender" and not is_change(kw))
+                f["kw_change"] = float(kw.kind == "tender" and is_change(kw))
+                f["kw_same_line"] = float(where == 0)
+                f["kw_same_row"] = float(where == 1)
+                f["kw_below"] = float(where == 2)
+                f["last_total_kw"] = float(kw.kind == "total" and kw.pos == last_total_pos)
+            f["kw_qty"] = float(bool(_RK_QTY.search(row_text.replace(" ", ""))))
+            f["kw_discount"] = float(bool(_RK_DISCOUNT.search(row_text.replace(" ", ""))))
+            f["above_total"] = float(any(o.kind == "total" for o in above))
+            f["above_tender"] = float(any(o.kind == "tender" for o in above))
+            f["rel_pos"] = ln.pos / n
+            f["is_max"] = float(v == largest)
+            f["is_max_below"] = float(v == largest_below)
+            f["rel_value"] = float(v / largest) if largest else 0.0
+            f["eq_cash_minus_change"] = float(v in cash_minus_change)
+            f["eq_paid"] = float(v in tender)
+            f["eq_sub_tax"] = float(v in sums)
+            f["eq_sub_tax_rounded"] = float(v not in sums and any(abs(v - s) <= Decimal("0.02") for s in sums))
+            f["eq_items_sum"] = float(items_sum is not None and v == items_sum)
+            f["repeats"] = min(counts.get(v, 1) - 1, 3) / 3.0
+            f["round_005"] = float((v * 20) == (v * 20).to_integral_value())
+            f["currency_on_row"] = float(a.currency is not None or bool(
+                re.search(r"(?<![A-Z])RM|MYR|[$€£¥]|EUR|USD|GBP|SGD", row_text)))
+            f["in_summary"] = float(ln.pos > summary_from)
+            f["in_table"] = float(row_amounts >= 2)
+            f["after_adjustment"] = float(any(
+                r < ln.pos and any(p < r and t + adj == v for p, t in totals_kw) for r, adj in adjustments))
+            f["superseded"] = float(any(
+                ln.pos < r and any(r < p and v + adj == t for p, t in totals_kw) for r, adj in adjustments))
+            f["rule_pick"] = float(rule_total is not None and v == rule_total)
+            idx = [ln.line.index] if kw is None or kw is ln else [kw.line.index, ln.line.index]
+            out.append(_TotalCand(v, idx, ln.pos, f))
+    return out
+
+
+TOTAL_CHOICE = "rules"  # "ranker": the learned ranker picks the total; "rules": the hand-ordered rules do
+TOTAL_RANKER: dict = {"intercept": 0.0, "weights": {}}
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -60 else 0.0
+
+
+def _rank_totals(cands: list[_TotalCand], model: dict) -> list[tuple[float, _TotalCand]]:
+    """The candidates with the ranker's probability, best first (ties: lower on the page)."""
+    w, b = model["weights"], model["intercept"]
+    scored = [(_sigmoid(b + sum(w.get(k, 0.0) * x for k, x in c.f.items() if x)), c) for c in cands]
+    return sorted(scored, key=lambda s: (s[0], s[1].pos), reverse=True)
+
+
+def _ranked_total(cands: list[_TotalCand], model: dict) -> FieldValue | None:
+    """The ranker's total: the best candidate, its confidence from its probability and from the
+    best probability of another value (a close rival lowers it)."""
+    ranked = _rank_totals(cands, model)
+    if not ranked:
+        return None
+    p1, best = ranked[0]
+    p2 = next((p for p, c in ranked if c.value != best.value), 0.0)
+    conf = p1 * (1.0 - 0.5 * p2)  # a calibrated probability, less half the best rival's
+    return FieldValue(value=_fmt(best.value), confidence=round(max(0.05, min(conf, 0.98)), 3), lines=best.lines)
 
 
 # --- dates ------------------------------------------------------------------------------------
@@ -1206,10 +1376,11 @@ def extract(lines: list[Line], *, default_currency: str | None = None) -> Extrac
     vendor, address = _vendor_address(doc)
     head_text = "\n".join(ln.up for ln in doc.lines[:16])
     country = _country(doc, head_text)
-    for ln in doc.lines:
-        _classify(ln)
-    line_items = _line_items(doc)  # first: item rows are no amount keyword lines ("Backup service")
-    amounts = _amount_fields(doc)
+    line_items, amounts, cands = _amounts_and_candidates(doc)
+    if TOTAL_CHOICE == "ranker":
+        ranked = _ranked_total(cands, TOTAL_RANKER)
+        if ranked is not None:
+            amounts["total"] = ranked
     out = ExtractionOutput(
         vendor=vendor,
         address=address,
@@ -1223,6 +1394,27 @@ def extract(lines: list[Line], *, default_currency: str | None = None) -> Extrac
         line_items=line_items,
     )
     return out
+
+
+def _amounts_and_candidates(doc: _Doc) -> tuple[list[LineItem], dict[str, FieldValue], list[_TotalCand]]:
+    """Line items, the rules' amount fields and the ranker's total candidates of a built document."""
+    for ln in doc.lines:
+        _classify(ln)
+    line_items = _line_items(doc)  # first: item rows are no amount keyword lines ("Backup service")
+    amounts = _amount_fields(doc)
+    rule = amounts.get("total")
+    rule_total = parse_amount(rule.value) if rule is not None and rule.value else None
+    return line_items, amounts, _total_candidates(doc, rule_total, line_items)
+
+
+def total_candidates(lines: list[Line]) -> tuple[FieldValue, list[_TotalCand]]:
+    """The rules' total and every total candidate with its ranker features (for fitting the ranker
+    offline: benchmarks/documents_ranker_fit.py)."""
+    lines = [ln for ln in lines if ln.text and ln.text.strip()]
+    if not lines:
+        return FieldValue(), []
+    _, amounts, cands = _amounts_and_candidates(_Doc.build(lines))
+    return amounts.get("total", FieldValue()), cands
 
 
 # --- evaluation on the labelled receipts --------------------------------------------------------
