@@ -5,10 +5,13 @@ Runs ``orch_project.defs.documents.extract.extract`` over every ``box/NNN.csv`` 
 date, address and total with ``key/NNN.json`` after ``normalise``. Prints per-field exact-match
 accuracy on all receipts, on the held-out fold (vendors the rules were not tuned on: see
 ``sroie_split``) and on the rest, then the throughput (documents per second: extraction alone, and
-parsing + extraction + validation of the output contract). The extractor has no learned parameters,
-so there is nothing to cross-validate: the held-out fold is the estimate for unseen receipts.
+parsing + extraction + validation of the output contract). The total is chosen by a small learned
+ranker (logistic regression weights in ``extract.TOTAL_RANKER``, fitted by
+``benchmarks/documents_ranker_fit.py``), so the total's figure on all receipts is partly in-sample:
+the grouped 5-fold cross-validation by vendor (ranker fitted on four folds, scored on the fifth, the
+rules beside it) is printed too (``--no-cv`` skips it).
 
-    .venv/bin/python benchmarks/documents_accuracy.py [--show-misses] [--repeat N]
+    .venv/bin/python benchmarks/documents_accuracy.py [--show-misses] [--repeat N] [--no-cv]
 
 The last line of the output is one JSON object with the figures. Exit status 2 when the data folder
 is missing.
@@ -25,8 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from orch_project.defs.documents.extract import EXTRACTOR_VERSION, extract, sroie_accuracy  # noqa: E402
+from orch_project.defs.documents.extract import (EXTRACTOR_VERSION, TOTAL_CHOICE, extract,  # noqa: E402
+                                                 sroie_accuracy)
 from orch_project.defs.documents.schema import ExtractionOutput  # noqa: E402
 from orch_project.lib.docread import parse_ocr_lines  # noqa: E402
 
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--show-misses", action="store_true", help="list every miss (file, field, expected, got)")
     ap.add_argument("--repeat", type=int, default=3, help="passes over the receipts for the throughput figure")
+    ap.add_argument("--no-cv", action="store_true", help="skip the grouped cross-validation of the total ranker")
     args = ap.parse_args(argv)
     folder = data_folder()
     if not (folder / "box").is_dir() or not (folder / "key").is_dir():
@@ -82,11 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(misses)} misses:")
         for m in misses:
             print(f"  {m['file']} [{m['part']}] {m['field']}: expected {m['expected']!r}, got {m['got']!r}")
+    cv = None
+    if not args.no_cv:
+        from documents_ranker_fit import VARIANTS, cross_validate, load
+
+        cv = cross_validate(load(folder), VARIANTS["rules_feature"], 1.0)
+        print(f"\ntotal, grouped 5-fold CV by vendor (ranker refitted on 4 folds; TOTAL_CHOICE = {TOTAL_CHOICE!r}):"
+              f"\n  ranker per fold {cv['per_fold']} mean {cv['mean']:.3f} pooled {cv['pooled']:.3f}"
+              f"\n  rules  per fold {cv['rules_per_fold']} mean {cv['rules_mean']:.3f} pooled {cv['rules_pooled']:.3f}"
+              f" (in-sample: the rules were written on these receipts)"
+              f"\n  confidence (right/chosen) ranker {cv['confidence_bins']}, rules {cv['rules_confidence_bins']}")
     speed = throughput(folder, max(1, args.repeat))
     print(f"\nthroughput: {speed['extract_docs_per_s']} docs/s extraction, {speed['flow_docs_per_s']} docs/s "
           f"parse + extract + validate ({speed['documents']} documents, {speed['mean_lines']} lines on average)")
     print(json.dumps({"extractor": EXTRACTOR_VERSION, "accuracy": {k: result[k] for k in ("all", "held_out", "dev")},
-                      "counts": counts, "throughput": speed}))
+                      "counts": counts, "throughput": speed,
+                      "total_cv": None if cv is None else {k: cv[k] for k in ("per_fold", "rules_per_fold", "mean",
+                                                                              "rules_mean", "pooled", "rules_pooled")}}))
     return 0
 
 
