@@ -34,7 +34,7 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert int(d["awaiting approval"]) >= 1 and d["rejected by a person"] == "2"
     assert sum(int(d[k]) for k in ("resolved", "awaiting approval", "rejected by a person", "dead-lettered",
                                    "duplicates ignored")) == 40
-    assert d["connectors"] == f"AP bills posted {d['resolved']}, voided 0"
+    assert d["connectors"] == f"AP bills posted {d['resolved']}, voided 0, payment runs {d['resolved']}"
     assert "the AP team reviews" in first.output
     assert (orch_home.reports_dir / "documents" / "kpi_report.html").is_file()
 

@@ -72,7 +72,7 @@ def test_every_format_end_to_end(orch_home, db, defs, instance):
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"intake_documents_nothing_lost": True, "intake_documents_pii_masked": True,
                       "extraction_contract_holds": True, "every_rule_ran": True, "posted_bills_complete": True,
-                      "post_no_duplicate_effects": True}
+                      "post_no_duplicate_effects": True, "notify_no_duplicate_effects": True}
     st = status_counts(db, FLOW)
     assert {k: n for k, n in st["states"].items() if n} == {"resolved": 4}, st
     assert st["lost"] == 0
@@ -138,7 +138,7 @@ def test_malformed_files_go_to_the_dlq_while_the_batch_goes_on(orch_home, db, de
         dead = {r.source_key: (r.error_type, r.reason) for r in conn.execute(sa.select(dlq).where(dlq.c.flow == FLOW))}
     kinds = {k.split(":", 1)[1]: v[0] for k, v in dead.items()}
     assert kinds == {"empty.pdf": "empty", "locked.pdf": "encrypted", "torn.png": "unreadable",
-                     "contract.docx": "unsupported", "binary.txt": "unsupported", "blank.pdf": "no_text", "1": "unreadable"}
+                     "contract.docx": "unsupported", "binary.txt": "unsupported", "blank.pdf": "no_text", "1": "forbidden"}
     assert all(reason for _, reason in dead.values())
     assert "password-protected" in dead["file:locked.pdf"][1]
     assert item(db, "good.txt")["status"] == "resolved"
@@ -255,18 +255,93 @@ def test_a_posting_that_fails_for_good_is_voided_and_dead_lettered(orch_home, db
     monkeypatch.setitem(logic.CFG.__dict__, "connector_policy", loose)
     conns = _embedded(orch_home.connectors_url)
     drop(orch_home, "n.txt", sd.render(invoice(8), "txt"))
-    conns.set_fault("messaging")  # the bill posts, the notification never does
+    conns.set_fault("payments")  # the bill posts, its payment run never does
     assert run_flow(defs, instance, DAY, FLOW).success
-    assert item(db, "n.txt")["status"] == "approved"  # waiting for its notification
+    assert item(db, "n.txt")["status"] == "approved"  # waiting for its payment run
+    assert [b["status"] for b in bills(orch_home)] == ["posted"]
     for _ in range(logic.CFG.connector_policy.max_attempts):
         assert run_ops(defs, instance, FLOW).success
     conns.clear_fault()
     it = item(db, "n.txt")
     assert it["status"] == "dead_lettered" and it["compensation"]["compensated"] == ["bill:void_bill"]
     assert [b["status"] for b in bills(orch_home)] == ["void"]
+    assert conns.counts()["messages"] == 0  # nobody was told "posted"
     with db.begin() as conn:
         reason = conn.execute(sa.select(dlq.c.reason).where(dlq.c.item_id == it["item_id"])).scalar_one()
-    assert "notify" in reason and "void_bill" in reason
+    assert "payment" in reason and "void_bill" in reason
+
+
+def test_the_submitter_is_told_only_after_the_bill_is_posted(orch_home, db, defs, instance):
+    from orch_project.defs.resources import _embedded
+
+    conns = _embedded(orch_home.connectors_url)
+    drop(orch_home, "m.txt", sd.render(invoice(9), "txt"))
+    conns.set_fault("accounting")
+    assert run_flow(defs, instance, DAY, FLOW).success
+    assert item(db, "m.txt")["status"] == "approved" and conns.counts()["messages"] == 0
+    conns.clear_fault()
+    assert run_ops(defs, instance, FLOW).success  # redelivery: bill, payment run, then the notification
+    assert item(db, "m.txt")["status"] == "resolved" and conns.counts()["messages"] == 1
+    assert [b["status"] for b in bills(orch_home)] == ["posted"]
+
+
+def test_a_registration_may_only_name_files_under_the_allowed_folders(orch_home, db, defs, instance, tmp_path,
+                                                                      monkeypatch):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(sd.render(invoice(3), "txt"))
+    allowed = tmp_path / "scans"
+    allowed.mkdir()
+    (allowed / "ok.txt").write_bytes(sd.render(invoice(4), "txt"))
+    (allowed / "link.txt").symlink_to(outside)
+    monkeypatch.setenv("ORCH_DOCUMENT_ROOTS", str(allowed))
+    rows = [{"id": "a", "path": "/etc/passwd"}, {"id": "b", "path": str(outside)},
+            {"id": "c", "path": str(allowed / "link.txt")}, {"id": "d", "path": str(allowed / "ok.txt"),
+                                                             "submitter_email": "clerk@suppliers.example"}]
+    for r in rows:
+        r["received_at"] = "2026-11-30T10:00:00Z"
+    submit_to_table(db, FLOW, rows, "test")
+    assert run_flow(defs, instance, DAY, FLOW).success
+    with db.begin() as conn:
+        dead = dict(conn.execute(sa.select(dlq.c.source_key, dlq.c.error_type).where(dlq.c.flow == FLOW)).all())
+    assert sorted(dead.values()) == ["forbidden"] * 3 and len(dead) == 3
+    ok = item(db, "ok.txt")
+    assert ok["status"] == "resolved" and ok["submitter_token"].startswith("tok_")
+    with db.begin() as conn:
+        texts = [json.dumps(d) for (d,) in conn.execute(sa.select(items.c.data).where(items.c.flow == FLOW))]
+    assert not any("root:" in t for t in texts)
+
+
+def test_a_clerk_cannot_correct_a_bill_below_the_second_approval(orch_home, db, defs, instance):
+    big = invoice(0, lines=[("Annual licence, 40 seats", 40, Decimal("180.00"))])
+    drop(orch_home, "big2.txt", sd.render(big, "txt"))
+    assert run_flow(defs, instance, DAY, FLOW).success
+    iid = item(db, "big2.txt")["item_id"]
+    small = 'total: "4000.00"\nsubtotal: "3361.34"\ntax: "638.66"\nline_items: [{description: x, quantity: "1", unit_price: "3361.34", amount: "3361.34"}]\n'
+    out = hitl.decide(db, iid, "approve", "ap-nora", "", small, logic.CFG.roster, flow=FLOW)
+    assert out["status"] == "pending" and out["needs_second_approval_by_role"] == "supervisor"
+    # the second approver changes the amount again: a third person must see it
+    fix = f'total: "{big.total}"\nsubtotal: "{big.subtotal}"\ntax: "{big.tax}"\n' \
+          f'line_items: [{{description: licence, quantity: "40", unit_price: "180.00", amount: "7200.00"}}]\n'
+    out = hitl.decide(db, iid, "approve", "ap-victor", "", fix, logic.CFG.roster, flow=FLOW)
+    assert out["status"] == "pending"
+    hitl.decide(db, iid, "approve", "ap-maya", "", None, logic.CFG.roster, flow=FLOW)
+    _resume(defs, instance, db)
+    it = item(db, "big2.txt")
+    assert it["status"] == "resolved" and [s["by"] for s in it["signoffs"]] == ["ap-victor", "ap-maya"]
+    assert [b["total"] for b in bills(orch_home)] == [f"{big.total}"]
+
+
+def test_a_correction_that_leaves_the_document_inconsistent_is_refused(orch_home, db, defs, instance):
+    wrong = invoice(7, total_override=invoice(7).total + Decimal("10.00"))
+    drop(orch_home, "w2.txt", sd.render(wrong, "txt"))
+    assert run_flow(defs, instance, DAY, FLOW).success
+    iid = item(db, "w2.txt")["item_id"]
+    for bad, msg in [('total: "12,50"\n', "total_matches_subtotal_tax"), ("currency: null\n", "schema"),
+                     ('number: 0123\ntotal: "1.0.0"\n', "not an amount")]:
+        with pytest.raises(hitl.ApprovalError, match=msg):
+            hitl.decide(db, iid, "approve", "ap-nora", "", bad, logic.CFG.roster, flow=FLOW)
+    assert hitl.pending(db, FLOW)[0]["item_id"] == iid  # nothing decided
+    assert logic.parse_corrections("number: 0123\nvendor: yes\n") == {"number": "0123", "vendor": "yes"}
 
 
 def test_extract_cli_prints_one_json_object_per_document(tmp_path):

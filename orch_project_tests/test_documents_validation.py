@@ -76,8 +76,10 @@ def test_duplicates_by_file_by_number_and_by_date_and_total():
     index.add("doc-first", "b" * 64, fields())
     same_number = failing(run(index=index))
     assert same_number == {"duplicate": "same vendor + number as document doc-first"}
-    other_number = failing(run(fields(number="HP-2"), index=index))
-    assert other_number == {"duplicate": "same vendor + date + total as document doc-first"}
+    # two numbered bills alike in vendor, date and total are two bills; without a number, a copy
+    assert failing(run(fields(number="HP-2"), index=index)) == {}
+    no_number = failing(run(fields(number=None), index=index))
+    assert no_number == {"duplicate": "same vendor + date + total as document doc-first"}
     same_file = failing(run(fields(number="HP-3", date="2026-11-21"), index=index, sha="b" * 64))
     assert same_file == {"duplicate": "same file as document doc-first"}
     assert failing(run(fields(number="HP-4", date="2026-11-22"), index=index)) == {}
@@ -95,6 +97,18 @@ def test_nothing_to_check_passes_and_says_so():
 def test_sdn_bhd_is_not_a_currency():
     codes, symbols = v.printed_currencies("KEDAI ALAT TULIS SDN BHD\nTOTAL RM 3.39")
     assert codes == set() and symbols == {"MYR"}
+
+
+@pytest.mark.parametrize("text,value", [("1,234.56", "1234.56"), ("1.234,56", "1234.56"), ("12,50", "12.50"),
+                                        ("99.00", "99.00"), ("12,5,0", None), ("1.0.0", None), ("abc", None)])
+def test_amounts_as_printed_or_typed(text, value):
+    got = v.amount(text)
+    assert (str(got) if got is not None else None) == value
+
+
+def test_us_and_canadian_dollar_symbols():
+    assert v.printed_currencies("Total US$ 120.00") == (set(), {"USD"})
+    assert v.printed_currencies("Total CA$ 120.00")[1] == {"CAD"}
 
 
 def test_corrections_are_parsed_strictly():

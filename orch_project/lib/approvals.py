@@ -214,17 +214,27 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
         outputs["pii_masked_in_edit"] = dict(masked.counts)
         outputs[f"{spec.review.edit_label}_chars"] = len(masked.text)
     changed = edited_draft is not None and data is not None
-    # four eyes: an approval the flow wants a second person for is a sign-off until that person approves
-    second = (spec.review.second_role(data or {}) if spec.review.second_role and decision == "approve" else None)
+    # four eyes: an approval the flow wants a second person for is a sign-off until that person approves.
+    # Asked of the item before and after an edit (an edit cannot take it below the threshold), and an edit
+    # given with the second approval starts over: the values that go out are seen by two people.
+    second = None
+    if spec.review.second_role and decision == "approve":
+        before = spec.review.second_role(dict(item.data) if item is not None else {})
+        second = before or spec.review.second_role(data or {}) or (row["required_role"] if signoffs else None)
+    if second and signoffs and edited_draft is not None:
+        signoffs = []
     if data is not None and decision == "approve" and (second or signoffs):
         data = {**data, "signoffs": [*signoffs, {"by": person["id"], "role": person.get("role"), "at": now.isoformat()}]}
         changed = True
     first_signoff = bool(second) and not signoffs
-    values = (dict(required_role=second) if first_signoff else
+    edited = bool(row.get("edited")) or edited_draft is not None
+    needed = max(second or row["required_role"], row["required_role"], key=role_rank)  # never lower
+    values = (dict(required_role=needed, edited=edited) if first_signoff else
               dict(status=status, decided_at=now, decided_by=person["id"], decision_reason=reason or None,
-                   edited=bool(row.get("edited")) or edited_draft is not None))
+                   edited=edited))
     action = "approval_signed_off" if first_signoff else f"approval_{status}"
     if first_signoff:
+        second = needed
         outputs = {**outputs, "status": "pending", "needs_second_approval_by_role": second}
     with db.begin() as conn:
         res = conn.execute(approvals.update().where(approvals.c.id == row["id"], approvals.c.status == "pending",

@@ -250,7 +250,12 @@ def _read_image(data: bytes, max_pages: int) -> tuple[list[Line], list[tuple[flo
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise DocumentError("too_large", f"image is {img.width}x{img.height} pixels, above the "
                                              f"{MAX_IMAGE_PIXELS // 1_000_000} megapixel limit; scan at 300 dpi")
-        frames = [f.convert("RGB") for _, f in zip(range(max_pages + 1), ImageSequence.Iterator(img))]
+        frames = []
+        for _, frame in zip(range(max_pages + 1), ImageSequence.Iterator(img)):
+            if frame.width * frame.height > MAX_IMAGE_PIXELS:  # every page, not only the first
+                raise DocumentError("too_large", f"a page is {frame.width}x{frame.height} pixels, above the "
+                                                 f"{MAX_IMAGE_PIXELS // 1_000_000} megapixel limit; scan at 300 dpi")
+            frames.append(frame.convert("RGB"))
     except DocumentError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:

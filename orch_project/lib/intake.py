@@ -53,7 +53,8 @@ class Parsed:
         rec = self.received_at
         if rec is not None and first_day <= rec.date() <= today:
             return rec.date().isoformat()
-        return self.arrival_at.date().isoformat()
+        # an arrival time outside the partitions (a file copied with an old or future mtime) is clamped
+        return min(max(self.arrival_at.date(), first_day), today).isoformat()
 
 
 def _file_time(stat: os.stat_result) -> datetime:
@@ -68,7 +69,9 @@ def list_inbox_files(inbox_dir: Path, suffixes: Sequence[str] = INBOX_SUFFIXES) 
         return out
     with os.scandir(inbox_dir) as it:
         for entry in it:
-            if not entry.is_file() or entry.name.startswith(".") or not entry.name.endswith(tuple(suffixes)):
+            # dotfiles and .tmp are writes in progress; ~$ files are office programs' lock files
+            if (not entry.is_file() or entry.name.startswith((".", "~$")) or entry.name.endswith(".tmp")
+                    or not entry.name.endswith(tuple(suffixes))):
                 continue
             st = entry.stat()
             out.append((max(st.st_ctime_ns, st.st_mtime_ns), entry.name, Path(entry.path)))
@@ -185,11 +188,16 @@ def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: S
             sa.select(inbox.c.id, inbox.c.payload, inbox.c.submitted_at).where(inbox.c.flow == flow).order_by(inbox.c.id)
         ).all()
     if inbox_dir is not None:
-        files_seen = {file_of(k) for k in seen if k.startswith("file:")}
+        split = {file_of(k) for k in seen if k.startswith("file:") and "#" in k}
         for _, name, path in list_inbox_files(inbox_dir, suffixes):
-            if f"file:{name}" not in files_seen:
-                got = parse(path)
-                yield from (got if isinstance(got, list) else [got])
+            key = f"file:{name}"
+            if key in seen:
+                continue
+            got = parse(path)
+            if isinstance(got, list):  # records of one file may belong to different days: skip per record
+                yield from (p for p in got if p.source_key not in seen) if key in split else got
+            else:
+                yield got
     for row_id, payload, submitted_at in rows:
         if f"table:{row_id}" not in seen:
             yield parse_inbox_row(row_id, payload, submitted_at)

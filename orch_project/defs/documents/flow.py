@@ -73,12 +73,15 @@ def _validated_expectations(cfg) -> list:
 
 
 def _posted_frame(db, flow: str, days: list[str], cfg) -> Any:
+    from .validation import amount
+
     def keep(item_id, status, d):
-        if status != "resolved":
+        if status not in ("posted", "resolved"):
             return None
         f = {k: fv["value"] for k, fv in d["fields"].items()}
+        total = amount(f["total"])
         return {"item_id": item_id, "vendor": f["vendor"], "date": f["date"], "currency": f["currency"],
-                "total": float(f["total"]) if f["total"] is not None else None}
+                "total": float(total) if total is not None else None}
     return _frame(db, flow, days, keep)
 
 
@@ -116,7 +119,10 @@ def _summary(settings) -> list[tuple[str, str]]:
             return [("connectors", "no bills yet")]
         counts = dict(conn.execute(sa.select(logic.ap_bills.c.status, sa.func.count()).group_by(
             logic.ap_bills.c.status)).all())
-    return [("connectors", f"AP bills posted {counts.get('posted', 0)}, voided {counts.get('void', 0)}")]
+        runs = conn.execute(sa.select(sa.func.count()).select_from(logic.payment_runs)).scalar_one() if sa.inspect(
+            conn).has_table(logic.payment_runs.name) else 0
+    return [("connectors", f"AP bills posted {counts.get('posted', 0)}, voided {counts.get('void', 0)}, "
+                           f"payment runs {runs}")]
 
 
 SPEC = FlowSpec(
@@ -147,23 +153,26 @@ SPEC = FlowSpec(
               description="A failed rule, a low confidence or a total above the brief's amount waits for a person "
                           "(approvals queue, with the failing fields); above the amount a second person signs off. "
                           "The rest is approved by policy; every decision is audited."),
-        Stage("post", loads="approved", sets="resolved", fn=logic.post_stage, kind="connector", waits=True,
-              description="AP bill to the accounting connector and a notification to the submitter through the "
-                          "outbox, exactly once; a bill that cannot be completed is voided and the document "
-                          "dead-lettered."),
+        Stage("post", loads="approved", sets="posted", fn=logic.post_stage, kind="connector", waits=True,
+              description="AP bill to the accounting connector and its payment run to the payments connector "
+                          "through the outbox, exactly once; a bill whose payment cannot be scheduled is voided "
+                          "and the document dead-lettered; a bill already posted by another document is refused."),
+        Stage("notify", loads="posted", sets="resolved", fn=logic.notify_stage, kind="connector", waits=True,
+              description="The submitter (or the AP inbox channel) is told the bill is posted, exactly once, and "
+                          "only after it is."),
     ],
     ops=[
-        OpsStage("outbox_redelivery", fn=logic.redelivery_stage, kind="connector", after=("post",),
+        OpsStage("outbox_redelivery", fn=logic.redelivery_stage, kind="connector", after=("post", "notify"),
                  description="Effects still in the outbox are delivered again behind the circuit breakers; waiting "
                              "documents are posted, or compensated and dead-lettered once a step failed for good."),
-        OpsStage("labelled_examples", fn=logic.labelled_examples_stage, after=("post",),
+        OpsStage("labelled_examples", fn=logic.labelled_examples_stage, after=("notify",),
                  description="Reviewers' corrections kept as labelled examples (masked lines + final fields) for the "
                              "next extractor version: $ORCH_HOME/datasets/documents_labelled.jsonl."),
     ],
     model_tasks={logic.TASK: ModelTask(output=ExtractionOutput, local=logic.extract_local_task)},
     effects=logic.EFFECTS,
     compensations=logic.COMPENSATIONS,
-    systems=[logic.ACCOUNTING],
+    systems=[logic.ACCOUNTING, logic.PAYMENTS],
     review=ReviewSpec(fields=("name", "approval_reasons", "failed_rules"), apply_edit=logic.apply_corrections,
                       edit_label="fields", mask_edit=False, second_role=logic.second_role),
     checks=[

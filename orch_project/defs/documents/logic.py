@@ -65,6 +65,18 @@ class DocumentSettings(BaseModel):
                                                               "US_SSN", "IP_ADDRESS"])
     max_file_mib: float = Field(10, gt=0)
     max_pages: int = Field(20, ge=1)
+    # folders a registration in the inbox table may name (relative: to the flow's folder); the inbox root
+    # (ORCH_INBOX_DIR) and the roots in ORCH_DOCUMENT_ROOTS (os.pathsep-separated) are allowed too
+    registration_roots: list[str] = Field(default_factory=list)
+
+    @field_validator("second_approval_role")
+    @classmethod
+    def _role(cls, role: str) -> str:
+        from ...lib.approvals import ROLE_ORDER
+
+        if role not in ROLE_ORDER:
+            raise ValueError(f"second_approval_role {role!r} is not a role ({', '.join(ROLE_ORDER)})")
+        return role
 
     @field_validator("required_fields")
     @classmethod
@@ -104,7 +116,8 @@ def read_file(path: Path, settings: DocumentSettings | None = None) -> docread.D
         if size > limit:
             raise docread.DocumentError("too_large", f"file is {size / 1048576:.1f} MiB, above the "
                                                      f"{settings.max_file_mib:g} MiB limit; split or compress it")
-        data = path.read_bytes()
+        with path.open("rb") as fh:  # bounded: a special file may report size 0 and never end
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise docread.DocumentError("unreadable", f"cannot read the file: {exc.strerror}") from None
     return docread.read_document(path.name, data, max_bytes=limit, max_pages=settings.max_pages)
@@ -155,6 +168,32 @@ class DocumentRegistration(BaseModel):
         return value or None
 
 
+def registration_roots(settings: DocumentSettings) -> list[Path]:
+    import os
+
+    from ...lib.settings import Settings
+
+    roots = [Settings.from_env().inbox_dir]
+    roots += [FOLDER / r if not Path(r).is_absolute() else Path(r) for r in settings.registration_roots]
+    roots += [Path(r) for r in os.environ.get("ORCH_DOCUMENT_ROOTS", "").split(os.pathsep) if r.strip()]
+    return [r.expanduser().resolve() for r in roots]
+
+
+def allowed_path(raw: str, settings: DocumentSettings) -> Path:
+    """The registered file, if it lies (after resolving links) under a folder registrations may name;
+    otherwise one refusal that says where files may be, not whether this one exists."""
+    roots = registration_roots(settings)
+    try:
+        path = Path(raw).expanduser().resolve(strict=True)
+    except (OSError, RuntimeError):
+        path = None
+    if path is None or not any(path.is_relative_to(r) for r in roots) or not path.is_file():
+        raise Rejected("forbidden", "the registered path is not a readable file under a folder registrations may "
+                                    "name (the inbox root, the brief's registration_roots, ORCH_DOCUMENT_ROOTS); "
+                                    "copy the document there or add its folder, then register it again")
+    return path
+
+
 def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
     """One document as an item: its id from the file hash (a re-submitted file is a duplicate), its
     lines with boxes, personal data masked per the brief (the submitter's name and address go to the
@@ -164,22 +203,23 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
     doc = raw.get("document")
     if doc is None:  # a registration from the inbox table: read the file it names
         reg = DocumentRegistration.model_validate(raw)
-        path = Path(reg.path).expanduser()
-        if not path.is_file():
-            raise Rejected("unreadable", f"registered document {path.name!r} is not a file that can be read; "
-                                         "check the path and register it again")
+        path = allowed_path(reg.path, settings)
         try:
             doc = read_file(path, settings)
         except docread.DocumentError as exc:
             raise Rejected(exc.kind, f"{path.name}: {exc.reason}") from None
         submitter_email, submitter_name = reg.submitter_email, reg.submitter_name
-        raw = {"name": path.name, "received_at": (reg.received_at or ctx.now).isoformat(),
-               "source": f"file://{path.resolve()}"}
+        received = reg.received_at or ctx.now
+        if received.tzinfo is None:
+            received = received.replace(tzinfo=timezone.utc)
+        raw = {"name": path.name, "received_at": min(received, ctx.now).isoformat(),  # never in the future
+               "source": f"file://{path}"}
     item_id = f"doc-{doc.sha256[:20]}"
     lines, counts = masked_lines(doc.lines, [submitter_name] if submitter_name else [], settings)
     received = raw.get("received_at")
     received_at = datetime.fromisoformat(received) if isinstance(received, str) else received
     data = {"name": raw["name"], "format": doc.format, "pages": doc.pages, "sha256": doc.sha256,
+            "received_on": (received_at or ctx.now).date().isoformat(),
             "size_bytes": doc.size_bytes, "document_link": raw.get("source"), "lines": lines,
             "submitter_token": ctx.vault(item_id, "EMAIL_ADDRESS", submitter_email) if submitter_email else None}
     return Accepted(item_id=item_id, data=data, received_at=received_at, channel=doc.format, pii=counts)
@@ -266,8 +306,15 @@ def fields_from_output(out: ExtractionOutput, lines: Sequence[dict[str, Any]]) -
             value = f"{d.quantize(Decimal('0.01'))}" if d is not None else value
         if name == "currency" and value:
             value = value.upper()
+        raw_value = None
+        if value and ((name == "date" and v.iso_date(value) is None) or
+                      (name == "currency" and value not in v.ISO_4217) or
+                      (name in AMOUNT_FIELDS and v.amount(value) is None)):
+            raw_value, value = value, None  # a model's answer outside the contract: kept, not used
         fields[name] = {"value": value or None, "confidence": round(float(fv.confidence), 4) if value else 0.0,
                         "provenance": provenance(fv.lines, by_index)}
+        if raw_value is not None:
+            fields[name]["unparsed"] = str(raw_value)[:200]
     line_items = [{"description": li.description, "quantity": li.quantity, "unit_price": li.unit_price,
                    "amount": li.amount, "confidence": round(float(li.confidence), 4),
                    "provenance": provenance(li.lines, by_index)} for li in out.line_items]
@@ -416,8 +463,8 @@ def parse_corrections(text: str) -> dict[str, Any]:
     optionally ``line_items`` -> the corrected list. Unknown fields are refused."""
     import yaml
 
-    try:
-        obj = yaml.safe_load(text)
+    try:  # BaseLoader: every value stays the string the reviewer typed (no 0123 -> 83, yes -> True)
+        obj = yaml.load(text, Loader=yaml.BaseLoader)
     except yaml.YAMLError as exc:
         raise ValueError(f"the correction file is not YAML/JSON ({type(exc).__name__}); write `field: value` lines")
     if not isinstance(obj, dict) or not obj:
@@ -429,10 +476,17 @@ def parse_corrections(text: str) -> dict[str, Any]:
         if f == "line_items":
             if not isinstance(val, list) or not all(isinstance(x, dict) and x.get("description") for x in val):
                 raise ValueError("line_items must be a list of {description, quantity, unit_price, amount}")
-            out[f] = [{k: (str(x.get(k)) if x.get(k) is not None else None)
-                       for k in ("description", "quantity", "unit_price", "amount")} for x in val]
+            items_out = []
+            for n, x in enumerate(val, 1):
+                row = {k: (str(x.get(k)).strip() if x.get(k) is not None else None)
+                       for k in ("description", "quantity", "unit_price", "amount")}
+                for k in ("quantity", "unit_price", "amount"):
+                    if row[k] is not None and v.amount(row[k]) is None:
+                        raise ValueError(f"line_items {n} {k}: {row[k]!r} is not a number")
+                items_out.append(row)
+            out[f] = items_out
             continue
-        val = None if val is None else str(val).strip()
+        val = None if val is None or str(val).strip().lower() in ("", "null", "~") else str(val).strip()
         if f in AMOUNT_FIELDS and val is not None:
             d = v.amount(val)
             if d is None:
@@ -449,29 +503,50 @@ def parse_corrections(text: str) -> dict[str, Any]:
     return out
 
 
+# rules a correction must leave passing: the document's own consistency (a reviewer may still approve an
+# old date, an id without a valid checksum or a low confidence: that is the judgement asked of them)
+MUST_HOLD_AFTER_CORRECTION = ("schema", "line_arithmetic", "subtotal_matches_lines", "total_matches_subtotal_tax",
+                              "currency_consistent")
+
+
 def apply_corrections(data: dict[str, Any], text: str, reviewer: str, at: str) -> tuple[dict[str, Any], Any]:
     """A reviewer's field corrections (``orch approve ID --edit-file F``): the corrected fields replace
-    the extracted ones (confidence 1, source ``reviewer``), the extracted values are kept beside them
-    as the labelled example, and the rules are run again on the corrected document."""
+    the extracted ones (confidence 1, source ``reviewer``; personal data in them masked), the extracted
+    values are kept beside them as the labelled example, and the rules run again on the corrected
+    document: a correction that leaves the document inconsistent (schema, arithmetic, currency) is refused."""
     corrections = parse_corrections(text)
     entities = tuple(CFG.settings.mask_entities)
+
+    def mask(value):
+        return pii.mask(value, (), entities).text if value else value
+
     fields = {k: dict(fv) for k, fv in data["fields"].items()}
+    earlier = dict(data.get("corrections") or {})
     changes: dict[str, Any] = {}
     for f, val in corrections.items():
         if f == "line_items":
-            changes[f] = {"extracted": data.get("line_items"), "corrected": val}
+            val = [{**li, "description": mask(li["description"])} for li in val]
+            corrections[f] = val
+            changes[f] = {"extracted": (earlier.get(f) or {}).get("extracted", data.get("line_items")), "corrected": val}
             continue
-        masked = pii.mask(val, (), entities).text if val else val
-        if masked != fields[f].get("value"):
-            changes[f] = {"extracted": fields[f].get("value"), "corrected": masked}
-        fields[f] = {**fields[f], "value": masked, "confidence": 1.0, "source": "reviewer"}
-    new = {**data, "fields": fields, "corrections": {**(data.get("corrections") or {}), **changes},
-           "corrected_by": reviewer, "corrected_at": at}
+        masked = mask(val)
+        if masked != fields[f].get("value") or f in earlier:
+            # the extracted value stays the model's, whatever a first correction said
+            changes[f] = {"extracted": (earlier[f]["extracted"] if f in earlier else fields[f].get("value")),
+                          "corrected": masked}
+        fields[f] = {**{k: x for k, x in fields[f].items() if k != "unparsed"}, "value": masked, "confidence": 1.0,
+                     "source": "reviewer"}
+    new = {**data, "fields": fields, "corrections": {**earlier, **changes}, "corrected_by": reviewer, "corrected_at": at}
     if "line_items" in corrections:
         new["line_items"] = [{**li, "confidence": 1.0, "provenance": []} for li in corrections["line_items"]]
+    received = v.iso_date(data.get("received_on")) or date.fromisoformat(at[:10])
     checks = v.validate(f"{data.get('sha256')}", new["fields"], new.get("line_items") or [],
-                        text=document_text(data["lines"]), sha256=None, received=date.fromisoformat(at[:10]),
-                        rules=CFG.rules, duplicates=v.DuplicateIndex())
+                        text=document_text(data["lines"]), sha256=None, received=received, rules=CFG.rules,
+                        duplicates=v.DuplicateIndex())
+    broken = [c for c in checks if not c.ok and c.rule in MUST_HOLD_AFTER_CORRECTION]
+    if broken:
+        raise ValueError("after the correction the document still fails " +
+                         "; ".join(f"{c.rule}: {c.reason}" for c in broken) + " (correct the other fields too)")
     new["review_validation"] = [c.as_dict() for c in checks if c.rule != "duplicate"]
     return new, {f: c["extracted"] for f, c in changes.items()}
 
@@ -525,35 +600,103 @@ def _void_bills(conn, effects: Sequence[Effect]) -> list[Delivery]:
 
 ACCOUNTING = System("accounting", ap_bills, _bill_row, handlers={"void_bill": _void_bills},
                     counts_as_duplicate=lambda t: t.c.status != "void")
-POST_STEPS = ("bill", "notify")
+
+payment_runs = sa.Table(
+    "payment_runs", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+    sa.Column("item_id", sa.String(255), nullable=False),
+    sa.Column("trace_id", sa.String(32)),
+    sa.Column("vendor", sa.Text),
+    sa.Column("currency", sa.String(3)),
+    sa.Column("amount", sa.String(32)),
+    sa.Column("due_on", sa.String(10)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+# the bank's payment scheduling: the second half of posting a bill (a bill that cannot be scheduled is voided)
+PAYMENTS = System("payments", payment_runs, lambda e, now: {
+    "idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id,
+    "vendor": e.payload.get("vendor"), "currency": e.payload.get("currency"), "amount": e.payload.get("amount"),
+    "due_on": e.payload.get("due_on"), "created_at": now})
+POST_STEPS = ("bill", "payment")
 COMPENSATIONS = {"bill": ("accounting", "void_bill")}
-EFFECTS = frozenset({("accounting", "post_bill"), ("accounting", "void_bill"), ("messaging", "send_notification")})
+EFFECTS = frozenset({("accounting", "post_bill"), ("accounting", "void_bill"), ("payments", "schedule_payment"),
+                     ("messaging", "send_notification")})
+PAYMENT_TERMS_DAYS = 30
 
 
 def _post_effects(row: dict[str, Any]) -> dict[str, Effect]:
     d, iid, tr = row["data"], row["item_id"], row["trace_id"]
     f = {k: (d["fields"].get(k) or {}).get("value") for k in FIELDS}
     keys = {s: step_key(FLOW, row, s) for s in POST_STEPS}
-    summary = f"{f['vendor']} {f['number'] or ''} {f['date']} {f['currency']} {f['total']}".replace("  ", " ")
+    due = v.iso_date(f["date"]) or v.iso_date(d.get("received_on")) or utcnow().date()
     return {
         "bill": Effect(keys["bill"], "accounting", "post_bill", iid, tr, {
             **{k: f[k] for k in ("vendor", "tax_id", "number", "date", "currency", "subtotal", "tax", "total")},
             "lines": d.get("line_items") or [], "document_link": d.get("document_link"), "sha256": d.get("sha256")}),
-        "notify": Effect(keys["notify"], "messaging", "send_notification", iid, tr, {
-            "kind": "notification", "recipient": d.get("submitter_token") or f"channel:{FLOW}:ap-inbox",
-            "subject": f"Posted: {d.get('name')}",
-            "body": f"Your document {d.get('name')} was posted to accounts payable as a bill: {summary}."}),
+        "payment": Effect(keys["payment"], "payments", "schedule_payment", iid, tr, {
+            "vendor": f["vendor"], "currency": f["currency"], "amount": f["total"],
+            "due_on": (due + timedelta(days=PAYMENT_TERMS_DAYS)).isoformat()}),
     }
 
 
+def _notify_effect(row: dict[str, Any]) -> dict[str, Effect]:
+    d = row["data"]
+    f = {k: (d["fields"].get(k) or {}).get("value") for k in FIELDS}
+    summary = " ".join(str(x) for x in (f["vendor"], f["number"], f["date"], f["currency"], f["total"]) if x)
+    return {"notify": Effect(step_key(FLOW, row, "notify"), "messaging", "send_notification", row["item_id"],
+                             row["trace_id"], {
+                                 "kind": "notification",
+                                 "recipient": d.get("submitter_token") or f"channel:{FLOW}:ap-inbox",
+                                 "subject": f"Posted: document {row['item_id']}",
+                                 "body": f"Your document {row['item_id']} was posted to accounts payable as a bill "
+                                         f"({summary}); payment is scheduled."})}
+
+
+def _posted_elsewhere(env: StageEnv, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Documents about to post whose vendor + number (or file) is already posted by another document: the
+    last guard against paying a bill twice (a reviewer's correction may have made a document a copy)."""
+    q = sa.select(items.c.item_id, items.c.data).where(items.c.flow == env.flow,
+                                                      items.c.status.in_(("posted", "resolved")))
+    index = v.DuplicateIndex()
+    with env.db.begin() as conn:
+        for item_id, data in conn.execute(q.order_by(items.c.item_id)):
+            index.add(item_id, data.get("sha256"), data.get("fields") or {})
+    out = {}
+    for r in rows:
+        hits = [(k, o) for k, o in index.find(r["item_id"], r["data"].get("sha256"), r["data"]["fields"])
+                if k != "vendor+date+total"]
+        if hits:
+            out[r["item_id"]] = f"same {hits[0][0].replace('+', ' + ')} as posted document {hits[0][1]}"
+    return out
+
+
 def post_stage(env: StageEnv, cfg: DocumentsConfig, connectors, *, waiting_only: bool = False) -> StageReport:
-    """The bill and the submitter's notification through the outbox (the kit's saga): both delivered ->
-    ``resolved``; undelivered -> the document waits (redelivered by the ops job); a bill that failed for
-    good is compensated (voided) and the document dead-lettered, replayable."""
+    """The AP bill and its payment run through the outbox (the kit's saga): both delivered -> ``posted``;
+    undelivered -> the document waits (redelivered by the ops job); a step failed for good -> the bill is
+    voided and the document dead-lettered, replayable. A document whose bill is already posted (same vendor
+    + number, or the same file) is dead-lettered instead of posted twice."""
+    started = utcnow()
     rows = load_stage_items(env, "post", after="post" if waiting_only else None)
-    return run_effects_stage(env, "post", rows, connectors, plan=_post_effects, compensations=COMPENSATIONS,
-                             policy=cfg.connector_policy, done_status="resolved",
-                             done_reason="bill posted and submitter notified")
+    twice = _posted_elsewhere(env, [r for r in rows if r["stage"] != "post"])  # not yet planned
+    report = run_effects_stage(env, "post", [r for r in rows if r["item_id"] not in twice], connectors,
+                               plan=_post_effects, compensations=COMPENSATIONS, policy=cfg.connector_policy,
+                               done_status="posted", done_reason="bill posted and payment scheduled")
+    if twice:
+        dead = commit_stage(env, "post", started, [
+            _dead(r, "duplicate_bill", f"not posted: {twice[r['item_id']]}") for r in rows if r["item_id"] in twice],
+            trace_ids={r["item_id"]: r["trace_id"] for r in rows})
+        report.outcomes.update(dead.outcomes)
+        report.metadata["duplicates_refused"] = len(twice)
+    return report
+
+
+def notify_stage(env: StageEnv, cfg: DocumentsConfig, connectors, *, waiting_only: bool = False) -> StageReport:
+    """The submitter (or the AP inbox channel) is told once the bill is posted, exactly once."""
+    rows = load_stage_items(env, "notify", after="notify" if waiting_only else None)
+    return run_effects_stage(env, "notify", rows, connectors, plan=_notify_effect, compensations={},
+                             policy=cfg.connector_policy, done_status="resolved", done_reason="submitter notified",
+                             done_columns=lambda now: {})  # resolved_at stays the time the bill was posted
 
 
 def redelivery_stage(env: StageEnv, cfg: DocumentsConfig, connectors) -> StageReport:
@@ -562,10 +705,13 @@ def redelivery_stage(env: StageEnv, cfg: DocumentsConfig, connectors) -> StageRe
     started = utcnow()
     sent = dispatch(env.db, connectors, env.flow, policy=cfg.connector_policy)
     post = post_stage(env, cfg, connectors, waiting_only=True)
+    notify = notify_stage(env, cfg, connectors)  # the posted ones (new or waiting) are told
     md = {"redelivered": sent["delivered"], "still_failing": sent["failed"],
-          "waiting_open_circuit": sent.get("skipped", 0), "resolved": post.metadata["resolved"],
-          "compensated": post.metadata["compensated"]}
-    return StageReport("redelivery", post.n_in, post.outcomes, (utcnow() - started).total_seconds() * 1000.0, md)
+          "waiting_open_circuit": sent.get("skipped", 0), "posted": post.metadata["resolved"],
+          "compensated": post.metadata["compensated"] + notify.metadata["compensated"],
+          "notified": notify.metadata["resolved"]}
+    return StageReport("redelivery", post.n_in + notify.n_in, post.outcomes + notify.outcomes,
+                       (utcnow() - started).total_seconds() * 1000.0, md)
 
 
 def labelled_examples_stage(env: StageEnv, cfg: DocumentsConfig) -> StageReport:

@@ -17,16 +17,20 @@ from .validation import RULES
 
 def document_kpis(it, ap) -> dict[str, Any]:
     k: dict[str, Any] = {}
-    gated = it[it["data"].apply(lambda d: "needs_review" in d or "approval_reasons" in d)] if not it.empty else it
-    reviewed = gated[gated["data"].apply(lambda d: bool(d.get("approval_reasons")))] if len(gated) else gated
-    k["documents_gated"] = int(len(gated))
-    k["straight_through_rate"] = float(1 - len(reviewed) / len(gated)) if len(gated) else None
-    k["review_rate"] = float(len(reviewed) / len(gated)) if len(gated) else None
+    # every accepted document counts: straight through = posted without a person, over all of them (those
+    # dead-lettered or still on their way included)
+    reviewed_mask = it["data"].apply(lambda d: bool(d.get("approval_reasons"))) if len(it) else it
+    reviewed = it[reviewed_mask] if len(it) else it
+    straight = int(((it["status"].isin(["posted", "resolved"])) & ~reviewed_mask).sum()) if len(it) else 0
+    k["documents_accepted"] = int(len(it))
+    k["straight_through_rate"] = float(straight / len(it)) if len(it) else None
+    k["review_rate"] = float(len(reviewed) / len(it)) if len(it) else None
     reasons = Counter(r for d in reviewed["data"] for r in d.get("approval_reasons") or []) if len(reviewed) else Counter()
     k["review_reasons"] = {r: int(reasons.get(r, 0)) for r in (*RULES, "amount_over_threshold")}
-    # field accuracy on documents a person approved: a field is right when the reviewer kept it
-    decided = it[it["data"].apply(lambda d: bool(d.get("signoffs")) or bool(d.get("corrected_by")))] if len(it) else it
-    decided = decided[decided["status"].isin(["resolved", "approved"])] if len(decided) else decided
+    # field accuracy on documents a person approved (with or without corrections): a field is right when
+    # the reviewer kept the extracted value
+    approved_ids = set(ap.loc[ap["status"] == "approved", "item_id"]) if len(ap) and "item_id" in ap else set()
+    decided = reviewed[reviewed["item_id"].isin(approved_ids)] if len(reviewed) else reviewed
     per_field = {}
     for f in FIELDS:
         n = len(decided)
@@ -35,7 +39,7 @@ def document_kpis(it, ap) -> dict[str, Any]:
     k["field_accuracy_reviewed"] = per_field
     k["reviewed_documents"] = int(len(decided))
     k["corrected_documents"] = int(sum(1 for d in decided["data"] if d.get("corrections"))) if len(decided) else 0
-    posted = it[it["status"] == "resolved"] if len(it) else it
+    posted = it[it["status"].isin(["posted", "resolved"])] if len(it) else it
     if len(posted):
         hours = (posted["resolved_at"] - posted["received_at"]).dt.total_seconds() / 3600.0
         k["time_to_post_p50_h"], k["time_to_post_p95_h"] = float(hours.quantile(0.5)), float(hours.quantile(0.95))

@@ -10,8 +10,8 @@ Rules (``RULES``, in the order a reviewer sees them):
 - ``date_plausible``: not after the document arrived, not older than the brief allows;
 - ``currency_consistent``: the currency agrees with the codes and symbols printed and with the country
   of the vendor's tax id;
-- ``tax_id_checksum``: the tax / registration id passes its country's checksum (python-stdnum) where the
-  country has one;
+- ``tax_id_checksum``: the tax / registration id passes its checksum (python-stdnum) where its format names
+  a scheme with one: EU VAT and GB VAT numbers (country prefix), US EINs;
 - ``duplicate``: not the same file, nor the same vendor + number, nor the same vendor + date + total as
   a document already in the flow;
 - ``confidence``: every field at or above the brief's per-field threshold.
@@ -44,6 +44,7 @@ TTD TWD TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL
 """.split())
 # printed symbols -> the currencies they can mean
 SYMBOLS = {"€": {"EUR"}, "£": {"GBP"}, "¥": {"JPY", "CNY"}, "₹": {"INR"}, "RM": {"MYR"}, "S$": {"SGD"},
+           "US$": {"USD"}, "CA$": {"CAD"}, "AU$": {"AUD"},
            "A$": {"AUD"}, "C$": {"CAD"}, "HK$": {"HKD"}, "NZ$": {"NZD"},
            "$": {"USD", "SGD", "AUD", "CAD", "HKD", "NZD", "MXN"}}
 # the currency of a tax id's country (EU VAT prefixes of euro countries, and others)
@@ -82,11 +83,27 @@ class Rules:
     future_tolerance_days: int = 1
 
 
+_THOUSANDS_COMMA = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")  # 1,234.56
+_THOUSANDS_DOT = re.compile(r"^-?\d{1,3}(\.\d{3})+(,\d+)?$")  # 1.234,56
+_DECIMAL_COMMA = re.compile(r"^-?\d+,\d{1,2}$")  # 12,50
+
+
 def amount(value: Any) -> Decimal | None:
+    """A decimal from an amount as printed or typed: "1234.56", "1,234.56", "1.234,56", "12,50"; anything
+    else (a comma that is neither a thousands separator nor a decimal comma) is not an amount."""
     if value is None or value == "":
         return None
+    text = str(value).strip().replace(" ", "")
+    if _THOUSANDS_COMMA.match(text):
+        text = text.replace(",", "")
+    elif _THOUSANDS_DOT.match(text):
+        text = text.replace(".", "").replace(",", ".")
+    elif _DECIMAL_COMMA.match(text):
+        text = text.replace(",", ".")
+    elif "," in text:
+        return None
     try:
-        d = Decimal(str(value).replace(",", "").strip())
+        d = Decimal(text)
     except InvalidOperation:
         return None
     return d if d.is_finite() else None
@@ -111,6 +128,7 @@ class DuplicateIndex:
     """Keys of the documents already in the flow: file hash, vendor + number, vendor + date + total."""
 
     by_key: dict[tuple, str] = field(default_factory=dict)
+    numbers: dict[str, str] = field(default_factory=dict)  # item id -> its normalised document number
 
     @staticmethod
     def keys(sha256: str | None, fields: Mapping[str, Any]) -> list[tuple]:
@@ -126,14 +144,28 @@ class DuplicateIndex:
             out.append(("vendor+date+total", vendor, str(v["date"]), str(total.normalize())))
         return out
 
+    @staticmethod
+    def _number(fields: Mapping[str, Any]) -> str:
+        return norm_text((fields.get("number") or {}).get("value"))
+
     def add(self, item_id: str, sha256: str | None, fields: Mapping[str, Any]) -> None:
+        self.numbers.setdefault(item_id, self._number(fields))
         for k in self.keys(sha256, fields):
             self.by_key.setdefault(k, item_id)
 
     def find(self, item_id: str, sha256: str | None, fields: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """(kind, other item id) for every key this document shares with another one."""
-        return [(k[0], other) for k in self.keys(sha256, fields)
-                if (other := self.by_key.get(k)) is not None and other != item_id]
+        """(kind, other item id) for every key this document shares with another one. Same vendor, date and
+        total is a duplicate only when one of the two has no number (two numbered bills may be alike)."""
+        mine = self._number(fields)
+        out = []
+        for k in self.keys(sha256, fields):
+            other = self.by_key.get(k)
+            if other is None or other == item_id:
+                continue
+            if k[0] == "vendor+date+total" and mine and self.numbers.get(other):
+                continue
+            out.append((k[0], other))
+        return out
 
 
 # --- the rules ----------------------------------------------------------------------------------
@@ -143,8 +175,10 @@ def _value(fields: Mapping[str, Any], name: str) -> Any:
 
 
 def check_schema(fields, line_items, rules: Rules) -> Check:
-    missing = [f for f in rules.required_fields if _value(fields, f) in (None, "")]
-    bad = []
+    missing = [f for f in rules.required_fields if _value(fields, f) in (None, "") and
+               not (fields.get(f) or {}).get("unparsed")]
+    bad = [f"{f} (read as {fv['unparsed']!r}, not a valid {f})" for f, fv in fields.items()
+           if isinstance(fv, Mapping) and fv.get("unparsed")]
     if _value(fields, "date") and iso_date(_value(fields, "date")) is None:
         bad.append("date (not an ISO date)")
     for f in ("subtotal", "tax", "total"):
@@ -278,9 +312,6 @@ def check_tax_id(fields) -> Check:
     elif re.fullmatch(r"\d{2}-?\d{7}", str(raw).strip()):
         from stdnum.us import ein
         validators.append(("US EIN", ein))
-    elif re.fullmatch(r"\d{11}", t) and "ABN" in str(fields.get("tax_id", {}).get("label", "")).upper():
-        from stdnum.au import abn
-        validators.append(("ABN", abn))
     if not validators:
         return Check("tax_id_checksum", True, "no checksum is defined for this id's format: not checked")
     name, module = validators[0]
