@@ -364,3 +364,46 @@ def test_a_model_stage_after_the_gate_picks_up_its_deferred_items(orch_home, db,
         assert sorted(r["item_id"] for r in got) == ["by-gate", "by-person"]
     finally:
         flows.unregister("kit_eps")
+
+
+def test_a_file_of_many_records_is_read_per_record_across_days(orch_home, db, tmp_path):
+    """A CSV-like file parses into one source per record (``file:<name>#row=<n>``): records of two days are
+    ingested by each day's run, none lost, and the file is not read again once every record is in."""
+    from datetime import datetime, timedelta, timezone
+
+    from orch_project.lib import flows
+    from orch_project.lib.intake import Parsed, run_intake
+    from orch_project.lib.pipeline import StageEnv
+
+    today = utcnow().date()
+    days = [(today - timedelta(days=1)).isoformat(), today.isoformat()]
+    reads = []
+
+    def rows(path: Path):
+        reads.append(path.name)
+        out = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            day, text = line.split(",", 1)
+            at = datetime.fromisoformat(day).replace(hour=9, tzinfo=timezone.utc)
+            out.append(Parsed(f"file:{path.name}#row={n}", at, raw={"id": f"r{n}", "text": text,
+                                                                     "received_at": at.isoformat()}))
+        return out
+
+    folder = tmp_path / "zeta"
+    folder.mkdir()
+    spec = FlowSpec(name="kit_zeta", folder=folder, title="zeta", config=FlowConfig(folder),
+                    intake=IntakeSpec(to_item=_to_item, suffixes=(".csv",), parse_file=rows),
+                    stages=[Stage("a", loads="received", sets="resolved", fn=_score)])
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "import.csv").write_text(f"{days[0]},one\n{days[1]},two\n{days[1]},three\n")
+    try:
+        run_intake(StageEnv(db, "kit_zeta", [days[0]], spec=spec), spec, inbox, "salt")
+        run_intake(StageEnv(db, "kit_zeta", [days[1]], spec=spec), spec, inbox, "salt")
+        st = status_counts(db, "kit_zeta")
+        assert (st["received"], st["lost"], st["states"]["received"]) == (3, 0, 3)
+        n = len(reads)
+        run_intake(StageEnv(db, "kit_zeta", days, spec=spec), spec, inbox, "salt")
+        assert status_counts(db, "kit_zeta")["received"] == 3 and len(reads) == n + 1  # read, nothing new
+    finally:
+        flows.unregister("kit_zeta")

@@ -221,6 +221,7 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     if spec.review.second_role and decision == "approve":
         before = spec.review.second_role(dict(item.data) if item is not None else {})
         second = before or spec.review.second_role(data or {}) or (row["required_role"] if signoffs else None)
+    prior = signoffs  # what this decision was taken on (checked again when it is written)
     if second and signoffs and edited_draft is not None:
         signoffs = []
     if data is not None and decision == "approve" and (second or signoffs):
@@ -229,7 +230,8 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
     first_signoff = bool(second) and not signoffs
     edited = bool(row.get("edited")) or edited_draft is not None
     needed = max(second or row["required_role"], row["required_role"], key=role_rank)  # never lower
-    values = (dict(required_role=needed, edited=edited) if first_signoff else
+    # while an approval is pending, decided_by names the last person who signed it off
+    values = (dict(required_role=needed, edited=edited, decided_by=person["id"]) if first_signoff else
               dict(status=status, decided_at=now, decided_by=person["id"], decision_reason=reason or None,
                    edited=edited))
     action = "approval_signed_off" if first_signoff else f"approval_{status}"
@@ -237,8 +239,10 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
         second = needed
         outputs = {**outputs, "status": "pending", "needs_second_approval_by_role": second}
     with db.begin() as conn:
+        same_signoffs = (approvals.c.decided_by.is_(None) if not prior
+                         else approvals.c.decided_by == prior[-1]["by"])  # two sign-offs at once: one wins
         res = conn.execute(approvals.update().where(approvals.c.id == row["id"], approvals.c.status == "pending",
-                                                    approvals.c.required_role == row["required_role"])
+                                                    approvals.c.required_role == row["required_role"], same_signoffs)
                            .values(**values))
         if res.rowcount != 1:  # someone else decided in between
             raise AlreadyDecided(f"approval for item {item_id!r} was decided by someone else just now")

@@ -177,7 +177,8 @@ def file_of(source_key: str) -> str:
 
 
 def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: Sequence[str] = INBOX_SUFFIXES,
-                    parse: Callable[[Path], Parsed | list[Parsed]] | None = None) -> Iterator[Parsed]:
+                    parse: Callable[[Path], Parsed | list[Parsed]] | None = None,
+                    want: Callable[[Path], bool] | None = None) -> Iterator[Parsed]:
     """Every source entry of ``flow`` not yet in its intake log, parsed, in arrival order. A file of
     many records (a CSV import) parses into one ``Parsed`` per record, keyed ``file:<name>#row=<n>``;
     its records are ingested together, so a file with any record in the log has been read."""
@@ -191,7 +192,7 @@ def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: S
         split = {file_of(k) for k in seen if k.startswith("file:") and "#" in k}
         for _, name, path in list_inbox_files(inbox_dir, suffixes):
             key = f"file:{name}"
-            if key in seen:
+            if key in seen or (want is not None and not want(path)):  # want: a cheap look before the full read
                 continue
             got = parse(path)
             if isinstance(got, list):  # records of one file may belong to different days: skip per record
@@ -301,7 +302,10 @@ def run_intake(env, spec, inbox_dir: Path | None, salt: str, today: date | None 
     dead: list[dict[str, Any]] = []
     pii_total: Counter = Counter()
     seen_ids: set[str] = set()
-    batch = [(p, d) for p in pending_sources(env.db, flow, inbox_dir, spec.intake.suffixes, spec.intake.parse_file)
+    peek = spec.intake.peek
+    want = (lambda path: peek(path).partition_day(spec.first_day, today) in days) if peek is not None else None
+    batch = [(p, d) for p in pending_sources(env.db, flow, inbox_dir, spec.intake.suffixes, spec.intake.parse_file,
+                                             want)
              if (d := p.partition_day(spec.first_day, today)) in days]
     now = utcnow()
     ctx = IntakeContext(flow, salt, now)
