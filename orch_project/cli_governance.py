@@ -31,28 +31,36 @@ def _report_served(out: dict, actor: str) -> None:
         instance.report_runless_asset_event(served_model_event(out, metrics, actor))
 
 
-@click.group(help="The model registry: which triage model serves, and its history.")
+task_option = click.option("--task", default=TASK, show_default=True,
+                           help="the model task (the registry is keyed by task: triage, lead_score, ...)")
+
+
+@click.group(help="The model registry: which model serves each task (triage by default), and its history.")
 def model() -> None:
     pass
 
 
-@model.command("list", help="Every registered version, newest first, with its status and metrics.")
+@model.command("list", help="Every registered version of the task, newest first, with its status and metrics.")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def model_list(as_json: bool) -> None:
+@task_option
+def model_list(as_json: bool, task: str) -> None:
     from .cli import open_db
     from .lib.llm import registry
 
-    rows = registry.list_versions(open_db(), TASK)
+    rows = registry.list_versions(open_db(), task)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     if not rows:
-        click.echo("no models yet: `orch demo` or the train_triage_model_job trains one")
+        click.echo(f"no {task} models yet" + (": `orch demo` or the train_triage_model_job trains one"
+                                              if task == TASK else ""))
         return
-    click.echo(f"{'version':<14}{'status':<13}{'val acc':>8}  {'code version':<22}created")
+    metric = "validation_accuracy" if task == TASK else "auc"
+    click.echo(f"{'version':<22}{'status':<13}{metric[:8]:>8}  {'code version':<22}created")
     for r in rows:
         m = r["metrics"] or {}
-        click.echo(f"{r['version']:<14}{r['status']:<13}{m.get('validation_accuracy', float('nan')):>8.4f}  "
+        value = m.get(metric, (m.get("validation") or {}).get(metric, float("nan")))
+        click.echo(f"{r['version']:<22}{r['status']:<13}{value:>8.4f}  "
                    f"{r['code_version']:<22}{r['created_at']:%Y-%m-%d %H:%M}")
 
 
@@ -68,23 +76,25 @@ def model_promote(version: str, actor: str, reason: str) -> None:
         out = registry.promote(open_db(), version, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
-    if out["changed"]:
+    if out["changed"] and (registry.get(open_db(), version) or {}).get("task") == TASK:
         _report_served(out, actor)
     click.echo(json.dumps(out))
 
 
-@model.command("rollback", help="Serve the previously promoted version again (audited).")
+@model.command("rollback", help="Serve the task's previously promoted version again (audited).")
 @click.option("--as", "actor", default="cli", show_default=True, help="who asks for it (audit log)")
 @click.option("--reason", default="", help="why (audit log)")
-def model_rollback(actor: str, reason: str) -> None:
+@task_option
+def model_rollback(actor: str, reason: str, task: str) -> None:
     from .cli import open_db
     from .lib.llm import registry
 
     try:
-        out = registry.rollback(open_db(), TASK, actor=actor, reason=reason)
+        out = registry.rollback(open_db(), task, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
-    _report_served(out, actor)
+    if task == TASK:
+        _report_served(out, actor)
     click.echo(json.dumps(out))
 
 

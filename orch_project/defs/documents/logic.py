@@ -218,7 +218,8 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
     lines, counts = masked_lines(doc.lines, [submitter_name] if submitter_name else [], settings)
     received = raw.get("received_at")
     received_at = datetime.fromisoformat(received) if isinstance(received, str) else received
-    data = {"name": raw["name"], "format": doc.format, "pages": doc.pages, "sha256": doc.sha256,
+    shown_name = pii.mask(raw["name"], [submitter_name] if submitter_name else [], tuple(settings.mask_entities)).text
+    data = {"name": shown_name, "format": doc.format, "pages": doc.pages, "sha256": doc.sha256,
             "received_on": (received_at or ctx.now).date().isoformat(),
             "size_bytes": doc.size_bytes, "document_link": raw.get("source"), "lines": lines,
             "submitter_token": ctx.vault(item_id, "EMAIL_ADDRESS", submitter_email) if submitter_email else None}
