@@ -155,3 +155,14 @@ def test_ocr_line_files_are_recognised_by_content_and_read_in_order():
     assert [line.text for line in doc.lines] == ["ACME, INC", "TOTAL", "1,234.50"]
     assert doc.lines[1].box == (10.0, 40.0, 90.0, 52.0) and doc.lines[2].index == 2
     assert docread.read_document("notes.txt", b"Total 5.00\n").format == "text"
+
+
+def test_the_second_approval_threshold_is_per_currency():
+    def data(total, currency):
+        return {"fields": {"total": {"value": total}, "currency": {"value": currency}}}
+
+    assert logic.second_role(data("6000.00", "EUR")) == "supervisor"
+    assert logic.second_role(data("4000.00", "EUR")) is None
+    assert logic.second_role(data("600000", "JPY")) is None  # about 3,700 EUR
+    assert logic.second_role(data("800000", "JPY")) == "supervisor"
+    assert logic.second_role(data("2000.00", "KWD")) == "supervisor"

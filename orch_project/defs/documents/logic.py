@@ -57,7 +57,8 @@ class DocumentSettings(BaseModel):
     max_age_days: int = Field(365, ge=1)
     future_tolerance_days: int = Field(1, ge=0)
     amount_tolerance: Decimal = Decimal("0.05")
-    second_approval_over: Decimal = Decimal("5000.00")
+    second_approval_over: Decimal = Decimal("5000.00")  # in any currency without its own threshold below
+    second_approval_over_by_currency: dict[str, Decimal] = Field(default_factory=dict)
     second_approval_role: str = "supervisor"
     required_fields: list[str] = Field(default_factory=lambda: ["vendor", "date", "total", "currency"])
     min_confidence: dict[str, float] = Field(default_factory=dict)
@@ -414,7 +415,9 @@ def second_role(data: dict[str, Any]) -> str | None:
     """Four eyes: a document above the brief's amount needs a second approver with this role."""
     total = total_amount(data)
     s = CFG.settings
-    return s.second_approval_role if total is not None and total > s.second_approval_over else None
+    currency = str(((data.get("fields") or {}).get("currency") or {}).get("value") or "").upper()
+    limit = s.second_approval_over_by_currency.get(currency, s.second_approval_over)
+    return s.second_approval_role if total is not None and total > limit else None
 
 
 def review_reasons(data: dict[str, Any]) -> list[str]:
