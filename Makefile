@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@mkdir -p var
-	$(BIN)/python -m pytest -q orch_project_tests --cov --cov-branch --cov-report=term:skip-covered --cov-report=json:var/coverage.json
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile orch_project_tests --cov --cov-branch --cov-report=term:skip-covered --cov-report=json:var/coverage.json
 	$(BIN)/python benchmarks/coverage_by_package.py var/coverage.json
 
 dev: $(STAMP)
