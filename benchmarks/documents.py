@@ -28,21 +28,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from documents_accuracy import data_folder  # noqa: E402
 
-from orch_project.defs.documents import logic, sample_data as sd, validation as v  # noqa: E402
-from orch_project.defs.documents.extract import EXTRACTOR_VERSION, extract, sroie_accuracy  # noqa: E402
-from orch_project.lib.docread import Line  # noqa: E402
+from orch_project.defs.documents import sample_data as sd, validation as v  # noqa: E402
+from orch_project.defs.documents.cli import extract_one  # noqa: E402
+from orch_project.defs.documents.extract import EXTRACTOR_VERSION, sroie_accuracy  # noqa: E402
 
 
 def one_document(path: Path, index: v.DuplicateIndex, today: date) -> bool:
-    """The flow's path for one file; True when it needs a person."""
-    doc = logic.read_file(path)
-    lines, _ = logic.masked_lines(doc.lines, [])
-    out = extract([Line.from_dict(d) for d in lines])
-    fields, line_items = logic.fields_from_output(out, lines)
-    data = {"fields": fields, "line_items": line_items, "lines": lines, "sha256": doc.sha256}
-    checks = logic.validate_document(f"doc-{doc.sha256[:20]}", data, logic.CFG, today, index)
-    index.add(path.stem, doc.sha256, fields)
-    return any(not c.ok for c in checks)
+    """The flow's path for one file (what `orch documents extract` runs); True when it needs a person."""
+    return extract_one(path, index, today)["needs_review"]
 
 
 def throughput(paths: list[Path], repeat: int) -> dict:

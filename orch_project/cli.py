@@ -315,19 +315,21 @@ def dlq_replay(dlq_id: int | None, replay_every: bool, as_json: bool, flow: str 
         sys.exit(1)
 
 
-def _flow_of_item(db, item_id: str) -> str:
-    """The one flow that has an item ``item_id`` (item ids are unique per flow, not across flows)."""
+def owning_flow(table, item_id: str, flow: str | None, missing: str):
+    """The flow named by --flow (or the only one there is); without it, the one flow whose rows of ``table``
+    (items, approvals: item ids are unique per flow, not across flows) have ``item_id``. ``missing`` is
+    the error when none has."""
     import sqlalchemy as sa
 
-    from .lib.store import items
-
-    with db.begin() as conn:
-        owners = sorted(set(conn.execute(sa.select(items.c.flow).where(items.c.item_id == item_id)).scalars()))
-    if len(owners) == 1:
-        return owners[0]
+    if flow or len(all_flows()) == 1:
+        return flow_spec(flow)
+    with open_db().begin() as conn:
+        owners = sorted(set(conn.execute(sa.select(table.c.flow).where(table.c.item_id == item_id)).scalars()))
     if not owners:
-        raise click.ClickException(f"no item {item_id!r} in any flow; check the id with `orch status` / the items table")
-    raise click.UsageError(f"item {item_id!r} exists in {', '.join(owners)}: say which with --flow")
+        raise click.ClickException(missing)
+    if len(owners) != 1:
+        raise click.UsageError(f"item {item_id!r} is in {', '.join(owners)}: say which with --flow")
+    return flow_spec(owners[0])
 
 
 @main.command(help="The audit trail of one item (of the one flow that has it, or of --flow).")
@@ -336,9 +338,11 @@ def _flow_of_item(db, item_id: str) -> str:
 def audit(item_id: str, flow: str | None) -> None:
     from .lib.pipeline import audit_for
 
-    db = open_db()
-    spec = flow_spec(flow) if flow or len(all_flows()) == 1 else flow_spec(_flow_of_item(db, item_id))
-    rows = audit_for(db, spec.name, item_id)
+    from .lib.store import items
+
+    spec = owning_flow(items, item_id, flow, f"no item {item_id!r} in any flow; check the id with `orch status` / "
+                                             "the items table")
+    rows = audit_for(open_db(), spec.name, item_id)
     if not rows:
         raise click.ClickException(f"no audit entries for {item_id!r} in flow {spec.name!r}; check the id with "
                                    "`orch status` / the items table")

@@ -20,23 +20,11 @@ import click
 
 def _flow_of(item_id: str, flow: str | None):
     """The flow named by --flow; without it, the one flow with an approval (pending or decided) for ``item_id``."""
-    from .cli import all_flows, flow_spec, open_db
-    from .lib import approvals as hitl
-
-    if flow or len(all_flows()) == 1:
-        return flow_spec(flow)
-    import sqlalchemy as sa
-
+    from .cli import owning_flow
     from .lib.store import approvals
 
-    with open_db().begin() as conn:  # the flows with an approval for this item, pending or decided
-        owners = sorted(set(conn.execute(sa.select(approvals.c.flow).where(approvals.c.item_id == item_id)).scalars()))
-    if not owners:
-        raise click.ClickException(f"no approval for item {item_id!r} in any flow; `orch review list` shows the "
-                                   "pending ones")
-    if len(owners) != 1:
-        raise click.UsageError(f"item {item_id!r} has an approval in {', '.join(owners)}: say which with --flow")
-    return flow_spec(owners[0])
+    return owning_flow(approvals, item_id, flow, f"no approval for item {item_id!r} in any flow; `orch review list` "
+                                                 "shows the pending ones")
 
 
 def _decide(item_id: str, decision: str, reviewer: str, reason: str, edited: str | None, flow: str | None) -> None:

@@ -14,8 +14,6 @@ import click
 TASK = "triage"
 
 
-
-
 def _report_served(out: dict, actor: str) -> None:
     """Tell the Dagster instance that the served model changed (a runless materialisation of
     triage_model_promotion with the model id as data version), so the UI marks the triage stale."""
@@ -76,7 +74,7 @@ def model_promote(version: str, actor: str, reason: str) -> None:
         out = registry.promote(open_db(), version, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
-    if out["changed"] and (registry.get(open_db(), version) or {}).get("task") == TASK:
+    if out["changed"] and out.get("task") == TASK:
         _report_served(out, actor)
     click.echo(json.dumps(out))
 

@@ -114,7 +114,7 @@ def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool
         line = demo.before_ops(s, db)
         if line:
             _step(f"[{name}] {line}")
-        failed += _resume_approvals(defs, instance, spec)
+    failed += _resume_approvals(defs, instance, spec)  # decisions people took move their items on
 
     _step(f"[{name}] {name}_ops_job: fold-backs, escalation, redelivery, DLQ backlog, KPI report")
     ops = defs.resolve_job_def(f"{name}_ops_job").execute_in_process(instance=instance, run_config=QUIET,

@@ -368,7 +368,7 @@ def test_a_model_stage_after_the_gate_picks_up_its_deferred_items(orch_home, db,
 
 def test_a_file_of_many_records_is_read_per_record_across_days(orch_home, db, tmp_path):
     """A CSV-like file parses into one source per record (``file:<name>#row=<n>``): records of two days are
-    ingested by each day's run, none lost, and the file is not read again once every record is in."""
+    ingested by each day's run, none lost; a later run reads the file again and adds nothing."""
     from datetime import datetime, timedelta, timezone
 
     from orch_project.lib import flows

@@ -176,7 +176,7 @@ def scan_new_sources(spec: FlowSpec, db, inbox_dir, cursor: dict) -> tuple[dict[
     again, and the run itself dedups by source key, so a replayed tick is harmless."""
     import sqlalchemy as sa
 
-    from ..lib.intake import list_inbox_files, parse_file, parse_inbox_row
+    from ..lib.intake import as_records, list_inbox_files, parse_file, parse_inbox_row
     from ..lib.store import inbox, utcnow
 
     parse = spec.intake.peek or spec.intake.parse_file or parse_file
@@ -191,7 +191,7 @@ def scan_new_sources(spec: FlowSpec, db, inbox_dir, cursor: dict) -> tuple[dict[
         if budget == 0:
             break
         got = parse(path)
-        for p in (got if isinstance(got, list) else [got]):
+        for p in as_records(got):
             by_day.setdefault(p.partition_day(spec.first_day, today), []).append(p.source_key)
         new_file_mark = (ctime_ns, name)
         budget -= 1

@@ -229,15 +229,15 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
         changed = True
     first_signoff = bool(second) and not signoffs
     edited = bool(row.get("edited")) or edited_draft is not None
-    needed = max(second or row["required_role"], row["required_role"], key=role_rank)  # never lower
+    # the role the second approval needs: never lower than the row's
+    needed = max(second, row["required_role"], key=role_rank) if first_signoff else None
     # while an approval is pending, decided_by names the last person who signed it off
     values = (dict(required_role=needed, edited=edited, decided_by=person["id"]) if first_signoff else
               dict(status=status, decided_at=now, decided_by=person["id"], decision_reason=reason or None,
                    edited=edited))
     action = "approval_signed_off" if first_signoff else f"approval_{status}"
     if first_signoff:
-        second = needed
-        outputs = {**outputs, "status": "pending", "needs_second_approval_by_role": second}
+        outputs = {**outputs, "status": "pending", "needs_second_approval_by_role": needed}
     with db.begin() as conn:
         same_signoffs = (approvals.c.decided_by.is_(None) if not prior
                          else approvals.c.decided_by == prior[-1]["by"])  # two sign-offs at once: one wins
@@ -254,7 +254,7 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
                          "reason": reason or None, "inputs": inputs, "outputs": outputs}])
     return {"item_id": item_id, "status": "pending" if first_signoff else status, "decided_by": person["id"],
             "decided_at": now, "edited": edited_draft is not None, "required_role": row["required_role"],
-            "needs_second_approval_by_role": second if first_signoff else None}
+            "needs_second_approval_by_role": needed}
 
 
 # --- resume: decided approvals move their items on ------------------------------------------------

@@ -26,8 +26,6 @@ from typing import Any
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
 MAX_PAGES = 20
 MAX_IMAGE_PIXELS = 40_000_000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-SUFFIXES = (".pdf", *IMAGE_SUFFIXES, ".txt", ".csv")
 
 _OCR_ROW = re.compile(r"^\s*(-?\d+(?:\.\d+)?\s*,\s*){8}")
 

@@ -170,6 +170,11 @@ def parse_inbox_row(row_id: int, payload: str, submitted_at: datetime) -> Parsed
     return _parse_json_bytes(f"table:{row_id}", as_utc(submitted_at), payload.encode("utf-8", "surrogatepass"))
 
 
+def as_records(parsed: Parsed | list[Parsed]) -> list[Parsed]:
+    """What a reader returned for one file, as its records (one, or one per row of a file of many)."""
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
 def file_of(source_key: str) -> str:
     """The inbox source a key belongs to: ``file:import.csv#row=12`` (one record of a file of many)
     belongs to ``file:import.csv``."""
@@ -189,16 +194,11 @@ def pending_sources(db: Database, flow: str, inbox_dir: Path | None, suffixes: S
             sa.select(inbox.c.id, inbox.c.payload, inbox.c.submitted_at).where(inbox.c.flow == flow).order_by(inbox.c.id)
         ).all()
     if inbox_dir is not None:
-        split = {file_of(k) for k in seen if k.startswith("file:") and "#" in k}
         for _, name, path in list_inbox_files(inbox_dir, suffixes):
-            key = f"file:{name}"
-            if key in seen or (want is not None and not want(path)):  # want: a cheap look before the full read
+            if f"file:{name}" in seen or (want is not None and not want(path)):  # want: a cheap look first
                 continue
-            got = parse(path)
-            if isinstance(got, list):  # records of one file may belong to different days: skip per record
-                yield from (p for p in got if p.source_key not in seen) if key in split else got
-            else:
-                yield got
+            # records of one file may belong to different days: skipped per record
+            yield from (p for p in as_records(parse(path)) if p.source_key not in seen)
     for row_id, payload, submitted_at in rows:
         if f"table:{row_id}" not in seen:
             yield parse_inbox_row(row_id, payload, submitted_at)

@@ -21,8 +21,8 @@ from .outbox import enqueue
 from .store import Database, approvals, as_utc, chunked, dlq, item_stages, items, utcnow
 from .telemetry import log_event
 
-__all__ = ["TERMINAL_STATUSES", "StageEnv", "ItemUpdate", "StageReport", "StageSpecError", "load_items",
-           "load_stage_items", "commit_stage"]
+__all__ = ["TERMINAL_STATUSES", "DEFER_ERRORS", "StageEnv", "ItemUpdate", "StageReport", "StageSpecError",
+           "load_items", "load_stage_items", "commit_stage", "dead_letter", "model_step_failed", "without_deferred"]
 
 ITEM_COLUMNS = (items.c.item_id, items.c.trace_id, items.c.day, items.c.channel, items.c.status, items.c.stage,
                 items.c.received_at, items.c.ingested_at, items.c.due_at, items.c.data)
@@ -88,6 +88,31 @@ class StageReport:
             md[f"items_{k}"] = int(self.outcomes.get(k, 0))
         md.update(self.metadata)
         return md
+
+
+# Gateway errors that say "not now" rather than "bad item": the item waits for the next run.
+DEFER_ERRORS = frozenset({"quota_exceeded", "circuit_open"})
+
+
+def dead_letter(row: dict[str, Any], error: str, reason: str) -> ItemUpdate:
+    """The update that dead-letters ``row`` with an error type and a reason."""
+    return ItemUpdate(row["item_id"], "dead_lettered", row["data"], "dead_lettered", dead_letter=(error, reason))
+
+
+def model_step_failed(row: dict[str, Any], stage: str, resp, label: str | None = None) -> ItemUpdate:
+    """A failed model step: deferred to the next run when the provider said "not now" (budget, open
+    circuit), dead-lettered with the gateway's reason (``"<label> failed: ..."``, label default: the stage)
+    otherwise."""
+    error = resp.error or "provider_error"
+    if error in DEFER_ERRORS:
+        note = {"stage": stage, "error": error, "reason": resp.reason, "at": utcnow().isoformat()}
+        return ItemUpdate(row["item_id"], "deferred", {**row["data"], "deferred": note}, "deferred")
+    return dead_letter(row, error, f"{label or stage} failed: {resp.reason}")
+
+
+def without_deferred(data: dict[str, Any]) -> dict[str, Any]:
+    """An item's data without the note a deferral left (the step has now answered)."""
+    return {k: v for k, v in data.items() if k != "deferred"}
 
 
 def load_items(env: StageEnv, status: str | Sequence[str], *, stage: str | None = None,

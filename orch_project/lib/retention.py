@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .flows import TERMINAL_STATUSES
+from .intake import file_of
 from .store import Database, chunked, inbox, intake, items, utcnow, vault
 
 DEFAULT_RETENTION_DAYS = 30
@@ -61,7 +62,7 @@ def purge(db: Database, flow: str, inbox_dir: Path | None, *, retention_days: in
         processed = conn.execute(sa.select(intake.c.source_key).where(
             intake.c.flow == flow, intake.c.ingested_at < cutoff)).scalars().all()
     # a file of many records has one key per record (file:<name>#row=<n>): purge the file once
-    file_names = sorted({k.split(":", 1)[1].split("#", 1)[0] for k in processed if k.startswith("file:")})
+    file_names = sorted({file_of(k).split(":", 1)[1] for k in processed if k.startswith("file:")})
     with db.begin() as conn:
         rows_purged = tombstone_inbox_rows(conn, processed, now, f"raw retention {retention_days} days")
         ended = sa.select(items.c.item_id).where(items.c.flow == flow, items.c.status.in_(TERMINAL_STATUSES),

@@ -28,14 +28,15 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...lib import docread
-from ...lib.connectors.embedded import Delivery, Effect, System, cmeta
+from ...lib.connectors.embedded import Effect, System, base_row, system_table, void_by_effect_key
 from ...lib.contracts import EMAIL_RE, LLMStepRequest
 from ...lib.flows import FlowConfig
 from ...lib.guardrails import pii
 from ...lib.intake import Accepted, IntakeContext, Parsed, Rejected
 from ...lib.llm.gateway import ProviderResult, estimate_tokens
 from ...lib.outbox import dispatch
-from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_stage_items
+from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, dead_letter, load_stage_items,
+                             model_step_failed, without_deferred)
 from ...lib.saga import run_effects_stage, step_key
 from ...lib.store import Database, items, utcnow
 from . import validation as v
@@ -45,7 +46,6 @@ FLOW = "documents"
 FOLDER = Path(__file__).parent
 FIRST_DAY = date(2026, 1, 1)
 TASK = "documents_extract"
-DEFER_ERRORS = {"quota_exceeded", "circuit_open"}
 STEP_LOGIC_VERSION = {"extract": "extract-v1", "validate": "validate-v1"}
 
 
@@ -323,10 +323,6 @@ def fields_from_output(out: ExtractionOutput, lines: Sequence[dict[str, Any]]) -
     return fields, line_items
 
 
-def _dead(row: dict[str, Any], error: str, reason: str) -> ItemUpdate:
-    return ItemUpdate(row["item_id"], "dead_lettered", row["data"], "dead_lettered", dead_letter=(error, reason))
-
-
 def extract_stage(env: StageEnv, cfg: DocumentsConfig, gateway) -> StageReport:
     """Fields of each document through the gateway (model task ``documents_extract``): the masked lines
     go out numbered, each field comes back with a confidence and the lines it was read from."""
@@ -340,15 +336,10 @@ def extract_stage(env: StageEnv, cfg: DocumentsConfig, gateway) -> StageReport:
     updates = []
     for row, resp in zip(rows, responses):
         if not resp.ok:
-            error = resp.error or "provider_error"
-            if error in DEFER_ERRORS:
-                updates.append(ItemUpdate(row["item_id"], "deferred", {**row["data"], "deferred": {
-                    "stage": "extract", "error": error, "reason": resp.reason, "at": utcnow().isoformat()}}, "deferred"))
-            else:
-                updates.append(_dead(row, error, f"extraction failed: {resp.reason}"))
+            updates.append(model_step_failed(row, "extract", resp, label="extraction"))
             continue
         fields, line_items = fields_from_output(resp.output, row["data"]["lines"])
-        data = {k: val for k, val in row["data"].items() if k != "deferred"}
+        data = without_deferred(row["data"])
         data.update({"fields": fields, "line_items": line_items,
                      "extractor": (resp.output.model_extra or {}).get("model_version")})
         updates.append(ItemUpdate(row["item_id"], "extracted", data))
@@ -361,14 +352,16 @@ def extract_stage(env: StageEnv, cfg: DocumentsConfig, gateway) -> StageReport:
 
 # --- validate -----------------------------------------------------------------------------------
 
-def duplicate_index(db: Database, flow: str = FLOW, exclude: Sequence[str] = ()) -> v.DuplicateIndex:
+def duplicate_index(db: Database, flow: str = FLOW, exclude: Sequence[str] = (),
+                    statuses: Sequence[str] | None = None) -> v.DuplicateIndex:
     """The duplicate keys of every document of the flow that is extracted and still counts (not
-    dead-lettered or rejected), except ``exclude``."""
+    dead-lettered or rejected; or only those at ``statuses``), except ``exclude``."""
     skip = set(exclude)
     index = v.DuplicateIndex()
-    q = (sa.select(items.c.item_id, items.c.data).where(
-        items.c.flow == flow, items.c.status.notin_(("dead_lettered", "rejected", "received", "deferred")))
-        .order_by(items.c.received_at, items.c.item_id))
+    which = (items.c.status.in_(tuple(statuses)) if statuses is not None
+             else items.c.status.notin_(("dead_lettered", "rejected", "received", "deferred")))
+    q = (sa.select(items.c.item_id, items.c.data).where(items.c.flow == flow, which)
+         .order_by(items.c.received_at, items.c.item_id))
     with db.begin() as conn:
         for item_id, data in conn.execute(q):
             if item_id not in skip and data.get("fields"):
@@ -557,12 +550,8 @@ def apply_corrections(data: dict[str, Any], text: str, reviewer: str, at: str) -
 
 # --- post: AP bill and notification, exactly once ---------------------------------------------
 
-ap_bills = sa.Table(
-    "ap_bills", cmeta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
-    sa.Column("item_id", sa.String(255), nullable=False),
-    sa.Column("trace_id", sa.String(32)),
+ap_bills = system_table(
+    "ap_bills",
     sa.Column("vendor", sa.Text),
     sa.Column("vendor_tax_id", sa.String(64)),
     sa.Column("number", sa.String(128)),
@@ -581,36 +570,20 @@ ap_bills = sa.Table(
 
 def _bill_row(e: Effect, now) -> dict[str, Any]:
     p = e.payload
-    return {"idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id,
-            "vendor": p.get("vendor"), "vendor_tax_id": p.get("tax_id"), "number": p.get("number"),
+    return {**base_row(e), "vendor": p.get("vendor"), "vendor_tax_id": p.get("tax_id"), "number": p.get("number"),
             "doc_date": p.get("date"), "currency": p.get("currency"), "subtotal": p.get("subtotal"),
             "tax": p.get("tax"), "total": p.get("total"), "lines": p.get("lines") or [],
             "document_link": p.get("document_link"), "document_sha256": p.get("sha256"), "status": "posted",
             "created_at": now}
 
 
-def _void_bills(conn, effects: Sequence[Effect]) -> list[Delivery]:
-    """Compensation: the bill posted under ``payload.effect_key`` is voided (idempotent)."""
-    out = []
-    for e in effects:
-        bid = conn.execute(sa.select(ap_bills.c.id).where(ap_bills.c.idempotency_key == e.payload.get("effect_key"))).scalar()
-        if bid is None:
-            out.append(Delivery(e.idempotency_key, True, "accounting:none:void"))
-            continue
-        conn.execute(ap_bills.update().where(ap_bills.c.id == bid).values(status="void"))
-        out.append(Delivery(e.idempotency_key, True, f"accounting:{bid}:void"))
-    return out
-
-
-ACCOUNTING = System("accounting", ap_bills, _bill_row, handlers={"void_bill": _void_bills},
+# compensation: the bill posted under the failed posting's key is voided
+ACCOUNTING = System("accounting", ap_bills, _bill_row,
+                    handlers={"void_bill": void_by_effect_key(ap_bills, "accounting", "void")},
                     counts_as_duplicate=lambda t: t.c.status != "void")
 
-payment_runs = sa.Table(
-    "payment_runs", cmeta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
-    sa.Column("item_id", sa.String(255), nullable=False),
-    sa.Column("trace_id", sa.String(32)),
+payment_runs = system_table(
+    "payment_runs",
     sa.Column("vendor", sa.Text),
     sa.Column("currency", sa.String(3)),
     sa.Column("amount", sa.String(32)),
@@ -619,8 +592,7 @@ payment_runs = sa.Table(
 )
 # the bank's payment scheduling: the second half of posting a bill (a bill that cannot be scheduled is voided)
 PAYMENTS = System("payments", payment_runs, lambda e, now: {
-    "idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id,
-    "vendor": e.payload.get("vendor"), "currency": e.payload.get("currency"), "amount": e.payload.get("amount"),
+    **base_row(e), "vendor": e.payload.get("vendor"), "currency": e.payload.get("currency"), "amount": e.payload.get("amount"),
     "due_on": e.payload.get("due_on"), "created_at": now})
 POST_STEPS = ("bill", "payment")
 COMPENSATIONS = {"bill": ("accounting", "void_bill")}
@@ -660,12 +632,9 @@ def _notify_effect(row: dict[str, Any]) -> dict[str, Effect]:
 def _posted_elsewhere(env: StageEnv, rows: list[dict[str, Any]]) -> dict[str, str]:
     """Documents about to post whose vendor + number (or file) is already posted by another document: the
     last guard against paying a bill twice (a reviewer's correction may have made a document a copy)."""
-    q = sa.select(items.c.item_id, items.c.data).where(items.c.flow == env.flow,
-                                                      items.c.status.in_(("posted", "resolved")))
-    index = v.DuplicateIndex()
-    with env.db.begin() as conn:
-        for item_id, data in conn.execute(q.order_by(items.c.item_id)):
-            index.add(item_id, data.get("sha256"), data.get("fields") or {})
+    if not rows:  # the redelivery's waiting rows were checked before they were planned
+        return {}
+    index = duplicate_index(env.db, env.flow, statuses=("posted", "resolved"))
     out = {}
     for r in rows:
         hits = [(k, o) for k, o in index.find(r["item_id"], r["data"].get("sha256"), r["data"]["fields"])
@@ -688,7 +657,7 @@ def post_stage(env: StageEnv, cfg: DocumentsConfig, connectors, *, waiting_only:
                                done_status="posted", done_reason="bill posted and payment scheduled")
     if twice:
         dead = commit_stage(env, "post", started, [
-            _dead(r, "duplicate_bill", f"not posted: {twice[r['item_id']]}") for r in rows if r["item_id"] in twice],
+            dead_letter(r, "duplicate_bill", f"not posted: {twice[r['item_id']]}") for r in rows if r["item_id"] in twice],
             trace_ids={r["item_id"]: r["trace_id"] for r in rows})
         report.outcomes.update(dead.outcomes)
         report.metadata["duplicates_refused"] = len(twice)

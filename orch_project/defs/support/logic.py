@@ -27,7 +27,8 @@ from ...lib.flows import FlowConfig
 from ...lib.guardrails import injection, pii
 from ...lib.intake import Accepted, IntakeContext, run_intake
 from ...lib.outbox import delivered_keys, dispatch, enqueue, idempotency_key
-from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, load_items, load_stage_items
+from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, dead_letter, load_items,
+                             load_stage_items, model_step_failed, without_deferred)
 from ...lib.saga import run_effects_stage, step_key
 from ...lib.store import Database, as_utc, items, utcnow
 
@@ -38,8 +39,6 @@ FIRST_DAY = date(2026, 1, 1)  # first daily partition
 # a human triages it, from the general account queue.
 UNKNOWN_INTENT = "unknown"
 OUT_OF_SCOPE = {"queue": "account", "priority": "medium"}
-# Gateway errors that say "not now" rather than "bad item": the item waits for the next run.
-DEFER_ERRORS = {"quota_exceeded", "circuit_open"}
 URGENT = re.compile(r"\b(urgent|urgently|asap|immediately|right now|emergency|fraud|stolen)\b", re.I)
 PRIORITY_UP = {"low": "medium", "medium": "high", "high": "high"}
 
@@ -132,23 +131,6 @@ def _text(row: dict[str, Any]) -> str:
     return f"{d.get('subject') or ''}\n{d.get('body') or ''}".strip()
 
 
-def _dead(row: dict[str, Any], error: str, reason: str) -> ItemUpdate:
-    return ItemUpdate(row["item_id"], "dead_lettered", row["data"], "dead_lettered", dead_letter=(error, reason))
-
-
-def _failed(row: dict[str, Any], stage: str, resp) -> ItemUpdate:
-    """A failed model step: deferred to the next run when the provider said "not now" (budget,
-    open circuit), dead-lettered with the gateway's reason otherwise."""
-    error = resp.error or "provider_error"
-    if error in DEFER_ERRORS:
-        note = {"stage": stage, "error": error, "reason": resp.reason, "at": utcnow().isoformat()}
-        return ItemUpdate(row["item_id"], "deferred", {**row["data"], "deferred": note}, "deferred")
-    return _dead(row, error, f"{stage} failed: {resp.reason}")
-
-
-def _fresh(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k != "deferred"}
-
 
 # --- triage ---------------------------------------------------------------------------
 
@@ -168,17 +150,17 @@ def triage_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     updates = []
     for row, resp in zip(rows, responses):
         if not resp.ok:
-            updates.append(_failed(row, "triage", resp))
+            updates.append(model_step_failed(row, "triage", resp))
             continue
         intent = resp.output.label
         tax = cfg.taxonomy.get(intent) if intent != UNKNOWN_INTENT else OUT_OF_SCOPE
         if tax is None:
-            updates.append(_dead(row, "schema_mismatch", f"triage returned an intent outside the taxonomy: {intent!r}"))
+            updates.append(dead_letter(row, "schema_mismatch", f"triage returned an intent outside the taxonomy: {intent!r}"))
             continue
         priority = tax["priority"]
         if URGENT.search(texts[row["item_id"]]):
             priority = PRIORITY_UP[priority]
-        data = {**_fresh(row["data"]), "intent": intent, "confidence": round(resp.output.confidence, 4),
+        data = {**without_deferred(row["data"]), "intent": intent, "confidence": round(resp.output.confidence, 4),
                 "priority": priority, "queue": tax["queue"],
                 "model_version": (resp.output.model_extra or {}).get("model_version")}
         due = (row["received_at"] or row["ingested_at"]) + timedelta(hours=cfg.brief.sla_hours[priority])
@@ -217,7 +199,7 @@ def assign_stage(env: StageEnv, cfg: SupportConfig) -> StageReport:
     for row in order:
         heap = heaps.get(row["data"]["queue"])
         if not heap:
-            updates.append(_dead(row, "configuration", f"no agent serves queue {row['data']['queue']!r}"))
+            updates.append(dead_letter(row, "configuration", f"no agent serves queue {row['data']['queue']!r}"))
             continue
         # the heap entry may be stale if the person also took work from another queue
         while True:
@@ -274,10 +256,10 @@ def draft_stage(env: StageEnv, cfg: SupportConfig, gateway) -> StageReport:
     updates = []
     for row, resp in zip(rows, responses):
         if not resp.ok:
-            updates.append(_failed(row, "draft", resp))
+            updates.append(model_step_failed(row, "draft", resp))
             continue
         out: DraftOutput = resp.output
-        data = {**_fresh(row["data"]), "draft": out.text, "citations": out.citations}
+        data = {**without_deferred(row["data"]), "draft": out.text, "citations": out.citations}
         if row["item_id"] in arms:
             data["experiment"] = arms[row["item_id"]]
         updates.append(ItemUpdate(row["item_id"], "drafted", data))

@@ -24,12 +24,21 @@ from ..store import Database, chunked, make_engine, utcnow
 cmeta = sa.MetaData()
 TS = sa.DateTime(timezone=True)
 
-tickets = sa.Table(
-    "tickets", cmeta,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
-    sa.Column("item_id", sa.String(255), nullable=False),
-    sa.Column("trace_id", sa.String(32)),
+def system_table(name: str, *columns: sa.Column) -> sa.Table:
+    """A system's table on ``cmeta`` with the columns every record has (id, idempotency key, item id,
+    trace id) first, then ``columns``; ``base_row(effect)`` fills the common ones."""
+    return sa.Table(
+        name, cmeta,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("idempotency_key", sa.String(512), nullable=False, unique=True),
+        sa.Column("item_id", sa.String(255), nullable=False),
+        sa.Column("trace_id", sa.String(32)),
+        *columns,
+    )
+
+
+tickets = system_table(
+    "tickets",
     sa.Column("queue", sa.String(32)),
     sa.Column("priority", sa.String(16)),
     sa.Column("assignee", sa.String(64)),
@@ -121,30 +130,40 @@ class System:
     counts_as_duplicate: Callable[[sa.Table], Any] | None = None
 
 
-def _base(e: Effect) -> dict[str, Any]:
+def base_row(e: Effect) -> dict[str, Any]:
+    """The columns every record of a ``system_table`` has, from the effect that creates it."""
     return {"idempotency_key": e.idempotency_key, "item_id": e.item_id, "trace_id": e.trace_id}
 
 
 def _ticket_row(e: Effect, now) -> dict[str, Any]:
     p = e.payload
-    return {**_base(e), "queue": p.get("queue"), "priority": p.get("priority"), "assignee": p.get("assignee"),
+    return {**base_row(e), "queue": p.get("queue"), "priority": p.get("priority"), "assignee": p.get("assignee"),
             "intent": p.get("intent"), "subject": p.get("subject"), "status": p.get("status", "open"),
             "created_at": now}
 
 
-def _void_tickets(conn, effects: Sequence[Effect]) -> list[Delivery]:
-    """Compensation: close the ticket created under ``payload.effect_key`` as ``voided``. Idempotent:
-    voiding a voided ticket changes nothing and returns the same reference."""
-    out = []
-    for e in effects:
-        key = e.payload.get("effect_key") or e.payload.get("ticket_key")  # ticket_key: outbox rows before the kit
-        tid = conn.execute(sa.select(tickets.c.id).where(tickets.c.idempotency_key == key)).scalar()
-        if tid is None:  # nothing was created: nothing to void
-            out.append(Delivery(e.idempotency_key, True, "ticketing:none:void"))
-            continue
-        conn.execute(tickets.update().where(tickets.c.id == tid).values(status="voided"))
-        out.append(Delivery(e.idempotency_key, True, f"ticketing:{tid}:void"))
-    return out
+def void_by_effect_key(table: sa.Table, system: str, status: str,
+                       legacy_keys: tuple[str, ...] = ()) -> Callable[[Any, Sequence[Effect]], list[Delivery]]:
+    """A compensation handler: the record created under ``payload.effect_key`` (or, for outbox rows written
+    before that name, one of ``legacy_keys``) gets ``status``. Idempotent: voiding a voided record changes
+    nothing and returns the same reference; nothing created means nothing to void."""
+    def handler(conn, effects: Sequence[Effect]) -> list[Delivery]:
+        out = []
+        for e in effects:
+            key = e.payload.get("effect_key") or next((e.payload[k] for k in legacy_keys if e.payload.get(k)), None)
+            rid = conn.execute(sa.select(table.c.id).where(table.c.idempotency_key == key)).scalar()
+            if rid is None:
+                out.append(Delivery(e.idempotency_key, True, f"{system}:none:void"))
+                continue
+            conn.execute(table.update().where(table.c.id == rid).values(status=status))
+            out.append(Delivery(e.idempotency_key, True, f"{system}:{rid}:void"))
+        return out
+
+    return handler
+
+
+# ticket_key: outbox rows before the kit
+_void_tickets = void_by_effect_key(tickets, "ticketing", "voided", legacy_keys=("ticket_key",))
 
 
 _SYSTEMS: dict[str, System] = {}
@@ -168,10 +187,10 @@ def unregister_system(name: str) -> None:
 register_system(System("ticketing", tickets, _ticket_row, handlers={"void_ticket": _void_tickets},
                        counts_as_duplicate=lambda t: t.c.status != "voided"))
 register_system(System("crm", crm_activities, lambda e, now: {
-    **_base(e), "customer_ref": e.payload["customer_ref"], "kind": e.action, "summary": e.payload.get("summary", ""),
+    **base_row(e), "customer_ref": e.payload["customer_ref"], "kind": e.action, "summary": e.payload.get("summary", ""),
     "created_at": now}, same_record=("item_id", "kind")))
 register_system(System("messaging", messages, lambda e, now: {
-    **_base(e), "kind": e.payload.get("kind", e.action), "recipient": e.payload["recipient"],
+    **base_row(e), "kind": e.payload.get("kind", e.action), "recipient": e.payload["recipient"],
     "subject": e.payload.get("subject"), "body": e.payload.get("body", ""), "sent_at": now},
     same_record=("item_id", "kind")))
 

@@ -1,4 +1,4 @@
-"""Lead normalisation, matching (with blocking) and enrichment: orch_project.defs.leads.enrich.
+"""Lead normalisation, matching (with blocking) and enrichment: orch_project.lib.contacts.
 
 Pure Python, no Dagster, no database, no network; the whole file runs in well under 5 s."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from orch_project.defs.leads.enrich import (
+from orch_project.lib.contacts import (
     Contact,
     Index,
     Thresholds,
