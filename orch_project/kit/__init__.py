@@ -14,6 +14,6 @@ picks that up.
 """
 
 from .build import build_flow, stage_asset_key
-from .checks import GXCheck
+from .checks import GXCheck, items_frame
 
-__all__ = ["build_flow", "stage_asset_key", "GXCheck"]
+__all__ = ["build_flow", "stage_asset_key", "GXCheck", "items_frame"]

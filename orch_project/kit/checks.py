@@ -50,6 +50,18 @@ def gx_result(result, **extra) -> dg.AssetCheckResult:
                   **extra})
 
 
+def items_frame(db, flow: str, days: Sequence[str], keep: Callable[[Any], dict[str, Any] | None], *where) -> Any:
+    """A check's frame: one row per item of ``flow`` in the partition ``days`` (and ``where`` clauses on the
+    items table) for which ``keep(row)`` returns a dict (``row``: item_id, status, stage, due_at, data)."""
+    import pandas as pd
+
+    q = sa.select(items.c.item_id, items.c.status, items.c.stage, items.c.due_at, items.c.data).where(
+        items.c.flow == flow, items.c.day.in_(list(days)), *where)
+    with db.begin() as conn:
+        rows = conn.execute(q).all()
+    return pd.DataFrame([r for row in rows if (r := keep(row)) is not None])
+
+
 def flow_checks(spec: FlowSpec, daily, stage_assets: Sequence[dg.AssetsDefinition]) -> list:
     from .build import stage_asset_key
 

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...kit import GXCheck, build_flow
+from ...kit import GXCheck, build_flow, items_frame
 from ...lib.flows import DemoSpec, FlowSpec, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage
 from . import logic, reporting
 from .schema import ExtractionOutput
-from .validation import ISO_4217, RULES
+from .validation import ISO_4217, RULES, amount
 
 
 def _frame(db, flow: str, days: list[str], keep) -> Any:
-    import pandas as pd
-    import sqlalchemy as sa
-
+    """Extracted documents of the partition still in the flow, through ``keep(item_id, status, data)``."""
     from ...lib.store import items
 
-    with db.begin() as conn:
-        rows = conn.execute(sa.select(items.c.item_id, items.c.status, items.c.data).where(
-            items.c.flow == flow, items.c.day.in_(days), items.c.status != "dead_lettered")).all()
-    return pd.DataFrame([r for i, s, d in rows if d.get("fields") and (r := keep(i, s, d)) is not None])
+    return items_frame(db, flow, days, lambda r: keep(r.item_id, r.status, r.data) if r.data.get("fields") else None,
+                       items.c.status != "dead_lettered")
 
 
 def _extracted_frame(db, flow: str, days: list[str], cfg) -> Any:
@@ -73,8 +69,6 @@ def _validated_expectations(cfg) -> list:
 
 
 def _posted_frame(db, flow: str, days: list[str], cfg) -> Any:
-    from .validation import amount
-
     def keep(item_id, status, d):
         if status not in ("posted", "resolved"):
             return None

@@ -261,11 +261,10 @@ class LayoutExtractTask:
     """The embedded provider's handler for ``documents_extract``: the layout extractor (extract.py) over
     the document's lines, deterministic and offline."""
 
-    def __init__(self, default_currency: str | None):
+    def __init__(self):
         from .extract import EXTRACTOR_VERSION
 
         self.model = f"documents-{EXTRACTOR_VERSION}"
-        self.default_currency = default_currency
 
     def run(self, requests: Sequence[LLMStepRequest], prompt_vars) -> list[ProviderResult]:
         from .extract import extract
@@ -275,7 +274,8 @@ class LayoutExtractTask:
             t0 = time.perf_counter()
             try:
                 lines = [docread.Line.from_dict(d) for d in r.inputs.context.get("lines") or []]
-                result = extract(lines, default_currency=r.inputs.context.get("default_currency") or self.default_currency)
+                # the brief's default currency comes with the request (extract_stage puts it in the context)
+                result = extract(lines, default_currency=r.inputs.context.get("default_currency") or None)
             except Exception as exc:  # one document the extractor cannot handle must not stop the batch
                 out.append(ProviderResult(None, error="provider_error",
                                           reason=f"the layout extractor failed on this document ({type(exc).__name__})"))
@@ -287,7 +287,7 @@ class LayoutExtractTask:
 
 
 def extract_local_task(db) -> LayoutExtractTask:
-    return LayoutExtractTask(CFG.settings.default_currency)
+    return LayoutExtractTask()
 
 
 def provenance(line_ids: Sequence[int], lines_by_index: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -303,18 +303,16 @@ def check_tax_id(fields) -> Check:
 
     t = norm_text(raw)
     country = tax_id_country(raw)
-    validators = []
     if country == "GB":
-        from stdnum.gb import vat as gb_vat
-        validators.append(("GB VAT", gb_vat))
+        from stdnum.gb import vat as module
+        name = "GB VAT"
     elif country and country.lower() in eu_vat.MEMBER_STATES:
-        validators.append(("EU VAT", eu_vat))
+        module, name = eu_vat, "EU VAT"
     elif re.fullmatch(r"\d{2}-?\d{7}", str(raw).strip()):
-        from stdnum.us import ein
-        validators.append(("US EIN", ein))
-    if not validators:
+        from stdnum.us import ein as module
+        name = "US EIN"
+    else:
         return Check("tax_id_checksum", True, "no checksum is defined for this id's format: not checked")
-    name, module = validators[0]
     try:
         module.validate(raw)
     except exceptions.ValidationError as exc:

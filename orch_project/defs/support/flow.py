@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...kit import GXCheck, build_flow
+from ...kit import GXCheck, build_flow, items_frame
 from ...lib.flows import DemoSpec, FlowSpec, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage
 from . import logic, reporting
 from .triage_model import triage_local_task
@@ -22,17 +22,12 @@ CFG = logic.SupportConfig()
 
 def _triage_frame(db, flow: str, days: list[str], cfg) -> Any:
     """The triaged batch: items past intake and still in the flow."""
-    import pandas as pd
-    import sqlalchemy as sa
-
     from ...lib.store import items
 
-    with db.begin() as conn:
-        rows = conn.execute(sa.select(items.c.item_id, items.c.data, items.c.due_at).where(
-            items.c.flow == flow, items.c.day.in_(days), items.c.stage != "intake",
-            items.c.status != "dead_lettered")).all()
-    return pd.DataFrame([{"item_id": i, "intent": d.get("intent"), "confidence": d.get("confidence"),
-                          "priority": d.get("priority"), "queue": d.get("queue"), "due_at": due} for i, d, due in rows])
+    return items_frame(db, flow, days, lambda r: {
+        "item_id": r.item_id, "intent": r.data.get("intent"), "confidence": r.data.get("confidence"),
+        "priority": r.data.get("priority"), "queue": r.data.get("queue"), "due_at": r.due_at},
+        items.c.stage != "intake", items.c.status != "dead_lettered")
 
 
 def _triage_expectations(cfg) -> list:
@@ -50,15 +45,8 @@ def _triage_expectations(cfg) -> list:
 
 
 def _drafts_frame(db, flow: str, days: list[str], cfg) -> Any:
-    import pandas as pd
-    import sqlalchemy as sa
-
-    from ...lib.store import items
-
-    with db.begin() as conn:
-        rows = conn.execute(sa.select(items.c.item_id, items.c.data).where(
-            items.c.flow == flow, items.c.day.in_(days))).all()
-    return pd.DataFrame([{"item_id": i, "draft": d["draft"]} for i, d in rows if d.get("draft")])
+    return items_frame(db, flow, days, lambda r: {"item_id": r.item_id, "draft": r.data["draft"]}
+                       if r.data.get("draft") else None)
 
 
 def _outbound_expectations(cfg) -> list:
