@@ -229,7 +229,7 @@ def build_flow(spec: FlowSpec) -> dg.Definitions:
 
 
 def _build(spec: FlowSpec) -> dg.Definitions:
-    from . import checks, operations
+    from . import checks, governance, operations
 
     daily = partitions(spec)
     stages = flow_assets(spec, daily)
@@ -283,10 +283,16 @@ def _build(spec: FlowSpec) -> dg.Definitions:
                                                default_status=dg.DefaultScheduleStatus.RUNNING)
     jobs = [flow_job, ops_job, dlq_job, retention_job, *hitl.jobs]
     alert_sensors = operations.alert_sensors(spec, jobs)
+    model_assets, model_checks, model_jobs = [], [], []
+    for model in spec.models:
+        a, c, j = governance.governed_model_defs(spec, model)
+        model_assets += a
+        model_checks += c
+        model_jobs += j
     return dg.Definitions(
-        assets=[*stages, *ops, retention],
-        asset_checks=checks.flow_checks(spec, daily, stages),
-        jobs=jobs,
+        assets=[*stages, *ops, retention, *model_assets],
+        asset_checks=[*checks.flow_checks(spec, daily, stages), *model_checks],
+        jobs=[*jobs, *model_jobs],
         schedules=[ops_schedule, retention_schedule],
         sensors=[intake_sensor, ops_after_flow, *hitl.sensors, *alert_sensors],
     )

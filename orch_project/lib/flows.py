@@ -118,6 +118,30 @@ class ModelTask:
 
 
 @dataclass(frozen=True)
+class GovernedModel:
+    """A model a flow trains and serves under governance; the kit builds its assets (kit/governance.py):
+    ``<asset>`` trains a candidate and registers it (registry keyed by ``task``), ``<asset>_evaluation``
+    scores it on held-out data beside the version that serves now and decides the gate, the blocking
+    check ``<asset>_gate`` stops ``<asset>_promotion`` when it fails (the serving version stays), and
+    ``train_<asset>_job`` runs the three. ``orch model list|promote|rollback --task`` change the served
+    version by hand.
+
+    ``train(cfg, options, log) -> registry.Candidate`` (``options``: an instance of ``config``, a Dagster
+    Config class the flow's folder defines, or None); ``evaluate(cfg, candidate, serving) -> dict`` with
+    ``passed`` (bool), ``reason``, ``dataset`` and ``metrics`` of the candidate (and ``serving_metrics``
+    on the same data), ``candidate``/``serving`` being registry rows (serving None when nothing serves)."""
+
+    task: str
+    asset: str
+    train: Callable[..., Any]
+    evaluate: Callable[..., dict]
+    description: str = ""
+    metric: str = "auc"  # the headline figure (UI metadata, `orch model list`)
+    config: type | None = None
+    kinds: frozenset[str] = frozenset({"scikitlearn"})
+
+
+@dataclass(frozen=True)
 class ReviewSpec:
     """What a reviewer sees of a waiting item (masked ``data`` fields) and how an edit lands:
     ``apply_edit(data, masked_text, reviewer_id, now_iso) -> (new data, the value replaced)``; it
@@ -172,6 +196,7 @@ class FlowSpec:
     demo: DemoSpec | None = None  # how `orch demo` seeds and shows the flow
     ops_schedule: str = "*/15 * * * *"
     kinds: frozenset[str] = frozenset({"python", "sqlite"})
+    models: Sequence[GovernedModel] = ()  # models the flow trains, gates and promotes (kit/governance.py)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -221,6 +246,9 @@ class FlowSpec:
         for o in self.ops:
             if bad := [a for a in o.after if a not in known]:
                 fail(f"ops stage {o.name!r} is after unknown stage(s) {bad}")
+        for m in self.models:
+            if m.task not in self.model_tasks:
+                fail(f"governed model {m.asset!r} serves task {m.task!r}, which is not among the flow's model tasks")
         for c in self.checks:
             if getattr(c, "stage", None) not in names:
                 fail(f"check {getattr(c, 'name', c)!r} is on unknown stage {getattr(c, 'stage', None)!r}")
@@ -373,3 +401,8 @@ def get(name: str) -> FlowSpec:
 
 def find(name: str) -> FlowSpec | None:
     return _FLOWS.get(name)
+
+
+def governed_model(task: str) -> GovernedModel | None:
+    """The governed model of any registered flow that serves ``task``."""
+    return next((m for spec in _FLOWS.values() for m in spec.models if m.task == task), None)

@@ -274,6 +274,29 @@ class IntakeContext:
         return token
 
 
+def vault_values(db: Database, flow: str, item_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The raw values a flow's items keep in the vault, ``{item_id: {entity_type: value}}``: for the few
+    steps that must compare or hand over the real value (matching a person against a CRM); callers keep
+    them in memory only and never store, log or send them to a model."""
+    out: dict[str, dict[str, str]] = {}
+    with db.begin() as conn:
+        for chunk in chunked(list(dict.fromkeys(item_ids)), 900):
+            for item_id, entity, value in conn.execute(sa.select(vault.c.item_id, vault.c.entity_type, vault.c.value)
+                                                       .where(vault.c.flow == flow, vault.c.item_id.in_(chunk))):
+                out.setdefault(item_id, {})[entity] = value
+    return out
+
+
+def vault_lookup(db: Database, tokens: Sequence[str]) -> dict[str, str]:
+    """``{token: raw value}`` for vault tokens (e.g. the ones a flow wrote into a connector's records);
+    the same rules as ``vault_values``."""
+    out: dict[str, str] = {}
+    with db.begin() as conn:
+        for chunk in chunked(list(dict.fromkeys(tokens)), 900):
+            out.update(conn.execute(sa.select(vault.c.token, vault.c.value).where(vault.c.token.in_(chunk))).all())
+    return out
+
+
 def existing_item_ids(db: Database, flow: str, ids: Sequence[str]) -> set[str]:
     out: set[str] = set()
     with db.begin() as conn:

@@ -123,11 +123,14 @@ class System:
     idempotency key): two rows alike in them are a duplicate, unless ``counts_as_duplicate`` says no."""
 
     name: str
-    table: sa.Table
+    table: sa.Table | None  # None: a system that is only read (a reference directory); deliveries are refused
     row: Callable[[Effect, Any], dict[str, Any]]
     handlers: Mapping[str, Callable[[Any, Sequence[Effect]], list[Delivery]]] = field(default_factory=dict)
     same_record: tuple[str, ...] = ("item_id",)
     counts_as_duplicate: Callable[[sa.Table], Any] | None = None
+    # ``readers[name](conn, *args)``: reads a flow may make of the system (a lookup, a listing), reached
+    # through ``EmbeddedConnectors.read`` behind the same simulated faults as deliveries
+    readers: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 def base_row(e: Effect) -> dict[str, Any]:
@@ -171,7 +174,7 @@ _SYSTEMS: dict[str, System] = {}
 
 def register_system(system: System) -> None:
     """Make a system reachable through ``deliver`` (its table is created on the next connection)."""
-    if system.table.metadata is not cmeta:
+    if system.table is not None and system.table.metadata is not cmeta:
         raise ValueError(f"system {system.name!r}: define its table on lib.connectors.embedded.cmeta")
     known = _SYSTEMS.get(system.name)
     if known is not None and known is not system:
@@ -193,6 +196,180 @@ register_system(System("messaging", messages, lambda e, now: {
     **base_row(e), "kind": e.payload.get("kind", e.action), "recipient": e.payload["recipient"],
     "subject": e.payload.get("subject"), "body": e.payload.get("body", ""), "sent_at": now},
     same_record=("item_id", "kind")))
+
+
+# --- CRM contacts: one row per person the CRM knows, changed only through recorded, idempotent changes --
+
+crm_contacts = sa.Table(
+    "crm_contacts", cmeta,
+    sa.Column("contact_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.Text, doc="vault token (written by a flow) or the CRM's own value (imported records)"),
+    sa.Column("email", sa.Text, doc="vault token or the CRM's own value"),
+    sa.Column("phone", sa.Text, doc="vault token or the CRM's own value"),
+    sa.Column("company", sa.Text),
+    sa.Column("title", sa.Text),
+    sa.Column("country", sa.String(2)),
+    sa.Column("owner", sa.String(128), doc="the rep who owns the contact"),
+    sa.Column("stage", sa.String(32), doc="Lead | Qualified | Nurture | Contacted | Engaged | Proposal | Won | Lost | Archived"),
+    sa.Column("score", sa.Float),
+    sa.Column("do_not_email", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("do_not_call", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("unsubscribed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("source", sa.String(64)),
+    sa.Column("notes", sa.Text),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+crm_contact_changes = system_table(
+    "crm_contact_changes",
+    sa.Column("contact_id", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False, doc="upsert_contact | set_stage | revert_change"),
+    sa.Column("before", sa.JSON, doc="the contact before the change (null: it was created)"),
+    sa.Column("after", sa.JSON),
+    sa.Column("created_at", TS, nullable=False),
+)
+CONTACT_FIELDS = ("name", "email", "phone", "company", "title", "country", "owner", "stage", "score",
+                  "do_not_email", "do_not_call", "unsubscribed", "source", "notes")
+CONSENT_FIELDS = ("do_not_email", "do_not_call", "unsubscribed")
+
+
+def _contact_json(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if row is None else {k: row[k] for k in CONTACT_FIELDS}
+
+
+def _change(conn, e: Effect, contact_id: str, action: str, before, after) -> Delivery:
+    conn.execute(crm_contact_changes.insert().values(**base_row(e), contact_id=contact_id, action=action,
+                                                     before=before, after=after, created_at=utcnow()))
+    rid = conn.execute(sa.select(crm_contact_changes.c.id).where(
+        crm_contact_changes.c.idempotency_key == e.idempotency_key)).scalar_one()
+    return Delivery(e.idempotency_key, True, f"crm_contacts:{contact_id}:{rid}")
+
+
+def _seen(conn, e: Effect) -> Delivery | None:
+    """The change an idempotency key already made, if any (a redelivery returns it unchanged)."""
+    row = conn.execute(sa.select(crm_contact_changes.c.id, crm_contact_changes.c.contact_id).where(
+        crm_contact_changes.c.idempotency_key == e.idempotency_key)).first()
+    return None if row is None else Delivery(e.idempotency_key, True, f"crm_contacts:{row.contact_id}:{row.id}")
+
+
+def _upsert_contacts(conn, effects: Sequence[Effect]) -> list[Delivery]:
+    """Create the contact or update the fields the payload names. Consent only ever tightens here: a
+    do-not-email, do-not-call or unsubscribe already on the contact is never cleared by an upsert."""
+    out = []
+    for e in effects:
+        if (done := _seen(conn, e)) is not None:
+            out.append(done)
+            continue
+        p = e.payload
+        cid = str(p["contact_id"])
+        row = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
+        now = utcnow()
+        values = {k: p[k] for k in CONTACT_FIELDS if k in p and p[k] is not None}
+        for k in CONSENT_FIELDS:
+            values[k] = bool(values.get(k)) or bool(row[k] if row is not None else False)
+        if row is None:
+            conn.execute(crm_contacts.insert().values(contact_id=cid, created_at=now, updated_at=now, **values))
+        else:
+            conn.execute(crm_contacts.update().where(crm_contacts.c.contact_id == cid).values(updated_at=now, **values))
+        after = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
+        out.append(_change(conn, e, cid, "upsert_contact", _contact_json(row), _contact_json(after)))
+    return out
+
+
+def _set_stage(conn, effects: Sequence[Effect]) -> list[Delivery]:
+    """Move a contact's deal stage (and consent flags the payload sets); refused for an unknown contact."""
+    out = []
+    for e in effects:
+        if (done := _seen(conn, e)) is not None:
+            out.append(done)
+            continue
+        cid = str(e.payload["contact_id"])
+        row = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
+        if row is None:
+            out.append(Delivery(e.idempotency_key, False, error=f"no CRM contact {cid}"))
+            continue
+        values = {"stage": e.payload.get("stage") or row["stage"], "updated_at": utcnow()}
+        values.update({k: True for k in CONSENT_FIELDS if e.payload.get(k)})
+        conn.execute(crm_contacts.update().where(crm_contacts.c.contact_id == cid).values(**values))
+        after = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
+        out.append(_change(conn, e, cid, "set_stage", _contact_json(row), _contact_json(after)))
+    return out
+
+
+def _revert_changes(conn, effects: Sequence[Effect]) -> list[Delivery]:
+    """Compensation: the change made under ``payload.effect_key`` is undone (a created contact is
+    removed, an updated one gets its earlier fields back). Idempotent; nothing changed, nothing to undo."""
+    out = []
+    for e in effects:
+        if (done := _seen(conn, e)) is not None:
+            out.append(done)
+            continue
+        ch = conn.execute(sa.select(crm_contact_changes).where(
+            crm_contact_changes.c.idempotency_key == e.payload.get("effect_key"))).mappings().first()
+        if ch is None:
+            out.append(Delivery(e.idempotency_key, True, "crm_contacts:none:revert"))
+            continue
+        cid = ch["contact_id"]
+        now_row = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
+        if ch["before"] is None:
+            conn.execute(crm_contacts.delete().where(crm_contacts.c.contact_id == cid))
+        else:
+            restored = dict(ch["before"])
+            for k in CONSENT_FIELDS:  # consent given since is kept: an undo never re-opens a channel
+                restored[k] = bool(restored.get(k)) or bool(now_row[k] if now_row is not None else False)
+            conn.execute(crm_contacts.update().where(crm_contacts.c.contact_id == cid).values(
+                updated_at=utcnow(), **restored))
+        out.append(_change(conn, e, cid, "revert_change", _contact_json(now_row), ch["before"]))
+    return out
+
+
+def _list_contacts(conn, since: Any = None) -> list[dict[str, Any]]:
+    q = sa.select(crm_contacts).order_by(crm_contacts.c.contact_id)
+    if since is not None:
+        q = q.where(crm_contacts.c.updated_at > since)
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def _get_contacts(conn, contact_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for chunk in chunked(list(contact_ids), 900):
+        out.update({r["contact_id"]: dict(r) for r in conn.execute(
+            sa.select(crm_contacts).where(crm_contacts.c.contact_id.in_(chunk))).mappings()})
+    return out
+
+
+def import_contacts(db: Database, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Load contacts the CRM already has (an import from the company's existing CRM); a contact id that is
+    already there is kept as it is. Returns the number added."""
+    now = utcnow()
+    full = [{**{k: None for k in CONTACT_FIELDS}, "do_not_email": False, "do_not_call": False,
+             "unsubscribed": False, "created_at": now, "updated_at": now, **dict(r)} for r in rows]
+    with db.begin() as conn:
+        before = conn.execute(sa.select(sa.func.count()).select_from(crm_contacts)).scalar_one()
+        db.insert_ignore(conn, crm_contacts, full, ["contact_id"])
+        return conn.execute(sa.select(sa.func.count()).select_from(crm_contacts)).scalar_one() - before
+
+
+register_system(System(
+    "crm_contacts", crm_contact_changes, lambda e, now: {},
+    handlers={"upsert_contact": _upsert_contacts, "set_stage": _set_stage, "revert_change": _revert_changes},
+    same_record=("item_id", "action"),
+    counts_as_duplicate=lambda t: t.c.action == "upsert_contact",
+    readers={"contacts": _list_contacts, "get": _get_contacts}))
+
+
+# --- what comes back through messaging: replies, bounces, unsubscribes ------------------------------
+
+inbound_events = sa.Table(
+    "inbound_events", cmeta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("external_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("kind", sa.String(32), nullable=False, doc="reply | bounce | unsubscribe"),
+    sa.Column("recipient", sa.String(128), nullable=False, doc="the vault token or channel a message went to"),
+    sa.Column("in_reply_to", sa.String(512), doc="idempotency key of the message answered"),
+    sa.Column("body", sa.Text, doc="masked text of a reply"),
+    sa.Column("received_at", TS, nullable=False),
+)
 
 
 class EmbeddedConnectors:
@@ -242,8 +419,40 @@ class EmbeddedConnectors:
             time.sleep(row["hang_s"])
         raise ConnectorUnavailable(f"{connector} unavailable (simulated {row['mode']})")
 
+    def read(self, connector: str, reader: str, *args: Any) -> Any:
+        """A read from a system (``System.readers``): fails like a delivery while the system is down."""
+        system = self._system(connector)
+        if reader not in system.readers:
+            raise ValueError(f"system {connector!r} has no reader {reader!r}; readers: {', '.join(system.readers)}")
+        cmeta.create_all(self.db.engine)  # tables of systems registered after start-up
+        self._check_fault(connector)
+        with self.db.begin() as conn:
+            return system.readers[reader](conn, *args)
+
+    # -- replies, bounces and unsubscribes arrive through the messaging system ---------------
+    def record_inbound(self, events: Sequence[dict[str, Any]]) -> int:
+        """Inbound messaging events (``external_id`` makes a re-delivered event a no-op); returns the number added."""
+        with self.db.begin() as conn:
+            before = conn.execute(sa.select(sa.func.count()).select_from(inbound_events)).scalar_one()
+            self.db.insert_ignore(conn, inbound_events, list(events), ["external_id"])
+            return conn.execute(sa.select(sa.func.count()).select_from(inbound_events)).scalar_one() - before
+
+    def inbound_since(self, after_id: int, recipients: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Inbound events after ``after_id`` (optionally only to ``recipients``), oldest first."""
+        self._check_fault("messaging")
+        q = sa.select(inbound_events).where(inbound_events.c.id > after_id).order_by(inbound_events.c.id)
+        with self.db.begin() as conn:
+            if recipients is None:
+                return [dict(r) for r in conn.execute(q).mappings()]
+            out = []
+            for chunk in chunked(list(recipients), 900):
+                out += [dict(r) for r in conn.execute(q.where(inbound_events.c.recipient.in_(chunk))).mappings()]
+        return sorted(out, key=lambda r: r["id"])
+
     def deliver(self, connector: str, effects: Sequence[Effect]) -> list[Delivery]:
         system = self._system(connector)
+        if system.table is None:
+            raise ValueError(f"system {connector!r} is read-only; nothing can be delivered to it")
         cmeta.create_all(self.db.engine, tables=[system.table])  # a system registered after start-up
         self._check_fault(connector)
         out: list[Delivery] = []
@@ -309,6 +518,8 @@ class EmbeddedConnectors:
         with self.db.begin() as conn:
             for system in _SYSTEMS.values():
                 t = system.table
+                if t is None:
+                    continue
                 if not sa.inspect(conn).has_table(t.name):
                     out[t.name] = 0
                     continue

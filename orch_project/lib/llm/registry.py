@@ -8,12 +8,24 @@ becomes retired when another is promoted, rolled_back when a rollback replaces i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from ..store import Database, evaluations, models, utcnow
+
+
+@dataclass
+class Candidate:
+    """A trained model as a governed model's ``train`` hands it to the registry."""
+
+    version: str
+    path: Path
+    metrics: dict[str, Any]
+    train_data_hash: str
+    code_version: str
 
 
 class RegistryError(Exception):
