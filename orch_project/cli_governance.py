@@ -15,18 +15,30 @@ TASK = "triage"
 
 
 def _report_served(out: dict, actor: str) -> None:
-    """Tell the Dagster instance that the served model changed (a runless materialisation of
-    triage_model_promotion with the model id as data version), so the UI marks the triage stale."""
+    """Tell the Dagster instance that the served model changed (a runless materialisation of the task's
+    promotion asset with the model id as data version), so the UI marks the stages that use it stale."""
     import dagster as dg
 
-    from .cli import _dagster_home, _settings, open_db
-    from .defs.support.triage_model import served_model_event
+    from .cli import _dagster_home, _settings, all_flows, open_db
+    from .lib import flows
     from .lib.llm import registry
 
     _dagster_home(_settings())
     metrics = (registry.get(open_db(), out["promoted"]) or {}).get("metrics", {})
+    if out.get("task", TASK) == TASK:
+        from .defs.support.triage_model import served_model_event
+
+        event = served_model_event(out, metrics, actor)
+    else:
+        from .kit.governance import served_event
+
+        all_flows()  # registers every flow's governed models
+        governed = flows.governed_model(out["task"])
+        if governed is None:
+            return
+        event = served_event(governed, out, metrics, actor)
     with dg.DagsterInstance.get() as instance:
-        instance.report_runless_asset_event(served_model_event(out, metrics, actor))
+        instance.report_runless_asset_event(event)
 
 
 task_option = click.option("--task", default=TASK, show_default=True,
@@ -74,7 +86,7 @@ def model_promote(version: str, actor: str, reason: str) -> None:
         out = registry.promote(open_db(), version, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
-    if out["changed"] and out.get("task") == TASK:
+    if out["changed"]:
         _report_served(out, actor)
     click.echo(json.dumps(out))
 
@@ -91,8 +103,7 @@ def model_rollback(actor: str, reason: str, task: str) -> None:
         out = registry.rollback(open_db(), task, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc))
-    if task == TASK:
-        _report_served(out, actor)
+    _report_served(out, actor)
     click.echo(json.dumps(out))
 
 

@@ -76,6 +76,37 @@ def trained_model(tmp_path_factory):
     return {"path": path, "version": model.version, "metrics": model.metrics}
 
 
+@pytest.fixture(scope="session")
+def lead_model(tmp_path_factory):
+    """The leads flow's scorer trained once per session on the seeded history (a few seconds), as the
+    ``lead_score_model`` asset trains it; tests register and promote it in their own database."""
+    from orch_project.defs.leads import logic, model as lm
+
+    home = tmp_path_factory.mktemp("lead_model_home")
+    old = os.environ.get("ORCH_HOME")
+    os.environ["ORCH_HOME"] = str(home)
+    try:
+        cand = lm.train_candidate(logic.CFG, lm.LeadScoreTrainingConfig(search_budget_s=0))
+    finally:
+        if old is None:
+            os.environ.pop("ORCH_HOME", None)
+        else:
+            os.environ["ORCH_HOME"] = old
+    return cand
+
+
+@pytest.fixture
+def with_lead_model(db, lead_model):
+    """The session's lead scorer registered and promoted in this test's app database."""
+    from orch_project.lib.llm import registry
+
+    c = lead_model
+    registry.register(db, task="lead_score", version=c.version, path=c.path, train_data_hash=c.train_data_hash,
+                      code_version=c.code_version, metrics=c.metrics)
+    registry.promote(db, c.version, actor="test", reason="fixture")
+    return c
+
+
 @pytest.fixture
 def orch_home(tmp_path, monkeypatch):
     """An empty ORCH_HOME with its own app and connector databases, DAGSTER_HOME and inbox."""

@@ -17,7 +17,7 @@ def test_definitions_load_with_expected_objects(defs):
             "triage_model_promotion"} <= keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
-    flows = ("support", "documents")
+    flows = ("support", "documents", "leads")
     assert {s.name for s in defs.sensors} == {f"{f}_{s}" for f in flows for s in (
         "intake_sensor", "ops_after_flow", "approval_resume_sensor", "approval_escalation_sensor", "alerts_sensor",
         "run_failure_alerts")}
@@ -26,6 +26,12 @@ def test_definitions_load_with_expected_objects(defs):
     assert {"documents_intake_documents", "documents_extract", "documents_validate", "documents_review_gate",
             "documents_post", "documents_outbox_redelivery", "documents_labelled_examples",
             "documents_kpi_report"} <= keys
+    assert {"leads_intake", "leads_match", "leads_enrich", "leads_score", "leads_qualify", "leads_first_touch",
+            "leads_review_gate", "leads_crm_upsert", "leads_engage", "leads_responses", "leads_nurture",
+            "lead_score_model", "lead_score_model_evaluation", "lead_score_model_promotion"} <= keys
+    assert {"leads_flow_job", "train_lead_score_model_job"} <= jobs
+    checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
+    assert {"lead_score_model_gate", "routing_respects_consent", "match_decisions_valid"} <= checks
     dg.Definitions.validate_loadable(defs)
 
 
@@ -42,6 +48,8 @@ def test_lineage_runs_intake_to_report(defs):
     assert "support_insights" in parents["support_kpi_report"]
     assert parents["documents_extract"] == {"documents_intake_documents"}
     assert parents["documents_post"] == {"documents_review_gate"}
+    assert parents["leads_score"] == {"leads_enrich", "lead_score_model_promotion"}
+    assert parents["lead_score_model_promotion"] == {"lead_score_model_evaluation"}
     spec = graph.get(dg.AssetKey("support_inbound"))
     assert isinstance(spec.partitions_def, dg.DailyPartitionsDefinition)
 
@@ -49,6 +57,6 @@ def test_lineage_runs_intake_to_report(defs):
 def test_code_location_import_skips_heavy_libraries():
     code = ("import sys, json; import orch_project.definitions; "
             "print(json.dumps([m for m in ('pandas','sklearn','matplotlib','great_expectations','presidio_analyzer',"
-            "'openai','rapidocr_onnxruntime','pdfplumber','PIL','stdnum') if m in sys.modules]))")
+            "'openai','rapidocr_onnxruntime','pdfplumber','PIL','stdnum','rapidfuzz','phonenumbers','tenacity') if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

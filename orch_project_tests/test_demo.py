@@ -37,6 +37,13 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert d["connectors"] == f"AP bills posted {d['resolved']}, voided 0, payment runs {d['resolved']}"
     assert "the AP team reviews" in first.output
     assert (orch_home.reports_dir / "documents" / "kpi_report.html").is_file()
+    ld = _summary(first.output, "Lead handling summary")
+    assert ld["unaccounted"] == "0" and ld["still in progress"] == "0" and ld["dead-lettered"] == "9"
+    assert sum(int(ld[k]) for k in ("resolved", "awaiting approval", "rejected by a person", "dead-lettered",
+                                    "duplicates ignored")) == int(ld["items received"])
+    assert int(ld["resolved"]) >= 90 and ld["CRM"].endswith(f"{ld['resolved']} lead upserts")
+    assert "the sales manager decides" in first.output
+    assert (orch_home.reports_dir / "leads" / "kpi_report.html").is_file()
 
     second = runner.invoke(main, ["demo"], catch_exceptions=False)
     assert second.exit_code == 0, second.output[-3000:]
@@ -44,5 +51,6 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     again = _summary(second.output, "Support loop summary")
     assert again == s  # no new item, ticket, CRM entry, message or survey answer
     assert _summary(second.output, "Document workflow summary") == d  # no new document or bill
+    assert _summary(second.output, "Lead handling summary") == ld  # no new lead, contact or message
     only = runner.invoke(main, ["demo", "--flow", "nope"])
     assert only.exit_code == 2 and "no flow 'nope'" in only.output

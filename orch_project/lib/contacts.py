@@ -487,8 +487,8 @@ def is_free_mail(domain: str | None) -> bool:
     if not domain:
         return False
     domain = domain.lower().rstrip(".")
-    if domain in FREE_MAIL_DOMAINS or domain in _free_mail_list():
-        return True
+    if domain in FREE_MAIL_DOMAINS or (domain in _free_mail_list() and not is_disposable(domain)):
+        return True  # the list also holds throw-away domains: those are disposable, not free mail
     first, _, rest = domain.partition(".")
     if first in FREE_MAIL_FAMILIES and rest:
         labels = rest.split(".")

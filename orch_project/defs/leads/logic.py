@@ -38,7 +38,6 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ...lib import contacts
 from ...lib.connectors.embedded import Effect, System, cmeta
 from ...lib.contracts import EMAIL_RE, LLMOutput, LLMStepRequest, describe_validation_error
 from ...lib.flows import FlowConfig
@@ -313,6 +312,8 @@ def parse_file(path: Path) -> Parsed | list[Parsed]:
         p = parse_json(path)
         if p.raw is not None:
             p.raw.setdefault("source", "web_form")
+            if not any(ALIASES.get(_norm_key(k)) == "received_at" for k in p.raw):
+                p.raw["received_at"] = arrival.isoformat()  # a form without a time arrived with its file
         return p
     try:
         data = path.read_bytes()
@@ -448,14 +449,18 @@ def _split(full: str | None) -> tuple[str | None, str | None]:
     return first, last or None
 
 
-def _lead_contact(contact_id: str, values: dict[str, str], data: dict[str, Any]) -> contacts.Contact:
+def _lead_contact(contact_id: str, values: dict[str, str], data: dict[str, Any]):
+    from ...lib import contacts  # rapidfuzz and phonenumbers load with the stage, not the code location
+
     first, last = _split(values.get("PERSON"))
     return contacts.contact_from_fields(contact_id, email=values.get("EMAIL_ADDRESS"),
                                         phone=values.get("PHONE_NUMBER"), first_name=first, last_name=last,
                                         company=data.get("company"), default_region=_region(data.get("country_hint")))
 
 
-def _crm_contact(c: dict[str, Any], resolved: dict[str, str]) -> contacts.Contact:
+def _crm_contact(c: dict[str, Any], resolved: dict[str, str]):
+    from ...lib import contacts
+
     def value(v):
         return resolved.get(v) if isinstance(v, str) and v.startswith("tok_") else v
 
@@ -479,6 +484,8 @@ def match_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
     over: a do-not-email on the CRM contact holds for the new lead), ``new``, or ``uncertain`` (a person
     decides at the review gate). Leads of the batch match each other in arrival order. Raw values are
     read from the vault and the CRM for the comparison only; the decision's reason names no contact data."""
+    from ...lib import contacts
+
     started = utcnow()
     rows = load_stage_items(env, "match")
     if not rows:
@@ -601,6 +608,8 @@ def enrich_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
     the phone (else the country given), seniority from the title. Every value records its source and
     every gap its reason. A directory that is down is retried, then skipped with the reason: the batch is
     never blocked (``enrichment_pending`` names what is missing)."""
+    from ...lib import contacts
+
     started = utcnow()
     rows = load_stage_items(env, "enrich")
     values = vault_values(env.db, env.flow, [r["item_id"] for r in rows])

@@ -100,7 +100,7 @@ def _customers_answer(settings, db) -> str:
 def _summary(settings) -> list[tuple[str, str]]:
     from ..resources import _embedded
 
-    c = _embedded(settings.connectors_url).counts()
+    c = _embedded(settings.connectors_url).counts(logic.FLOW)
     return [("connectors", f"tickets {c['tickets']}, CRM entries {c['crm_activities']}, messages {c['messages']}, "
                            f"survey answers {c['survey_responses']}")]
 

@@ -499,13 +499,21 @@ class EmbeddedConnectors:
                     out[r["item_id"]] = dict(r)
         return out
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, flow: str | None = None, kinds: Sequence[str] | None = None) -> dict[str, int]:
+        """Records of the platform's systems; ``flow``: only the ones that flow's effects wrote (the flow
+        is the first part of the idempotency key); ``kinds``: only messages of those kinds (e.g. without
+        the platform's SLA alerts)."""
+        out = {}
         with self.db.begin() as conn:
-            return {
-                name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
-                for name, t in (("tickets", tickets), ("crm_activities", crm_activities),
-                                ("messages", messages), ("survey_responses", survey_responses))
-            }
+            for name, t in (("tickets", tickets), ("crm_activities", crm_activities), ("messages", messages),
+                            ("survey_responses", survey_responses)):
+                q = sa.select(sa.func.count()).select_from(t)
+                if flow is not None and "idempotency_key" in t.c:
+                    q = q.where(t.c.idempotency_key.like(f"{flow}:%"))
+                if kinds is not None and t is messages:
+                    q = q.where(messages.c.kind.in_(list(kinds)))
+                out[name] = conn.execute(q).scalar_one()
+        return out
 
     def duplicates(self, flow: str | None = None) -> dict[str, int]:
         """Records per system that repeat one item's record (by the system's ``same_record``): must
