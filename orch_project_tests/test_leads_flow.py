@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from orch_project.defs.leads import logic, model as lm
+from orch_project.defs.leads import engage, logic, model as lm
 from orch_project.lib import approvals as hitl
 from orch_project.lib.connectors.embedded import crm_contact_changes, crm_contacts, import_contacts, messages
 from orch_project.lib.intake import submit_to_table
@@ -179,7 +179,7 @@ def test_consent_is_never_violated(orch_home, db, defs, instance, with_lead_mode
     later = datetime.now(timezone.utc) + timedelta(days=30)
     env = StageEnv(db, FLOW, [])
     for k in range(4):  # nurture over weeks, in business hours or not
-        logic.nurture_stage(env, logic.CFG, conn_db(orch_home), now=later + timedelta(days=k * 2, hours=k * 7))
+        engage.nurture_stage(env, logic.CFG, conn_db(orch_home), now=later + timedelta(days=k * 2, hours=k * 7))
     assert run_ops(defs, instance, FLOW).success
     refused = {by_external(db, f"wf-{i}")[1]["tokens"]["EMAIL_ADDRESS"] for i in (1, 2, 3, 4, 5)}
     assert not [m for m in lead_messages(orch_home) if m["recipient"] in refused]
@@ -191,7 +191,7 @@ def test_consent_is_never_violated(orch_home, db, defs, instance, with_lead_mode
     # the last guard: no message can be built for such a lead at all
     iid, d = by_external(db, "wf-1")
     with pytest.raises(logic.ConsentError, match="do-not-email"):
-        logic.message_effect({"item_id": iid, "trace_id": "t", "data": d}, "x", "x", "s", "b")
+        engage.message_effect({"item_id": iid, "trace_id": "t", "data": d}, "x", "x", "s", "b")
 
 
 def _warm_lead(orch_home, db, defs, instance) -> tuple[str, dict]:
@@ -212,24 +212,24 @@ def test_nurture_runs_in_business_hours_and_stops_on_reply(orch_home, db, defs, 
     env = StageEnv(db, FLOW, [])
     client = conn_db(orch_home)
     saturday_night = datetime(2026, 12, 5, 23, 0, tzinfo=timezone.utc)
-    logic.nurture_stage(env, logic.CFG, client, now=saturday_night)
+    engage.nurture_stage(env, logic.CFG, client, now=saturday_night)
     assert not [m for m in lead_messages(orch_home) if m["item_id"] == iid]
     n = leads(db)[iid]["nurture"]
     assert n["step"] == 0 and datetime.fromisoformat(n["next_at"]).astimezone(timezone.utc).weekday() == 0
     monday = datetime(2026, 12, 7, 10, 30, tzinfo=timezone.utc)
-    logic.nurture_stage(env, logic.CFG, client, now=monday)
-    logic.nurture_stage(env, logic.CFG, client, now=monday + timedelta(hours=1))  # not due again yet
+    engage.nurture_stage(env, logic.CFG, client, now=monday)
+    engage.nurture_stage(env, logic.CFG, client, now=monday + timedelta(hours=1))  # not due again yet
     sent = [m for m in lead_messages(orch_home) if m["item_id"] == iid]
     assert [m["kind"] for m in sent] == ["nurture_1"] and logic.CFG.settings.opt_out_line in sent[0]["body"]
     client.record_inbound([{"external_id": "r-1", "kind": "reply", "recipient": d["tokens"]["EMAIL_ADDRESS"],
                             "body": "call me", "received_at": monday + timedelta(hours=2)}])
-    logic.responses_stage(env, logic.CFG, client, now=monday + timedelta(hours=3))
-    logic.responses_stage(env, logic.CFG, client, now=monday + timedelta(hours=4))  # the same reply counts once
+    engage.responses_stage(env, logic.CFG, client, now=monday + timedelta(hours=3))
+    engage.responses_stage(env, logic.CFG, client, now=monday + timedelta(hours=4))  # the same reply counts once
     after = leads(db)[iid]
     assert after["nurture"]["state"] == "stopped" and after["nurture"]["stopped_reason"] == "replied"
     assert len(after["responses"]) == 1 and after["replied_at"]
     for k in range(1, 5):
-        logic.nurture_stage(env, logic.CFG, client, now=monday + timedelta(days=2 * k, hours=1))
+        engage.nurture_stage(env, logic.CFG, client, now=monday + timedelta(days=2 * k, hours=1))
     assert [m["kind"] for m in lead_messages(orch_home) if m["item_id"] == iid] == ["nurture_1"]
     crm = {c["contact_id"]: c for c in contacts_table(orch_home)}
     assert crm[after["match"]["contact_id"]]["stage"] == "Engaged"
@@ -367,8 +367,8 @@ def test_record_contract_and_business_hours():
     assert "Lead Source" in rec.attributes and "E-Mail" not in rec.attributes and "Last Name" not in rec.attributes
     s = logic.CFG.settings
     friday_evening = datetime(2026, 12, 4, 19, 0, tzinfo=timezone.utc)
-    slot = logic.next_slot(friday_evening, "Europe/Berlin", s)
+    slot = engage.next_slot(friday_evening, "Europe/Berlin", s)
     assert slot.weekday() == 0 and slot.astimezone(timezone(timedelta(hours=1))).hour == 9
     inside = datetime(2026, 12, 7, 15, 0, tzinfo=timezone.utc)
-    assert logic.next_slot(inside, "America/New_York", s) == inside
+    assert engage.next_slot(inside, "America/New_York", s) == inside
     assert lm.HISTORY_ENV == "ORCH_LEADS_HISTORY"

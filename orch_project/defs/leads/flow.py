@@ -13,7 +13,7 @@ from typing import Any
 
 from ...kit import GXCheck, build_flow, items_frame
 from ...lib.flows import DemoSpec, FlowSpec, GovernedModel, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage
-from . import logic, model, reporting
+from . import engage, logic, model, reporting
 
 
 def _frame(db, flow: str, days: list[str], keep) -> Any:
@@ -145,44 +145,44 @@ SPEC = FlowSpec(
               description="Hot / warm / cold from the brief; hot -> a rep of the territory (round robin within "
                           "capacity), warm -> nurture, cold -> archived with the reason; channels by consent; what a "
                           "person must decide is named."),
-        Stage("first_touch", loads="qualified", sets="drafted", fn=logic.first_touch_stage, kind="model",
+        Stage("first_touch", loads="qualified", sets="drafted", fn=engage.first_touch_stage, kind="model",
               tasks=(logic.DRAFT_TASK,), logic_version=logic.STEP_LOGIC_VERSION["first_touch"],
               description="The first e-mail of each hot lead through the gateway (personalised from enrichment, "
                           "masked), held to the policy: opt-out line, no prices or banned claims, no personal data."),
         Stage("review_gate", loads="drafted", sets="approved", branches=("awaiting_review",),
-              fn=logic.review_gate_stage,
+              fn=engage.review_gate_stage,
               description="Uncertain match, high-value company, borderline score, a draft that breaks the policy or "
                           "no rep free: the sales manager decides (approvals queue, audited); the rest go on."),
-        Stage("crm_upsert", loads="approved", sets="in_crm", fn=logic.crm_upsert_stage, kind="connector", waits=True,
+        Stage("crm_upsert", loads="approved", sets="in_crm", fn=engage.crm_upsert_stage, kind="connector", waits=True,
               description="CRM contact + deal stage and the activity log through the outbox, exactly once; a step "
                           "failed for good reverts the contact change (compensation) and dead-letters the lead."),
-        Stage("engage", loads="in_crm", sets="resolved", fn=logic.engage_stage, kind="connector", waits=True,
+        Stage("engage", loads="in_crm", sets="resolved", fn=engage.engage_stage, kind="connector", waits=True,
               description="Hot leads: the first touch (or a call task when only a call is allowed), exactly once and "
                           "only with consent; warm leads go into nurture, cold ones stay archived."),
     ],
     ops=[
-        OpsStage("outbox_redelivery", fn=logic.redelivery_stage, kind="connector", after=("crm_upsert", "engage"),
+        OpsStage("outbox_redelivery", fn=engage.redelivery_stage, kind="connector", after=("crm_upsert", "engage"),
                  description="Effects still in the outbox are delivered again behind the breakers; waiting leads move "
                              "on, or are compensated and dead-lettered once a step failed for good."),
-        OpsStage("responses", fn=logic.responses_stage, kind="connector", after=("engage",),
+        OpsStage("responses", fn=engage.responses_stage, kind="connector", after=("engage",),
                  description="Replies, bounces and unsubscribes from messaging and conversions from the CRM: each stops "
                              "nurture with its reason; a reply moves the contact to Engaged."),
-        OpsStage("nurture", fn=logic.nurture_stage, kind="connector", after=("responses",),
+        OpsStage("nurture", fn=engage.nurture_stage, kind="connector", after=("responses",),
                  description="The brief's nurture sequence, each step in the lead's local business hours, exactly once, "
                              "consent checked again on the lead and its CRM contact."),
     ],
     model_tasks={logic.SCORE_TASK: ModelTask(output=logic.LeadScoreOutput, local=model.lead_score_local_task),
-                 logic.DRAFT_TASK: ModelTask(output=logic.FirstTouchOutput)},
+                 logic.DRAFT_TASK: ModelTask(output=engage.FirstTouchOutput)},
     models=[GovernedModel(
         task=logic.SCORE_TASK, asset="lead_score_model", train=model.train_candidate,
         evaluate=model.evaluate_candidate, config=model.LeadScoreTrainingConfig, metric="auc",
         description="Candidate lead-scoring model trained on the flow's labelled history (ORCH_LEADS_HISTORY or the "
                     "seeded generated one) minus a fixed stratified holdout: column roles from the data, gradient "
                     "boosting, Platt-calibrated probabilities, per-lead reasons. Registered as a candidate.")],
-    effects=logic.EFFECTS,
-    compensations=logic.COMPENSATIONS,
+    effects=engage.EFFECTS,
+    compensations=engage.COMPENSATIONS,
     systems=[logic.DIRECTORY],
-    review=ReviewSpec(fields=("tier", "score", "approval_reasons", "owner", "channel"), apply_edit=logic.apply_review,
+    review=ReviewSpec(fields=("tier", "score", "approval_reasons", "owner", "channel"), apply_edit=engage.apply_review,
                       edit_label="decision", mask_edit=False),
     checks=[
         GXCheck("match", "match_decisions_valid",

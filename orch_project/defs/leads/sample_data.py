@@ -91,9 +91,26 @@ def _history_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _person(rng: random.Random, fake, directory: list[dict[str, Any]]) -> dict[str, Any]:
+LOCALES = ("en_GB", "en_US", "de_DE", "fr_FR", "es_ES", "en_IN")
+
+
+def _fakers(seed: int) -> list:
+    """One seeded Faker per locale (a multi-locale Faker picks its locale with the global random state, so
+    its output would change from run to run)."""
+    from faker import Faker
+
+    out = []
+    for n, loc in enumerate(LOCALES):
+        f = Faker(loc)
+        f.seed_instance(seed + n)
+        out.append(f)
+    return out
+
+
+def _person(rng: random.Random, fakers: list, directory: list[dict[str, Any]]) -> dict[str, Any]:
     from ...lib.fakedata import slug
 
+    fake = rng.choice(fakers)
     first, last = fake.first_name(), fake.last_name()
     if rng.random() < 0.65:
         comp = rng.choice(directory)
@@ -101,18 +118,42 @@ def _person(rng: random.Random, fake, directory: list[dict[str, Any]]) -> dict[s
         company, country = comp["name"], comp["country"]
     else:
         email = f"{slug(first)}{slug(last)}{rng.randrange(10, 99)}@{rng.choice(FREE_MAIL)}"
-        company, country = (fake.company() if rng.random() < 0.4 else ""), rng.choice(COUNTRIES)
+        company, country = (fake.company().replace("\n", " ") if rng.random() < 0.4 else ""), rng.choice(COUNTRIES)
     return {"first_name": first, "last_name": last, "email": email, "phone": _phone(rng, country),
             "company": company, "title": rng.choice(TITLES), "country": country}
 
 
+IMPORT_IDENTITY = ["First Name", "Last Name", "Email", "Phone", "Company", "Job Title"]
+
+
+def import_rows(people: list[dict[str, Any]], attrs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) of a CSV import: who each person is, the scorer's columns as the export names them,
+    and the country code last."""
+    attr_cols = list(attrs[0])
+    header = [*IMPORT_IDENTITY, *attr_cols, "Country Code"]
+    rows = [[p["first_name"], p["last_name"], p["email"], p["phone"], p["company"], p["title"],
+             *[a.get(c, "") for c in attr_cols], p["country"]] for p, a in zip(people, attrs)]
+    return header, rows
+
+
+def generate_import(path: Path, n: int, seed: int = SEED) -> Path:
+    """A CSV import of ``n`` generated leads (benchmarks: the 10,000-row import)."""
+    rng = random.Random(seed)
+    fakers = _fakers(seed)
+    with (SAMPLES_DIR / "company_directory.csv").open(encoding="utf-8") as fh:
+        directory = list(csv.DictReader(fh))
+    header, rows = import_rows([_person(rng, fakers, directory) for _ in range(n)], _history_rows(n, seed % 1000))
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
 def generate(out: Path = SAMPLES_DIR, seed: int = SEED) -> dict[str, int]:
     """Write the flow's samples (deterministic for a seed); returns counts."""
-    from faker import Faker
-
     rng = random.Random(seed)
-    fake = Faker(["en_GB", "en_US", "de_DE", "fr_FR", "es_ES", "en_IN"])
-    fake.seed_instance(seed)
+    fakers = _fakers(seed)
     directory = company_directory(rng)
     inbox, malformed = out / "inbox", out / "malformed"
     for d in (inbox, malformed):
@@ -124,7 +165,7 @@ def generate(out: Path = SAMPLES_DIR, seed: int = SEED) -> dict[str, int]:
         w.writeheader()
         w.writerows(directory)
     attrs = _history_rows(160, seed % 1000)
-    people = [_person(rng, fake, directory) for _ in range(110)]
+    people = [_person(rng, fakers, directory) for _ in range(110)]
     # web forms: 36 leads, a few with consent flags, one disposable address
     for i in range(36):
         p, a = people[i], attrs[i]
@@ -140,14 +181,8 @@ def generate(out: Path = SAMPLES_DIR, seed: int = SEED) -> dict[str, int]:
         (inbox / f"form-{1000 + i}.json").write_text(json.dumps(form, indent=2, ensure_ascii=False) + "\n",
                                                      encoding="utf-8")
     # one CSV import of 60 leads: the scorer's columns as the export names them, plus who the person is
-    identity = ["First Name", "Last Name", "Email", "Phone", "Company", "Job Title"]
+    header, rows = import_rows(people[36:96], attrs[36:96])
     attr_cols = list(attrs[0])
-    header = [*identity, *attr_cols, "Country Code"]
-    rows = []
-    for j in range(60):
-        p, a = people[36 + j], attrs[36 + j]
-        rows.append([p["first_name"], p["last_name"], p["email"], p["phone"], p["company"], p["title"],
-                     *[a[c] for c in attr_cols], p["country"]])
     twice = people[0]  # typed again in the import: other case and spacing (the match stage merges them)
     rows[10] = [f"  {twice['first_name'].upper()} ", twice["last_name"].lower(), f" {twice['email'].upper()}  ",
                 twice["phone"].replace(" ", ""), twice["company"], twice["title"],
