@@ -75,7 +75,9 @@ def run(args, home: Path) -> int:
     m = cand.metrics
     say(f"  {cand.version}: holdout AUC {m['auc']}, {m['train_seconds']} s")
 
-    folder = logic._flow.SPEC.inbox_dir(s.inbox_dir)
+    from orch_project.defs.leads.flow import SPEC
+
+    folder = SPEC.inbox_dir(s.inbox_dir)
     folder.mkdir(parents=True, exist_ok=True)
     say(f"generating an import of {args.rows} leads ...")
     path = sd.generate_import(folder / f"bench-import-{args.rows}.csv", args.rows)

@@ -372,3 +372,27 @@ def test_record_contract_and_business_hours():
     inside = datetime(2026, 12, 7, 15, 0, tzinfo=timezone.utc)
     assert engage.next_slot(inside, "America/New_York", s) == inside
     assert lm.HISTORY_ENV == "ORCH_LEADS_HISTORY"
+
+
+def test_openai_path_drafts_the_first_touch_and_the_policy_holds_it(orch_home, openai_env, db, instance, fake_openai,
+                                                                      with_lead_model):
+    # the notes name a colleague and an address: both masked before the request leaves
+    drop(orch_home, "form-1.json", form(1, notes="My manager Bruno Marlowe asked me to write; copy bruno.m@quistlabs.com"))
+    assert run_flow(openai_env, instance, DAY, FLOW).success
+    reqs = [r["body"] for r in fake_openai.requests()]
+    drafts = [b for b in reqs if (b.get("response_format") or {}).get("json_schema", {}).get("name") == "leads_first_touch"]
+    assert len(drafts) == 1 and len(reqs) == 1  # the score is the governed model's, never a chat model's
+    assert "text" in drafts[0]["response_format"]["json_schema"]["schema"]["properties"]
+    sent = json.dumps(drafts[0]["messages"])
+    assert "bruno.m@quistlabs.com" not in sent and "<EMAIL_ADDRESS>" in sent
+    assert logic.CFG.settings.opt_out_line in sent  # the prompt asks for the line ...
+    iid, d = by_external(db, "wf-1")
+    # ... the fake model leaves it out: the draft breaks the policy and waits for the sales manager
+    assert d["status"] == "awaiting_review" and "draft_policy" in d["approval_reasons"]
+    assert any("missing required phrase" in v for v in d["draft_violations"])
+    assert not lead_messages(orch_home)
+    fixed = d["draft"] + "\n\n" + logic.CFG.settings.opt_out_line
+    hitl.decide(db, iid, "approve", "sm-grace", "added the opt-out line", "draft: |\n  " + fixed.replace("\n", "\n  "),
+                logic.CFG.roster, flow=FLOW)
+    with db.begin() as conn:
+        assert conn.execute(sa.select(items.c.data).where(items.c.item_id == iid)).scalar_one()["reviewed_by"] == "sm-grace"

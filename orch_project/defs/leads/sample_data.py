@@ -46,8 +46,8 @@ def _phone(rng: random.Random, region: str) -> str:
     ex = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE) or \
         phonenumbers.example_number(region)
     national = str(ex.national_number)
-    for _ in range(20):
-        cand = national[:-3] + "".join(str(rng.randrange(10)) for _ in range(3))
+    for _ in range(40):  # six random digits: a million numbers per country, so two leads rarely share one
+        cand = national[:-6] + "".join(str(rng.randrange(10)) for _ in range(6))
         num = phonenumbers.parse(f"+{ex.country_code}{cand}")
         if phonenumbers.is_valid_number(num):
             return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
