@@ -28,6 +28,8 @@ DAY = "2026-11-30"
 ARRIVAL = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc).timestamp()
 HOT = {"Lead Origin": "Lead Add Form", "Lead Source": "Reference", "Total Time Spent on Website": "1500",
        "Last Activity": "SMS Sent", "Current Occupation": "Working Professional", "TotalVisits": "5"}
+WARM = {"Lead Origin": "Landing Page Submission", "Lead Source": "Google", "TotalVisits": "3",
+        "Total Time Spent on Website": "700", "Last Activity": "Email Opened", "Current Occupation": "Unemployed"}
 COLD = {"Lead Origin": "API", "Lead Source": "Olark Chat", "Total Time Spent on Website": "0",
         "Last Activity": "Email Bounced", "Current Occupation": "", "TotalVisits": "0", "Do Not Email": "No",
         "A free copy of the interview guide": "Yes"}
@@ -154,6 +156,10 @@ def test_a_lead_typed_twice_is_merged_and_the_crm_keeps_one_contact(orch_home, d
         actions = conn.execute(sa.select(audit.c.action).where(audit.c.flow == FLOW, audit.c.action.like("lead_%"))
                                ).scalars().all()
     assert sorted(actions) == ["lead_merge", "lead_new"]
+    # one person, one first touch and one owner, however many times they filled in the form
+    assert [first["status"], second["status"]] == ["resolved", "resolved"]
+    assert [m["kind"] for m in lead_messages(orch_home)] == ["first_touch"]
+    assert second["owner"] == first["owner"] and second["owner_reason"] == "the rep who already owns the contact"
 
 
 def test_consent_is_never_violated(orch_home, db, defs, instance, with_lead_model):
@@ -163,6 +169,9 @@ def test_consent_is_never_violated(orch_home, db, defs, instance, with_lead_mode
     drop(orch_home, "form-3.json", form(3, attrs={**HOT, "Do Not Email": "Yes"}))
     drop(orch_home, "form-4.json", form(4, email="cleo@quistlabs.com", first_name="Cleo", last_name="Park"))
     drop(orch_home, "form-5.json", form(5, email="dee@mailinator.com"))
+    drop(orch_home, "form-6.json", form(6, attrs=WARM, do_not_email="yes"))
+    drop(orch_home, "form-7.json", form(7, attrs=WARM, unsubscribed=True))
+    drop(orch_home, "form-8.json", form(8, attrs=WARM))  # may be e-mailed: the control
     import_contacts(conn_db(orch_home).db, [{"contact_id": "crm-cleo", "name": "Cleo Park", "email": "cleo@quistlabs.com",
                                              "company": "Quist Labs", "stage": "Lead", "unsubscribed": True}])
     assert run_flow(defs, instance, DAY, FLOW).success
@@ -181,8 +190,11 @@ def test_consent_is_never_violated(orch_home, db, defs, instance, with_lead_mode
     for k in range(4):  # nurture over weeks, in business hours or not
         engage.nurture_stage(env, logic.CFG, conn_db(orch_home), now=later + timedelta(days=k * 2, hours=k * 7))
     assert run_ops(defs, instance, FLOW).success
-    refused = {by_external(db, f"wf-{i}")[1]["tokens"]["EMAIL_ADDRESS"] for i in (1, 2, 3, 4, 5)}
+    refused = {by_external(db, f"wf-{i}")[1]["tokens"]["EMAIL_ADDRESS"] for i in (1, 2, 3, 4, 5, 6, 7)}
     assert not [m for m in lead_messages(orch_home) if m["recipient"] in refused]
+    _, control = by_external(db, "wf-8")
+    assert control["tier"] == "warm" and control["nurture"]["step"] >= 1  # nurture did run meanwhile
+    assert [m for m in lead_messages(orch_home) if m["recipient"] == control["tokens"]["EMAIL_ADDRESS"]]
     _, cleo = by_external(db, "wf-4")
     assert cleo["match"]["decision"] == "merge" and cleo["consent"]["unsubscribed"] is True
     assert cleo["match"]["consent_from_crm"] == ["unsubscribed"]
@@ -238,8 +250,15 @@ def test_nurture_runs_in_business_hours_and_stops_on_reply(orch_home, db, defs, 
 def test_rerunning_a_partition_sends_nothing_twice(orch_home, db, defs, instance, with_lead_model):
     for i in range(4):
         drop(orch_home, f"form-{i}.json", form(i))
+    client = conn_db(orch_home)
+    client.set_fault("messaging")  # the first touches wait in the outbox: the re-runs below re-drive them
+    assert run_flow(defs, instance, DAY, FLOW).success
+    assert not lead_messages(orch_home) and {d["status"] for d in leads(db).values()} == {"in_crm"}
+    client.clear_fault()
+    assert run_flow(defs, instance, DAY, FLOW).success
     assert run_flow(defs, instance, DAY, FLOW).success
     assert run_ops(defs, instance, FLOW).success
+    assert len(lead_messages(orch_home)) == 4  # one first touch each, however often the stages ran
     before_msgs, before_changes = len(lead_messages(orch_home)), _changes(orch_home)
     before = leads(db)
     for _ in range(2):
@@ -255,10 +274,31 @@ def _changes(settings) -> int:
         return conn.execute(sa.select(sa.func.count()).select_from(crm_contact_changes)).scalar_one()
 
 
+def test_a_message_waiting_in_the_outbox_is_withheld_when_consent_is_revoked(orch_home, db, defs, instance,
+                                                                               with_lead_model):
+    drop(orch_home, "form-1.json", form(1))
+    client = conn_db(orch_home)
+    client.set_fault("messaging")
+    assert run_flow(defs, instance, DAY, FLOW).success
+    iid, d = by_external(db, "wf-1")
+    assert d["status"] == "in_crm"  # its first touch waits in the outbox
+    with client.db.begin() as conn:  # meanwhile the person unsubscribes in the CRM
+        conn.execute(crm_contacts.update().where(crm_contacts.c.contact_id == d["match"]["contact_id"])
+                     .values(unsubscribed=True))
+    client.clear_fault()
+    assert run_ops(defs, instance, FLOW).success
+    assert not lead_messages(orch_home)
+    after = leads(db)[iid]
+    assert after["status"] == "resolved" and after["consent"]["unsubscribed"] is True
+    with db.begin() as conn:
+        assert conn.execute(sa.select(audit.c.reason).where(audit.c.action == "message_withheld")).scalar_one() \
+            .startswith("consent revoked (unsubscribed)")
+
+
 def test_uncertain_match_waits_and_a_merge_decision_is_applied(orch_home, db, defs, instance, with_lead_model):
     import_contacts(conn_db(orch_home).db, [{"contact_id": "crm-1", "name": "Jonathan Smith",
                                              "email": "jonathan.smith@acme-logistics.com", "company": "Acme Logistics",
-                                             "stage": "Won"}])
+                                             "stage": "Won", "do_not_email": True}])
     drop(orch_home, "form-1.json", form(1, first_name="Jonathan", last_name="Smythe", email="jsmyth@acme-group.net",
                                         company="Acme Logistics"))
     assert run_flow(defs, instance, DAY, FLOW).success
@@ -283,6 +323,8 @@ def test_uncertain_match_waits_and_a_merge_decision_is_applied(orch_home, db, de
     crm = {c["contact_id"]: c for c in contacts_table(orch_home)}
     assert set(crm) == {"crm-1"} and crm["crm-1"]["stage"] == "Won"  # merged, never moved back a stage
     assert crm["crm-1"]["email"] == "jonathan.smith@acme-logistics.com"  # the CRM keeps its identity
+    # the contact said no to e-mail: merged by a person, the lead is not e-mailed either
+    assert after["consent"]["do_not_email"] is True and not lead_messages(orch_home)
 
 
 def test_directory_down_never_blocks_the_batch(orch_home, db, defs, instance, with_lead_model):
@@ -396,3 +438,22 @@ def test_openai_path_drafts_the_first_touch_and_the_policy_holds_it(orch_home, o
                 logic.CFG.roster, flow=FLOW)
     with db.begin() as conn:
         assert conn.execute(sa.select(items.c.data).where(items.c.item_id == iid)).scalar_one()["reviewed_by"] == "sm-grace"
+
+
+def test_a_broken_csv_accounts_for_every_row(tmp_path):
+    p = tmp_path / "broken.csv"
+    p.write_text("Email,Notes\na@b.io,ok\nb@b.io,\"" + "x" * 140_000 + "\"\nc@b.io,fine\n", encoding="utf-8")
+    got = logic.parse_file(p)
+    assert [r.source_key for r in got] == ["file:broken.csv#row=2", "file:broken.csv#row=3", "file:broken.csv#after=3"]
+    assert got[0].error is None and "unreadable CSV" in got[1].error and "not read" in got[2].error
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("Email\n", encoding="utf-8")
+    assert logic.parse_file(header_only).error_type == "empty"
+
+
+def test_the_crm_moves_a_contact_forward_only():
+    from orch_project.lib.connectors.embedded import stage_moves
+
+    assert stage_moves(None, "Archived") and stage_moves("Lead", "Qualified") and stage_moves("Engaged", "Won")
+    assert not stage_moves("Won", "Engaged") and not stage_moves("Lead", "Archived") and not stage_moves("Proposal", "Nurture")
+    assert stage_moves("Won", "Lost")  # a rep's outcome is theirs to correct

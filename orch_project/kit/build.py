@@ -242,7 +242,9 @@ def _build(spec: FlowSpec) -> dg.Definitions:
         description=f"{spec.title} for one day partition (or a range, as a single-run backfill).", tags=tags)
     ops_job = dg.define_asset_job(
         f"{spec.name}_ops_job", selection=dg.AssetSelection.assets(*ops), executor_def=dg.in_process_executor,
-        description=f"{spec.title} across partitions: " + ", ".join(a.key.path[-1] for a in ops) + ".", tags=tags)
+        description=f"{spec.title} across partitions: " + ", ".join(a.key.path[-1] for a in ops) + ".",
+        # one ops run per flow at a time (dagster.yaml): its stages rewrite items across partitions
+        tags={**tags, "orch/ops": spec.name})
     ops_schedule = dg.ScheduleDefinition(
         name=f"{spec.name}_ops_job_schedule", job=ops_job, cron_schedule=spec.ops_schedule,
         default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -120,7 +120,10 @@ def flow_checks(spec: FlowSpec, daily, stage_assets: Sequence[dg.AssetsDefinitio
 
 
 def _text_of(value) -> str:
-    """A text field as the PII check scans it: a string, or a list of lines ({"text": ...} or strings)."""
+    """A text field as the PII check scans it: a string, a list of lines ({"text": ...} or strings), or a
+    mapping of named values (e.g. a form's other columns)."""
+    if isinstance(value, dict):
+        return "\n".join(str(v) for v in value.values() if isinstance(v, str))
     if isinstance(value, list):
         return "\n".join(str(v.get("text") or "") if isinstance(v, dict) else str(v) for v in value)
     return str(value or "")

@@ -142,6 +142,11 @@ def governed_model_defs(spec: FlowSpec, model: GovernedModel) -> tuple[list, lis
 
         db = app_db.database()
         cand = _materialised(context, db, evaluation.key, f"evaluated {model.task} model")
+        # materialised on its own (outside the job), the promotion still needs the gate's yes for this version
+        verdict = context.instance.get_latest_materialization_event(evaluation.key).asset_materialization.metadata
+        if cand["status"] == "refused" or not verdict["gate_passed"].value:
+            raise dg.Failure(f"{cand['version']} did not pass the gate ({verdict['gate_reason'].value}); the serving "
+                             f"version stays. Promote it by hand with `orch model promote {cand['version']}` if you must.")
         out = registry.promote(db, cand["version"], actor=f"dagster:run:{context.run_id}",
                                reason=f"passed the gate ({model.metric} {cand['metrics'].get(model.metric)})")
         return dg.MaterializeResult(metadata={"serving_version": out["promoted"],

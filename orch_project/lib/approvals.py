@@ -419,5 +419,6 @@ def escalate_overdue(db: Database, flow: str, policy: ApprovalPolicy, roster: Se
             db.audit(conn, audit_rows)
     report = EscalationReport(escalated, rejected)
     if escalated and connectors is not None:
-        report.alerts_delivered = dispatch(db, connectors, flow, escalated)["delivered"]
+        # the alerts only: an item's other effects waiting in the outbox go out through their own stage's checks
+        report.alerts_delivered = dispatch(db, connectors, flow, keys=[e.idempotency_key for e in effects])["delivered"]
     return report

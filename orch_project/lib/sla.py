@@ -57,7 +57,8 @@ def escalation_stage(env: StageEnv, cfg: Any, connectors: Any, now: datetime | N
     report = commit_stage(env, "escalation", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
                           effects=effects, audit_rows=audit_rows, metadata={"escalated": len(updates)},
                           set_stage=False)
-    sent = (dispatch(env.db, connectors, flow, [r["item_id"] for r in rows], policy=cfg.connector_policy) if rows
-            else {"delivered": 0})
+    # the alerts only: an item's other effects waiting in the outbox go out through their own stage's checks
+    sent = (dispatch(env.db, connectors, flow, keys=[e.idempotency_key for e in effects], policy=cfg.connector_policy)
+            if effects else {"delivered": 0})
     report.metadata["alerts_delivered"] = sent["delivered"]
     return report

@@ -19,12 +19,12 @@ from pydantic import Field
 from ...lib.connectors.embedded import Effect
 from ...lib.contracts import LLMOutput, LLMStepRequest
 from ...lib.guardrails import pii
-from ...lib.outbox import dispatch
+from ...lib.outbox import dispatch, idempotency_key, settle
 from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, load_items, load_stage_items,
                              model_step_failed, without_deferred)
 from ...lib.saga import run_effects_stage, step_key
 from ...lib.store import utcnow
-from .logic import (ADVANCED_STAGES, CFG, CRM_STAGE, DRAFT_TASK, FLOW, TIERS, ConsentError, LeadsConfig, LeadSettings,
+from .logic import (CFG, CRM_STAGE, DRAFT_TASK, FLOW, TIERS, ConsentError, LeadsConfig, LeadSettings,
                     may_call, may_email)
 
 # --- first touch: the hot lead's first e-mail ---------------------------------------------------------
@@ -141,6 +141,18 @@ def review_gate_stage(env: StageEnv, cfg: LeadsConfig) -> StageReport:
                         approval_rows=approval_rows, audit_rows=audit_rows, metadata=md)
 
 
+def _channels(d: dict[str, Any]) -> None:
+    """The channel and nurture of a lead after a person changed its tier or its contact (consent may differ)."""
+    email_ok, email_why = may_email(d)
+    call_ok, call_why = may_call(d)
+    d["channel"] = None if d.get("tier") == "cold" else ("email" if email_ok else "call" if call_ok else None)
+    d["channel_reason"] = None if d["channel"] else (email_why or call_why)
+    if d.get("tier") == "warm" and email_ok:
+        d.setdefault("nurture", {"state": "scheduled", "step": 0, "next_at": None, "sent": []})
+    else:
+        d.pop("nurture", None)
+
+
 def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tuple[dict[str, Any], Any]:
     """A sales manager's decision details (``orch approve ID --edit-file F``, YAML): ``match: new | merge``
     (an uncertain match: keep the lead as a new contact, or merge it into the candidate), ``tier: hot |
@@ -167,7 +179,12 @@ def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tup
                 raise ValueError("there is no candidate contact to merge into (the match was not uncertain)")
             replaced["match"] = m.get("contact_id")
             m.update(decision="merge", contact_id=m["candidate"], crm_stage=m.get("candidate_stage"),
-                     reason=f"merged by {reviewer}: {m.get('reason')}")
+                     owner=m.get("candidate_owner"), reason=f"merged by {reviewer}: {m.get('reason')}")
+            # the contact's no holds for the lead too, whatever the reviewer decides about the rest
+            theirs = m.get("candidate_consent") or {}
+            new["consent"] = {k: bool(v) or bool(theirs.get(k)) for k, v in data["consent"].items()}
+            if any(p["id"] == m["owner"] for p in CFG.reps) and data.get("tier") == "hot":
+                new["owner"], new["owner_reason"] = m["owner"], "the rep who already owns the contact"
         else:
             replaced["match"] = m.get("decision")
             m.update(decision="new", reason=f"kept as a new contact by {reviewer}")
@@ -178,13 +195,6 @@ def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tup
         replaced["tier"] = data.get("tier")
         new["tier"] = edit["tier"]
         new["tier_reason"] = f"set by {reviewer}"
-        email_ok = may_email(new)[0]
-        call_ok = may_call(new)[0]
-        new["channel"] = None if edit["tier"] == "cold" else ("email" if email_ok else "call" if call_ok else None)
-        if edit["tier"] == "warm" and email_ok:
-            new.setdefault("nurture", {"state": "scheduled", "step": 0, "next_at": None, "sent": []})
-        else:
-            new.pop("nurture", None)
         if edit["tier"] != "hot":
             new["owner"] = None
     if "owner" in edit:
@@ -200,6 +210,7 @@ def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tup
         replaced["draft"] = data.get("draft")
         new["draft"] = draft
         new.pop("draft_violations", None)
+    _channels(new)
     if new.get("tier") == "hot" and new.get("channel") == "email" and not new.get("draft"):
         raise ValueError("a hot lead we e-mail needs a draft: give `draft: ...` or choose another tier")
     if new.get("tier") == "hot" and not new.get("owner"):
@@ -224,12 +235,14 @@ def _crm_effects(row: dict[str, Any]) -> dict[str, Effect]:
     contact: dict[str, Any] = {"contact_id": m["contact_id"], "company": e.get("company") or d.get("company"),
                                "title": d.get("title"), "country": e.get("country"), "score": d.get("score"),
                                **d["consent"]}
-    if not merged:  # a new contact gets the lead's identity (vault tokens); a merged one keeps the CRM's
-        t = d.get("tokens") or {}
-        contact.update(name=t.get("PERSON"), email=t.get("EMAIL_ADDRESS"), phone=t.get("PHONE_NUMBER"),
-                       source=f"lead:{d['source']}")
-    if not (merged and m.get("crm_stage") in ADVANCED_STAGES):  # never move a contact back
-        contact["stage"] = CRM_STAGE[d["tier"]]
+    t = d.get("tokens") or {}
+    # the lead's identity (vault tokens) fills what the contact lacks and never replaces what the CRM has: a
+    # new contact gets it all, a merged one only its gaps (a lead merged into another lead's contact before
+    # that one reached the CRM creates the contact with it)
+    contact["identity"] = {"name": t.get("PERSON"), "email": t.get("EMAIL_ADDRESS"), "phone": t.get("PHONE_NUMBER")}
+    if not merged:
+        contact["source"] = f"lead:{d['source']}"
+    contact["stage"] = CRM_STAGE[d["tier"]]  # the CRM moves a contact forward only (lib.connectors.embedded)
     if d.get("owner"):
         contact["owner"] = d["owner"]
     summary = (f"{d['source'].replace('_', ' ')} lead ({'merged: ' + m['reason'] if merged else 'new contact'}); "
@@ -250,25 +263,43 @@ def crm_upsert_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, waiting_onl
                              done_columns=lambda now: {})
 
 
+def contact_key(row: dict[str, Any], step: str) -> str:
+    """The idempotency key of a message to the *person*: leads of one contact (a form and an import of the same
+    person) share it, so the person gets one first touch and one nurture sequence, not one per lead."""
+    return idempotency_key(FLOW, f"contact:{row['data']['match']['contact_id']}", step)
+
+
 def message_effect(row: dict[str, Any], step: str, kind: str, subject: str, body: str) -> Effect:
-    """A message to the lead through the messaging connector, addressed to its vault token. Refuses (raises
-    ``ConsentError``) for a lead that may not be e-mailed: the last guard behind every planner."""
+    """A message to the lead through the messaging connector, addressed to its vault token, keyed per contact.
+    Refuses (raises ``ConsentError``) for a lead that may not be e-mailed: the last guard behind every planner."""
     ok, why = may_email(row["data"])
     if not ok:
         raise ConsentError(f"message {step!r} to lead {row['item_id']} refused: {why}")
-    return Effect(step_key(FLOW, row, step), "messaging", "send_message", row["item_id"], row["trace_id"], {
+    return Effect(contact_key(row, step), "messaging", "send_message", row["item_id"], row["trace_id"], {
         "kind": kind, "recipient": row["data"]["tokens"]["EMAIL_ADDRESS"], "subject": subject, "body": body})
+
+
+def refresh_consent(connectors, rows: list[dict[str, Any]]) -> None:
+    """Each lead's consent as of now: what the CRM contact says (a do-not-email or an unsubscribe set there
+    since the match holds for the lead); rows are updated in place."""
+    ids = sorted({(r["data"].get("match") or {}).get("contact_id") for r in rows} - {None})
+    crm = connectors.read("crm_contacts", "get", ids) if ids else {}
+    for r in rows:
+        c = crm.get((r["data"].get("match") or {}).get("contact_id")) or {}
+        for k in ("do_not_email", "do_not_call", "unsubscribed"):
+            if c.get(k) and not r["data"]["consent"].get(k):
+                r["data"] = {**r["data"], "consent": {**r["data"]["consent"], k: True}}
 
 
 def _engage_effects(row: dict[str, Any]) -> dict[str, Effect]:
     d = row["data"]
     if d["tier"] != "hot":
         return {}
-    if d.get("channel") == "email" and may_email(d)[0]:
+    if d.get("channel") == "email" and may_email(d)[0] and not policy_violations(d.get("draft") or "", CFG):
         return {"first_touch": message_effect(row, "first_touch", "first_touch", f"Your enquiry with {CFG.settings.company}",
                                               d["draft"])}
     if d.get("channel") == "call" and may_call(d)[0]:
-        return {"call_task": Effect(step_key(FLOW, row, "call_task"), "crm", "call_task", row["item_id"], row["trace_id"],
+        return {"call_task": Effect(contact_key(row, "call_task"), "crm", "call_task", row["item_id"], row["trace_id"],
                                     {"customer_ref": d["match"]["contact_id"],
                                      "summary": f"call the new hot lead today (owner {d.get('owner')})"})}
     return {}
@@ -279,6 +310,16 @@ def engage_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, waiting_only: b
     is allowed) exactly once; warm leads are resolved into nurture (the ops job sends the sequence), cold
     ones were archived in the CRM. The lead is resolved once its effects are delivered."""
     rows = load_stage_items(env, "engage", after="engage" if waiting_only else None)
+    refresh_consent(connectors, rows)
+    for r in rows:  # an approved draft that still breaks the policy is never sent: the owner calls instead
+        d = r["data"]
+        if d.get("tier") == "hot" and d.get("channel") == "email" and (bad := policy_violations(d.get("draft") or "", cfg)):
+            r["data"] = {**d, "channel": "call" if may_call(d)[0] else None,
+                         "channel_reason": "draft withheld: " + "; ".join(bad)}
+        elif d.get("channel") == "email" and not may_email(d)[0]:
+            r["data"] = {**d, "channel": "call" if may_call(d)[0] and d.get("tier") == "hot" else None,
+                         "channel_reason": may_email(d)[1]}
+            r["data"].pop("nurture", None)
     return run_effects_stage(env, "engage", rows, connectors, plan=_engage_effects, compensations={},
                              policy=cfg.connector_policy, done_status="resolved",
                              done_reason="first touch delivered, nurture scheduled or archived")
@@ -288,10 +329,11 @@ def redelivery_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport
     """Effects still in the outbox are delivered again behind the breakers; leads waiting for them move on
     (or are compensated and dead-lettered once a step failed for good)."""
     started = utcnow()
+    withheld = withhold_revoked(env, connectors)
     sent = dispatch(env.db, connectors, env.flow, policy=cfg.connector_policy)
     crm = crm_upsert_stage(env, cfg, connectors, waiting_only=True)
     engage = engage_stage(env, cfg, connectors)  # leads now in the CRM (new or waiting) are engaged
-    md = {"redelivered": sent["delivered"], "still_failing": sent["failed"],
+    md = {"redelivered": sent["delivered"], "still_failing": sent["failed"], "messages_withheld": withheld,
           "waiting_open_circuit": sent.get("skipped", 0), "in_crm": crm.metadata["resolved"],
           "engaged": engage.metadata["resolved"],
           "compensated": crm.metadata["compensated"] + engage.metadata["compensated"]}
@@ -329,34 +371,50 @@ def responses_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, now: datetim
             n.update(state="stopped", stopped_reason=why, stopped_at=started.isoformat())
 
     counts: Counter = Counter()
+    by_contact: dict[str, list[dict[str, Any]]] = {}
+    for r in leads:
+        by_contact.setdefault(r["data"]["match"]["contact_id"], []).append(r)
     for ev in events:
         r = by_token.get(ev["recipient"])
         if r is None:
             continue
-        d = data_of(r)
-        seen = d.setdefault("responses", [])
-        if ev["external_id"] in [s["id"] for s in seen]:
+        cid = r["data"]["match"]["contact_id"]
+        at = ev["received_at"].isoformat() if hasattr(ev["received_at"], "isoformat") else str(ev["received_at"])
+        # a reply or an unsubscribe is the person's: it holds for every lead of the contact; a bounce is the
+        # address's: it holds for the leads written to that address
+        targets = [t for t in by_contact[cid] if ev["kind"] != "bounce"
+                   or t["data"]["tokens"].get("EMAIL_ADDRESS") == ev["recipient"]]
+        new_event = False
+        for t in targets:
+            d = data_of(t)
+            seen = d.setdefault("responses", [])
+            if ev["external_id"] in [x["id"] for x in seen]:
+                continue
+            new_event = True
+            seen.append({"id": ev["external_id"], "kind": ev["kind"], "at": at})
+            if ev["kind"] == "reply":
+                d.setdefault("replied_at", at)
+                stop(d, "replied")
+            elif ev["kind"] == "unsubscribe":
+                d["consent"]["unsubscribed"] = True
+                stop(d, "unsubscribed")
+            elif ev["kind"] == "bounce":
+                d["bounced"] = True
+                stop(d, "bounced")
+        if not new_event:
             continue
-        seen.append({"id": ev["external_id"], "kind": ev["kind"], "at": ev["received_at"].isoformat()
-                     if hasattr(ev["received_at"], "isoformat") else str(ev["received_at"])})
         counts[ev["kind"]] += 1
-        cid = d["match"]["contact_id"]
+        key = idempotency_key(FLOW, r["item_id"], f"event:{ev['external_id']}")
         if ev["kind"] == "reply":
-            d.setdefault("replied_at", seen[-1]["at"])
-            stop(d, "replied")
-            effects.append(Effect(step_key(FLOW, r, f"reply_{len(seen)}"), "crm_contacts", "set_stage", r["item_id"],
-                                  r["trace_id"], {"contact_id": cid, "stage": "Engaged"}))
+            effects.append(Effect(key, "crm_contacts", "set_stage", r["item_id"], r["trace_id"],
+                                  {"contact_id": cid, "stage": "Engaged"}))
         elif ev["kind"] == "unsubscribe":
-            d["consent"]["unsubscribed"] = True
-            stop(d, "unsubscribed")
-            effects.append(Effect(step_key(FLOW, r, "unsubscribe"), "crm_contacts", "set_stage", r["item_id"],
-                                  r["trace_id"], {"contact_id": cid, "unsubscribed": True}))
-        elif ev["kind"] == "bounce":
-            d["bounced"] = True
-            stop(d, "bounced")
+            effects.append(Effect(key, "crm_contacts", "set_stage", r["item_id"], r["trace_id"],
+                                  {"contact_id": cid, "unsubscribed": True}))
         audit_rows.append({"actor": "connector:messaging", "action": f"lead_{ev['kind']}", "flow": env.flow,
                            "item_id": r["item_id"], "trace_id": r["trace_id"], "reason": f"{ev['kind']} received",
-                           "inputs": {"event": ev["external_id"]}})
+                           "inputs": {"event": ev["external_id"]},
+                           "outputs": {"leads_of_the_contact": [t["item_id"] for t in targets]}})
     for r in leads:
         c = crm.get((r["data"].get("match") or {}).get("contact_id"))
         if c is None or r["data"].get("outcome"):
@@ -388,7 +446,39 @@ def responses_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, now: datetim
                                     "converted": counts.get("converted", 0), "lost": counts.get("lost", 0)})
     if effects:
         dispatch(env.db, connectors, env.flow, keys=[e.idempotency_key for e in effects], policy=cfg.connector_policy)
+    report.metadata["messages_withheld"] = withhold_revoked(env, connectors)
     return report
+
+
+def withhold_revoked(env: StageEnv, connectors) -> int:
+    """Messages still waiting in the outbox (a connector was down) for a lead that may no longer be e-mailed
+    (an unsubscribe, a bounce, a do-not-email set in the CRM since) are cancelled before any redelivery, and
+    audited. Returns how many."""
+    import sqlalchemy as sa
+
+    from ...lib.store import items, outbox
+
+    with env.db.begin() as conn:
+        waiting = conn.execute(sa.select(outbox.c.idempotency_key, outbox.c.item_id).where(
+            outbox.c.flow == env.flow, outbox.c.connector == "messaging", outbox.c.status.in_(("pending", "failed")),
+            outbox.c.action == "send_message")).all()
+        if not waiting:
+            return 0
+        rows = [{"item_id": iid, "trace_id": tr, "data": d} for iid, tr, d in conn.execute(
+            sa.select(items.c.item_id, items.c.trace_id, items.c.data).where(
+                items.c.flow == env.flow, items.c.item_id.in_(sorted({w.item_id for w in waiting}))))]
+    refresh_consent(connectors, rows)
+    revoked = {r["item_id"]: (r, may_email(r["data"])[1]) for r in rows if not may_email(r["data"])[0]}
+    keys = [w.idempotency_key for w in waiting if w.item_id in revoked]
+    if keys:
+        settle(env.db, keys, "cancelled")
+        with env.db.begin() as conn:
+            env.db.audit(conn, [{"actor": "system:consent", "action": "message_withheld", "flow": env.flow,
+                                 "item_id": w.item_id, "trace_id": revoked[w.item_id][0]["trace_id"],
+                                 "reason": f"consent revoked ({revoked[w.item_id][1]}) before delivery",
+                                 "inputs": {"idempotency_key": w.idempotency_key}}
+                                for w in waiting if w.item_id in revoked])
+    return len(keys)
 
 
 def next_slot(now: datetime, tz_name: str | None, s: LeadSettings) -> datetime:

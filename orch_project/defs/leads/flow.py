@@ -123,7 +123,7 @@ SPEC = FlowSpec(
     first_day=logic.FIRST_DAY,
     intake=IntakeSpec(
         to_item=logic.to_item, suffixes=(".json", ".csv"), parse_file=logic.parse_file, peek=logic.peek_file,
-        text_fields=("notes",), asset="intake",
+        text_fields=("notes", "attributes"), asset="intake",
         description="Leads from web-form JSON files and CSV imports in the inbox folder and CRM webhook events in the "
                     "inbox table: validated against the LeadRecord contract (a bad CSV row is dead-lettered with its "
                     "row number and reason while the rest of the file goes on), name / e-mail / phone kept only in "

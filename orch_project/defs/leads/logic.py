@@ -56,8 +56,6 @@ DRAFT_TASK = "leads_first_touch"
 STEP_LOGIC_VERSION = {"score": "score-v1", "first_touch": "first-touch-v1"}
 TIERS = ("hot", "warm", "cold")
 CRM_STAGE = {"hot": "Qualified", "warm": "Nurture", "cold": "Archived"}
-# CRM stages a merged lead must not move a contact back from
-ADVANCED_STAGES = frozenset({"Contacted", "Engaged", "Proposal", "Won"})
 
 
 class LeadSettings(BaseModel):
@@ -327,7 +325,7 @@ def parse_file(path: Path) -> Parsed | list[Parsed]:
     except UnicodeDecodeError as exc:
         return Parsed(key, arrival, error=f"not valid UTF-8 (byte {exc.start}); save the import as UTF-8 CSV",
                       error_type="encoding")
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except (StopIteration, csv.Error):
@@ -349,8 +347,13 @@ def parse_file(path: Path) -> Parsed | list[Parsed]:
             out.append(Parsed(rk, arrival, raw={**dict(zip(header, cells)), "source": "csv_import", "_row": n,
                                                 "received_at": arrival.isoformat()}))
     except csv.Error as exc:
-        out.append(Parsed(f"{key}#row={reader.line_num}", arrival,
-                          error=f"row {reader.line_num}: unreadable CSV ({exc})", error_type="malformed"))
+        # the CSV is broken at this line: what follows cannot be read reliably, so it is one dead letter too
+        # (nothing after the break is silently skipped)
+        n = reader.line_num
+        out.append(Parsed(f"{key}#row={n}", arrival, error=f"row {n}: unreadable CSV ({exc})", error_type="malformed"))
+        out.append(Parsed(f"{key}#after={n}", arrival, error=f"the rows after line {n} were not read because the CSV "
+                                                             f"is broken at line {n}; fix it and submit the rest as a "
+                                                             "new file", error_type="malformed"))
     if not out:
         return Parsed(key, arrival, error="the import has a header but no rows", error_type="empty")
     return out
@@ -375,9 +378,14 @@ def _webhook(raw: dict[str, Any]) -> dict[str, Any]:
             "received_at": raw.get("occurred_at") or body.get("received_at")}
 
 
-def _texty(value: Any) -> bool:
-    """Attribute values that may hold personal data: free text, an address or a number written out."""
-    return isinstance(value, str) and (len(value) >= 24 or "@" in value or len(re.findall(r"\d", value)) >= 7)
+def _texty(value: Any, name_tokens: frozenset[str] = frozenset()) -> bool:
+    """Attribute values that may hold personal data: free text, an address or a number written out, or any
+    value that names the lead (a "Contact" column repeating the person's name)."""
+    if not isinstance(value, str):
+        return False
+    if len(value) >= 24 or "@" in value or len(re.findall(r"\d", value)) >= 7:
+        return True
+    return bool(name_tokens) and any(t in name_tokens for t in re.findall(r"\w+", value.casefold()))
 
 
 def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
@@ -407,8 +415,9 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
         m = pii.mask(rec.notes, names)
         notes, counts = m.text, counts + m.counts
     attributes: dict[str, Any] = {}
+    name_tokens = frozenset(t for n in names for t in re.findall(r"\w+", n.casefold()) if len(t) > 1)
     for k, v in rec.attributes.items():
-        if _texty(v):
+        if _texty(v, name_tokens):
             m = pii.mask(v, names)
             v, counts = m.text, counts + m.counts
         attributes[k] = v
@@ -495,16 +504,20 @@ def match_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
     index = contacts.Index(_crm_contact(c, resolved) for c in crm)
     consent = {c["contact_id"]: _consent_of(c) for c in crm}
     stage_of = {c["contact_id"]: c.get("stage") for c in crm}
-    # leads already matched by the flow whose contact the CRM does not hold yet (waiting for a person, or
-    # not yet upserted): a second submission must find them too
-    earlier = [r for r in load_items(env.__class__(env.db, env.flow, [], spec=env.spec),
-                                     [s for s in env.spec.open_statuses if s not in ("received", "deferred")])
-               if (r["data"].get("match") or {}).get("contact_id") not in consent]
+    owner_of = {c["contact_id"]: c.get("owner") for c in crm if c.get("owner")}
+    # leads already matched by the flow whose contact the CRM does not hold yet (waiting for a person, deferred,
+    # or not yet upserted): a second submission must find them, and inherit what any of them said no to
+    earlier = [r for r in load_items(StageEnv(env.db, env.flow, [], spec=env.spec),
+                                     [s for s in env.spec.open_statuses if s != "received"])
+               if (r["data"].get("match") or {}).get("contact_id") not in stage_of]
     values = vault_values(env.db, env.flow, [r["item_id"] for r in rows + earlier])
     for r in earlier:
         cid = r["data"]["match"]["contact_id"]
         index.add(_lead_contact(cid, values.get(r["item_id"], {}), r["data"]))
-        consent.setdefault(cid, dict(r["data"]["consent"]))
+        seen = consent.get(cid, {})
+        consent[cid] = {k: bool(v) or bool(seen.get(k)) for k, v in r["data"]["consent"].items()}
+        if r["data"].get("owner"):
+            owner_of.setdefault(cid, r["data"]["owner"])
     updates, audit_rows = [], []
     for r in sorted(rows, key=lambda r: (r["received_at"] or r["ingested_at"], r["item_id"])):
         d = r["data"]
@@ -521,11 +534,14 @@ def match_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
                 match["consent_from_crm"] = sorted(k for k, v in new_consent.items() if v and not d["consent"][k])
             consent[m.contact_id] = new_consent
             match["crm_stage"] = stage_of.get(m.contact_id)
+            match["owner"] = owner_of.get(m.contact_id)
         else:
             match["contact_id"] = own
             if m.decision == "uncertain":
                 match["candidate"] = m.contact_id
                 match["candidate_stage"] = stage_of.get(m.contact_id)
+                match["candidate_owner"] = owner_of.get(m.contact_id)
+                match["candidate_consent"] = dict(consent.get(m.contact_id) or {})
             index.add(lead)
             new_consent = dict(d["consent"])
             consent[own] = new_consent
@@ -757,8 +773,9 @@ def qualify_stage(env: StageEnv, cfg: LeadsConfig) -> StageReport:
     s = cfg.settings
     rows = load_stage_items(env, "qualify")
     loads = rep_loads(env, cfg, started)
+    batch_owner: dict[str, str] = {}
     updates = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["received_at"] or r["ingested_at"], r["item_id"])):
         d = r["data"]
         e = d.get("enrichment") or {}
         score = float(d["score"])
@@ -779,10 +796,17 @@ def qualify_stage(env: StageEnv, cfg: LeadsConfig) -> StageReport:
         if abs(score - s.hot_score) < s.review_margin:
             reasons.append("low_confidence")
         owner, owner_why = (None, "")
-        if tier == "hot":
+        cid = (d.get("match") or {}).get("contact_id")
+        known_owner = (d.get("match") or {}).get("owner") or batch_owner.get(cid)
+        if tier == "hot" and any(p["id"] == known_owner for p in cfg.reps):
+            owner, owner_why = known_owner, "the rep who already owns the contact"
+            loads[owner] += 1
+        elif tier == "hot":
             owner, owner_why = assign_rep(cfg, e.get("country") or _region(d.get("country_hint")), loads)
             if owner is None:
                 reasons.append("no_rep_capacity")
+        if owner:
+            batch_owner.setdefault(cid, owner)  # a second lead of the person in this batch: the same rep
         channel = ("email" if email_ok else "call" if call_ok else None) if tier != "cold" else None
         new = {**d, "tier": tier, "tier_reason": why, "owner": owner, "owner_reason": owner_why or None,
                "channel": channel, "channel_reason": None if channel else (email_why or call_why),

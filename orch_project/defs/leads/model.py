@@ -97,6 +97,7 @@ def train_candidate(cfg, options: LeadScoreTrainingConfig | None, log=None):
     held = tabular.evaluate(model, holdout, s.label_column)
     path = model.save(Settings.from_env().models_dir / "lead_score")
     metrics = {**held, "train_seconds": round(seconds, 2), "n_train": len(train), "n_holdout": len(holdout),
+               "holdout_hash": tabular.data_hash(holdout),
                "oof": model.metrics.get("validation"), "excluded_columns": excluded,
                "history": str(history_path(cfg))}
     return Candidate(version=model.version, path=path, metrics=metrics, train_data_hash=tabular.data_hash(train),
@@ -115,7 +116,13 @@ def evaluate_candidate(cfg, candidate: dict[str, Any], serving: dict[str, Any] |
     reasons = []
     passed = cand["auc"] >= s.min_auc
     reasons.append(f"holdout AUC {cand['auc']:.4f} {'>=' if passed else '<'} min_auc {s.min_auc}")
-    if serving is not None and serving["version"] != candidate["version"]:
+    if serving is not None and serving["version"] != candidate["version"] and \
+            (serving.get("metrics") or {}).get("holdout_hash") not in (None, tabular.data_hash(holdout)):
+        # the serving model was held out on other rows (the history or the split changed): it may have trained
+        # on some of these, so its figure here is not comparable; the candidate is held to the floor only
+        reasons.append(f"the serving {serving['version']} was evaluated on another holdout (history or split "
+                       "changed): compared with the floor only")
+    elif serving is not None and serving["version"] != candidate["version"]:
         try:
             served = tabular.evaluate(tabular.TabularModel.load(serving["path"]), holdout, s.label_column)
         except (tabular.ModelVersionError, FileNotFoundError) as exc:

@@ -36,7 +36,13 @@ def lead_kpis(it, cfg) -> dict[str, Any]:
         k["speed_to_lead_p50_min"] = k["speed_to_lead_p95_min"] = None
     k["first_touches"] = int(len(touched))
     # outcomes known (won or lost in the CRM): conversion by score decile
-    decided = [(float(d["score"]), d["outcome"] == "converted") for d in data if d.get("outcome") and "score" in d]
+    # outcomes are the person's: a contact with two leads counts once (its first lead's score)
+    per_contact: dict[str, tuple[float, bool]] = {}
+    for d in data:
+        if d.get("outcome") and "score" in d:
+            per_contact.setdefault((d.get("match") or {}).get("contact_id"),
+                                   (float(d["score"]), d["outcome"] == "converted"))
+    decided = list(per_contact.values())
     k["outcomes_known"] = len(decided)
     deciles = []
     if len(decided) >= 10:

@@ -231,6 +231,21 @@ crm_contact_changes = system_table(
 CONTACT_FIELDS = ("name", "email", "phone", "company", "title", "country", "owner", "stage", "score",
                   "do_not_email", "do_not_call", "unsubscribed", "source", "notes")
 CONSENT_FIELDS = ("do_not_email", "do_not_call", "unsubscribed")
+IDENTITY_FIELDS = ("name", "email", "phone")
+# the pipeline's order: a contact only moves forward (a reply never takes a won deal back to Engaged, a cold
+# lead never archives a known contact); Won and Lost, a rep's outcome, are set whatever came before
+STAGE_RANK = {"Archived": 0, "Lead": 1, "Nurture": 2, "Qualified": 3, "Contacted": 4, "Engaged": 5, "Proposal": 6,
+              "Won": 7, "Lost": 7}
+OUTCOMES = ("Won", "Lost")
+
+
+def stage_moves(current: str | None, new: str | None) -> bool:
+    """Whether a contact at ``current`` may move to ``new``."""
+    if not new or new == current:
+        return False
+    if current is None or new in OUTCOMES:
+        return True
+    return STAGE_RANK.get(new, 0) > STAGE_RANK.get(current, 0)
 
 
 def _contact_json(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -265,8 +280,13 @@ def _upsert_contacts(conn, effects: Sequence[Effect]) -> list[Delivery]:
         row = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
         now = utcnow()
         values = {k: p[k] for k in CONTACT_FIELDS if k in p and p[k] is not None}
+        for k, v in (p.get("identity") or {}).items():  # the person's identity fills gaps, never overwrites
+            if k in IDENTITY_FIELDS and v is not None and (row is None or row[k] is None):
+                values[k] = v
         for k in CONSENT_FIELDS:
             values[k] = bool(values.get(k)) or bool(row[k] if row is not None else False)
+        if row is not None and "stage" in values and not stage_moves(row["stage"], values["stage"]):
+            values.pop("stage")
         if row is None:
             conn.execute(crm_contacts.insert().values(contact_id=cid, created_at=now, updated_at=now, **values))
         else:
@@ -288,7 +308,9 @@ def _set_stage(conn, effects: Sequence[Effect]) -> list[Delivery]:
         if row is None:
             out.append(Delivery(e.idempotency_key, False, error=f"no CRM contact {cid}"))
             continue
-        values = {"stage": e.payload.get("stage") or row["stage"], "updated_at": utcnow()}
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if stage_moves(row["stage"], e.payload.get("stage")):
+            values["stage"] = e.payload["stage"]
         values.update({k: True for k in CONSENT_FIELDS if e.payload.get(k)})
         conn.execute(crm_contacts.update().where(crm_contacts.c.contact_id == cid).values(**values))
         after = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
@@ -311,6 +333,13 @@ def _revert_changes(conn, effects: Sequence[Effect]) -> list[Delivery]:
             continue
         cid = ch["contact_id"]
         now_row = conn.execute(sa.select(crm_contacts).where(crm_contacts.c.contact_id == cid)).mappings().first()
+        others = conn.execute(sa.select(sa.func.count()).select_from(crm_contact_changes).where(
+            crm_contact_changes.c.contact_id == cid, crm_contact_changes.c.id > ch["id"],
+            crm_contact_changes.c.action != "revert_change")).scalar_one()
+        if ch["before"] is None and others:
+            # other records were written to the contact since it was created: it stays (theirs), as it is now
+            out.append(_change(conn, e, cid, "revert_change", _contact_json(now_row), _contact_json(now_row)))
+            continue
         if ch["before"] is None:
             conn.execute(crm_contacts.delete().where(crm_contacts.c.contact_id == cid))
         else:
