@@ -104,3 +104,16 @@ def banking77_queries(split: str = "train", path: Path | None = None) -> list[tu
             if text and intent:
                 rows.append((text, intent))
     return rows
+
+
+TWEETS = "tweets-dev"
+
+
+def read_tweets() -> tuple[list[str], list[int]]:
+    """TweetEval's sentiment dev split (``tweets-dev/``: ``val_text.txt`` one tweet a line, ``val_labels.txt``
+    0 negative / 1 neutral / 2 positive on the same line): texts and label ids, in file order."""
+    texts = dataset_file(TWEETS, "val_text.txt").read_text(encoding="utf-8").splitlines()
+    labels = [int(x) for x in dataset_file(TWEETS, "val_labels.txt").read_text(encoding="utf-8").split()]
+    if len(texts) != len(labels):
+        raise DatasetMissing(TWEETS, dataset_dir(TWEETS), f"{len(texts)} texts but {len(labels)} labels")
+    return texts, labels

@@ -1,6 +1,13 @@
 """`orch marketing ...`: the marketing program's tools that work without Dagster (the program's flow comes next).
 
+    orch marketing sentiment [--jsonl FILE] [--model-dir DIR]
     orch marketing reallocate --performance FILE.csv --budget B [--previous FILE.json] [--min-share S] [--max-shift S] [--json]
+
+``sentiment`` labels posts negative / neutral / positive with a score (``orch_project.lib.sentiment``: the model
+the program's listening stage serves), one ``{"id", "label", "score"}`` line per input line: ``{"id", "text"}``
+lines from FILE, or stdin (JSON lines, or one plain post a line, ids counted from 1). The model is trained on
+first use from TweetEval's labelled dev tweets ($ORCH_DATA_DIR/tweets-dev, a few seconds) and kept in
+$ORCH_MODELS_DIR/sentiment.
 
 ``reallocate`` reads rows ``date, channel, spend, impressions, clicks, conversions`` (extra columns ignored) and
 prints the next period's allocation: Thompson sampling on conversions per unit of spend with guardrails
@@ -17,10 +24,69 @@ from pathlib import Path
 import click
 
 
-@click.group(name="marketing", help="The marketing program: budget re-allocation across channels from their "
-                                    "performance (more commands come with the program's flow).")
+@click.group(name="marketing", help="The marketing program: sentiment of social posts and budget re-allocation "
+                                    "across channels (more commands come with the program's flow).")
 def group() -> None:
     pass
+
+
+def sentiment_model(model_dir: Path | None = None, progress=None):
+    """The newest sentiment model in ``model_dir`` (default $ORCH_MODELS_DIR/sentiment), trained from the data
+    directory's tweets-dev on first use."""
+    from ...lib import datasets, sentiment
+    from ...lib.settings import Settings
+
+    folder = model_dir or Settings.from_env().models_dir / "sentiment"
+    pointer = folder / "latest.json"
+    if pointer.is_file():
+        try:
+            return sentiment.SentimentModel.load(folder / json.loads(pointer.read_text())["path"])
+        except (OSError, ValueError, KeyError):
+            pass  # another version wrote it: train again below
+    try:
+        texts, labels = datasets.read_tweets()
+    except datasets.DatasetMissing as exc:
+        raise click.ClickException(f"{exc} The sentiment model is trained on TweetEval's labelled dev tweets: set "
+                                   "ORCH_DATA_DIR to the folder that holds tweets-dev/.")
+    if progress:
+        progress(f"training the sentiment model on {len(texts)} labelled tweets ...")
+    model = sentiment.train(texts, labels)
+    path = model.save(folder)
+    pointer.write_text(json.dumps({"version": model.version, "path": path.name}))
+    return model
+
+
+@group.command(help="Label social posts negative / neutral / positive with a score: {\"id\", \"text\"} JSON lines "
+                    "from --jsonl FILE or stdin (plain lines are posts too); one {\"id\", \"label\", \"score\"} "
+                    "line each, in input order.")
+@click.option("--jsonl", "jsonl", type=click.Path(path_type=Path), default=None, help="JSON lines {\"id\", \"text\"}")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="where the model is kept (default $ORCH_MODELS_DIR/sentiment)")
+def sentiment(jsonl: Path | None, model_dir: Path | None) -> None:
+    import sys
+
+    if jsonl is not None and not jsonl.is_file():
+        raise click.ClickException(f"--jsonl {jsonl} does not exist")
+    lines = (jsonl.read_text(encoding="utf-8") if jsonl else sys.stdin.read()).splitlines()
+    posts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            if not isinstance(obj.get("text"), str):
+                raise click.ClickException(f"line {n}: no \"text\" string; give {{\"id\", \"text\"}} per line")
+            posts.append((obj.get("id", n), obj["text"]))
+        elif jsonl is not None:
+            raise click.ClickException(f"{jsonl} line {n}: not a JSON object; give {{\"id\", \"text\"}} per line")
+        else:
+            posts.append((n, line))
+    model = sentiment_model(model_dir, progress=lambda m: click.echo(m, err=True))
+    for (pid, _), out in zip(posts, model.predict([t for _, t in posts])):
+        click.echo(json.dumps({"id": pid, **out}, ensure_ascii=False))
 
 
 def _rows(path: Path) -> list[dict]:
