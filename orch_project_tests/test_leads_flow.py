@@ -167,9 +167,13 @@ def test_uncertain_match_waits_and_a_merge_decision_is_applied(orch_home, db, de
 
 
 def test_directory_down_never_blocks_the_batch(orch_home, db, defs, instance, with_lead_model):
+    import csv as _csv
+
     client = conn_db(orch_home)
     client.set_fault("company_directory")
-    drop(orch_home, "form-1.json", form(1))
+    with logic.DIRECTORY_SEED.open(encoding="utf-8") as fh:
+        known = next(_csv.DictReader(fh))  # a company the directory knows
+    drop(orch_home, "form-1.json", form(1, email=f"ada@{known['domain']}", company="Ada's own spelling"))
     result = run_flow(defs, instance, DAY, FLOW)
     client.clear_fault()
     assert result.success
@@ -179,6 +183,12 @@ def test_directory_down_never_blocks_the_batch(orch_home, db, defs, instance, wi
     assert d["enrichment_sources"]["company"] == "form"
     enrich = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "leads_enrich"]
     assert enrich[0].materialization.metadata["directory_available"].value is False
+    assert run_ops(defs, instance, FLOW).success  # the directory answers again: looked up, the CRM updated
+    _, d = by_external(db, "wf-1")
+    assert "enrichment_pending" not in d and d["enrichment"]["company"] == known["name"]
+    assert d["enrichment_sources"]["company"] == "directory"
+    crm = {c["contact_id"]: c for c in contacts_table(orch_home)}
+    assert crm[d["match"]["contact_id"]]["company"] == known["name"]
 
 
 def test_webhook_rows_and_the_intake_sensor(orch_home, db, defs, instance, with_lead_model):
@@ -225,3 +235,26 @@ def test_a_broken_csv_accounts_for_every_row(tmp_path):
     header_only = tmp_path / "h.csv"
     header_only.write_text("Email\n", encoding="utf-8")
     assert logic.parse_file(header_only).error_type == "empty"
+
+
+def test_a_hot_lead_approved_while_every_rep_was_full_gets_a_rep_with_room(orch_home, db, defs, instance,
+                                                                           with_lead_model, monkeypatch):
+    full = [{**p, "capacity": 0} for p in logic.CFG.reps]
+    monkeypatch.setitem(logic.CFG.__dict__, "reps", full)
+    drop(orch_home, "form-1.json", form(1))
+    assert run_flow(defs, instance, DAY, FLOW).success
+    iid, d = by_external(db, "wf-1")
+    assert d["status"] == "awaiting_review" and d["approval_reasons"] == ["no_rep_capacity"] and d["owner"] is None
+    hitl.decide(db, iid, "approve", "sm-grace", "call them anyway", None, logic.CFG.roster, flow=FLOW)
+    monkeypatch.setitem(logic.CFG.__dict__, "reps", [{**p, "capacity": 40} for p in full])  # the week turned
+    from orch_project.defs.resources import default_resources
+
+    sensor = defs.get_sensor_def("leads_approval_resume_sensor")
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=default_resources()) as ctx:
+        req = sensor.evaluate_tick(ctx).run_requests[0]
+    assert defs.resolve_job_def("leads_approval_resume_job").execute_in_process(
+        instance=instance, partition_key=req.partition_key, run_config=QUIET).success
+    after = by_external(db, "wf-1")[1]
+    assert after["status"] == "resolved" and after["owner"] in {p["id"] for p in full if p["team"] == "emea"}
+    crm = {c["contact_id"]: c for c in contacts_table(orch_home)}
+    assert crm[after["match"]["contact_id"]]["owner"] == after["owner"]

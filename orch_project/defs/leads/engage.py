@@ -258,6 +258,16 @@ def crm_upsert_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, waiting_onl
     back a stage) with its deal stage, and the activity log, through the outbox with idempotency keys. A
     step failed for good reverts the contact change and dead-letters the lead (replayable)."""
     rows = load_stage_items(env, "crm_upsert", after="crm_upsert" if waiting_only else None)
+    unowned = [r for r in rows if r["data"].get("tier") == "hot" and not r["data"].get("owner") and r["stage"] != "crm_upsert"]
+    if unowned:  # approved by a person while every rep of the team was full: a rep with room now, if any
+        from .logic import _region, assign_rep, rep_loads
+
+        loads = rep_loads(env, cfg, utcnow())
+        for r in unowned:
+            d = r["data"]
+            owner, why = assign_rep(cfg, (d.get("enrichment") or {}).get("country") or _region(d.get("country_hint")),
+                                    loads)
+            r["data"] = {**d, "owner": owner, "owner_reason": why if owner else f"no owner yet: {why}"}
     return run_effects_stage(env, "crm_upsert", rows, connectors, plan=_crm_effects, compensations=COMPENSATIONS,
                              policy=cfg.connector_policy, done_status="in_crm", done_reason="CRM contact and activity written",
                              done_columns=lambda now: {})

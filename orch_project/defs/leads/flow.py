@@ -2,7 +2,7 @@
 
     leads_intake -> leads_match -> leads_enrich -> leads_score -> leads_qualify -> leads_first_touch
       -> leads_review_gate -> leads_crm_upsert -> leads_engage
-    ops (after each run and every 15 minutes): leads_outbox_redelivery, leads_responses, leads_nurture,
+    ops (after each run and every 15 minutes): leads_outbox_redelivery, leads_re_enrich, leads_responses, leads_nurture,
       leads_escalations, leads_dlq_backlog, leads_kpi_report; leads_raw_retention nightly.
     governance: lead_score_model -> lead_score_model_evaluation [lead_score_model_gate] -> lead_score_model_promotion
 """
@@ -164,6 +164,9 @@ SPEC = FlowSpec(
         OpsStage("outbox_redelivery", fn=engage.redelivery_stage, kind="connector", after=("crm_upsert", "engage"),
                  description="Effects still in the outbox are delivered again behind the breakers; waiting leads move "
                              "on, or are compensated and dead-lettered once a step failed for good."),
+        OpsStage("re_enrich", fn=logic.re_enrich_stage, kind="connector", after=("enrich",),
+                 description="Leads enriched while the company directory was down are looked up again once it "
+                             "answers; a lead already in the CRM gets its contact's company updated."),
         OpsStage("responses", fn=engage.responses_stage, kind="connector", after=("engage",),
                  description="Replies, bounces and unsubscribes from messaging and conversions from the CRM: each stops "
                              "nurture with its reason; a reply moves the contact to Engaged."),

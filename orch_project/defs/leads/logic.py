@@ -666,6 +666,56 @@ def enrich_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
                         metadata=md)
 
 
+def re_enrich_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
+    """Leads enriched while the company directory was down (``enrichment_pending``) are looked up again once
+    it answers: the directory's company, industry, size and country replace what the form said, and a lead
+    already in the CRM gets its contact's company updated through the outbox (its own idempotency key)."""
+    from ...lib.connectors.embedded import Effect
+    from ...lib.outbox import dispatch
+    from ...lib.saga import step_key
+
+    started = utcnow()
+    statuses = [st for st in env.spec.open_statuses if st != "received"] + ["resolved"]
+    rows = [r for r in load_items(StageEnv(env.db, env.flow, [], spec=env.spec), statuses)
+            if r["data"].get("enrichment_pending")]
+    domains = sorted({r["data"]["enrichment"]["email_domain"] for r in rows if r["data"]["enrichment"].get("email_domain")})
+    directory, down = lookup_directory(connectors, domains) if rows else ({}, None)
+    if down:
+        return commit_stage(env, "re_enrich", started, [], trace_ids={}, set_stage=False, n_in=len(rows),
+                            metadata={"pending": len(rows), "directory_available": False, "directory_reason": down})
+    updates, effects = [], []
+    for r in rows:
+        d = json.loads(json.dumps(r["data"]))
+        domain = d["enrichment"].get("email_domain") or ""
+        labels = domain.split(".")
+        entry = next((directory[p] for p in (".".join(labels[i:]) for i in range(len(labels) - 1)) if p in directory),
+                     None)
+        d.pop("enrichment_pending", None)
+        d["enrichment_reasons"].pop("company_directory", None)
+        if entry:
+            for fld, key in (("company", "name"), ("industry", "industry"), ("employees", "employees"),
+                             ("company_country", "country")):
+                if entry.get(key) not in (None, ""):
+                    d["enrichment"][fld] = entry[key]
+                    d["enrichment_sources"][fld] = "directory"
+                    d["enrichment_reasons"].pop(fld, None)
+            if r["status"] in ("in_crm", "resolved"):
+                effects.append(Effect(step_key(FLOW, r, "re_enrich"), "crm_contacts", "upsert_contact", r["item_id"],
+                                      r["trace_id"], {"contact_id": d["match"]["contact_id"], "company": entry["name"]}))
+        else:
+            d["enrichment_reasons"]["company"] = "domain not in the directory (looked up again once it answered)"
+        updates.append(ItemUpdate(r["item_id"], r["status"], d))
+    report = commit_stage(env, "re_enrich", started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                          effects=effects, set_stage=False,
+                          metadata={"pending": len(rows), "directory_available": True,
+                                    "enriched_from_directory": sum(1 for u in updates
+                                                                   if u.data["enrichment_sources"].get("company") == "directory"),
+                                    "crm_updates": len(effects)})
+    if effects:
+        dispatch(env.db, connectors, env.flow, keys=[e.idempotency_key for e in effects], policy=cfg.connector_policy)
+    return report
+
+
 # --- score: the governed model through the gateway ----------------------------------------------
 
 class LeadScoreOutput(LLMOutput):
