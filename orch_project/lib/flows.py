@@ -325,11 +325,16 @@ class FlowConfig:
         return DesignBrief.load(self.folder / "brief.yaml")
 
     @cached_property
-    def roster(self) -> list[dict[str, Any]]:
+    def roster_file(self) -> dict[str, Any]:
+        """roster.yaml as written (people, and whatever else a flow keeps there, e.g. teams)."""
         import yaml
 
         path = self.folder / "roster.yaml"
-        data = yaml.safe_load(path.read_text()) if path.exists() else {}
+        return (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+
+    @cached_property
+    def roster(self) -> list[dict[str, Any]]:
+        data = self.roster_file
         return list(data.get("people") or data.get("agents") or [])
 
     @cached_property

@@ -46,6 +46,11 @@ class StageEnv:
 
             self.spec = find(self.flow)
 
+    def across_partitions(self) -> "StageEnv":
+        """The same run's view of every partition (what a stage reads beyond its own days, e.g. earlier items)."""
+        return StageEnv(self.db, self.flow, [], run_id=self.run_id, attempt=self.attempt, logger=self.logger,
+                        spec=self.spec)
+
     def stage(self, name: str) -> Stage | None:
         if self.spec is None:
             return None

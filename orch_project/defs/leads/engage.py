@@ -8,7 +8,7 @@ which refuses to build one for a lead that may not be e-mailed.
 
 from __future__ import annotations
 
-import json
+import copy
 import re
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -305,7 +305,8 @@ def _engage_effects(row: dict[str, Any]) -> dict[str, Effect]:
     d = row["data"]
     if d["tier"] != "hot":
         return {}
-    if d.get("channel") == "email" and may_email(d)[0] and not policy_violations(d.get("draft") or "", CFG):
+    # engage_stage has already moved a lead whose draft breaks the policy to a call (or nothing)
+    if d.get("channel") == "email" and may_email(d)[0]:
         return {"first_touch": message_effect(row, "first_touch", "first_touch", f"Your enquiry with {CFG.settings.company}",
                                               d["draft"])}
     if d.get("channel") == "call" and may_call(d)[0]:
@@ -354,8 +355,7 @@ def redelivery_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport
 # --- ops: responses and nurture ---------------------------------------------------------------------------
 
 def _resolved_leads(env: StageEnv) -> list[dict[str, Any]]:
-    env_all = StageEnv(env.db, env.flow, [], run_id=env.run_id, logger=env.logger, spec=env.spec)
-    return load_items(env_all, "resolved")
+    return load_items(env.across_partitions(), "resolved")
 
 
 def responses_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, now: datetime | None = None) -> StageReport:
@@ -373,7 +373,7 @@ def responses_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, now: datetim
     effects, audit_rows = [], []
 
     def data_of(r):
-        return changed.setdefault(r["item_id"], json.loads(json.dumps(r["data"])))
+        return changed.setdefault(r["item_id"], copy.deepcopy(r["data"]))
 
     def stop(d, why):
         n = d.get("nurture")
@@ -543,7 +543,7 @@ def nurture_stage(env: StageEnv, cfg: LeadsConfig, connectors, *, now: datetime 
     updates, effects = [], []
     counts: Counter = Counter()
     for r in leads:
-        d = json.loads(json.dumps(r["data"]))
+        d = copy.deepcopy(r["data"])
         n = d["nurture"]
         c = crm.get(d["match"]["contact_id"]) or {}
         for k in ("do_not_email", "unsubscribed"):

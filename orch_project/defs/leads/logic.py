@@ -24,6 +24,7 @@ which refuses to build one for a lead that may not be e-mailed.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -106,9 +107,7 @@ class LeadsConfig(FlowConfig):
     @cached_property
     def teams(self) -> tuple[dict[str, str], str]:
         """(country -> team, the default team) from roster.yaml."""
-        import yaml
-
-        raw = yaml.safe_load((self.folder / "roster.yaml").read_text()) or {}
+        raw = self.roster_file
         by_country = {str(c).upper(): team for team, countries in (raw.get("teams") or {}).items() for c in countries}
         return by_country, str(raw.get("default_team") or next(iter(raw.get("teams") or {"all": []})))
 
@@ -507,7 +506,7 @@ def match_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
     owner_of = {c["contact_id"]: c.get("owner") for c in crm if c.get("owner")}
     # leads already matched by the flow whose contact the CRM does not hold yet (waiting for a person, deferred,
     # or not yet upserted): a second submission must find them, and inherit what any of them said no to
-    earlier = [r for r in load_items(StageEnv(env.db, env.flow, [], spec=env.spec),
+    earlier = [r for r in load_items(env.across_partitions(),
                                      [s for s in env.spec.open_statuses if s != "received"])
                if (r["data"].get("match") or {}).get("contact_id") not in stage_of]
     values = vault_values(env.db, env.flow, [r["item_id"] for r in rows + earlier])
@@ -676,7 +675,7 @@ def re_enrich_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
 
     started = utcnow()
     statuses = [st for st in env.spec.open_statuses if st != "received"] + ["resolved"]
-    rows = [r for r in load_items(StageEnv(env.db, env.flow, [], spec=env.spec), statuses)
+    rows = [r for r in load_items(env.across_partitions(), statuses)
             if r["data"].get("enrichment_pending")]
     domains = sorted({r["data"]["enrichment"]["email_domain"] for r in rows if r["data"]["enrichment"].get("email_domain")})
     directory, down = lookup_directory(connectors, domains) if rows else ({}, None)
@@ -685,7 +684,7 @@ def re_enrich_stage(env: StageEnv, cfg: LeadsConfig, connectors) -> StageReport:
                             metadata={"pending": len(rows), "directory_available": False, "directory_reason": down})
     updates, effects = [], []
     for r in rows:
-        d = json.loads(json.dumps(r["data"]))
+        d = copy.deepcopy(r["data"])
         domain = d["enrichment"].get("email_domain") or ""
         labels = domain.split(".")
         entry = next((directory[p] for p in (".".join(labels[i:]) for i in range(len(labels) - 1)) if p in directory),

@@ -283,16 +283,10 @@ def triage_model_promotion(context: dg.AssetExecutionContext, app_db: AppDatabas
 
 
 def _materialised_version(context, db, key: dg.AssetKey) -> dict:
-    """The registry row of the model version the latest materialisation of ``key`` was about (the
-    version is a hash of code and data, so retraining on the same data names the same version)."""
-    from ...lib.llm import registry
+    """The registry row of the triage model version the latest materialisation of ``key`` was about."""
+    from ...kit.governance import materialised_version
 
-    event = context.instance.get_latest_materialization_event(key)
-    version = event.asset_materialization.metadata["version"].value if event else None
-    row = registry.get(db, version) if version else None
-    if row is None:
-        raise dg.Failure(f"no trained triage model recorded by {key.to_user_string()}: run train_triage_model_job")
-    return row
+    return materialised_version(context, db, key, "trained triage model", "train_triage_model_job")[0]
 
 
 def served_metadata(out: dict, metrics: dict, changed_by: str | None = None) -> dict:
