@@ -285,6 +285,20 @@ def write_report(flow: str, title: str, k: dict[str, Any], md: str, chart_paths:
     return KpiReport(k, md, html_path, chart_paths)
 
 
+def flow_report(db: Database, spec, reports_dir: Path, now: datetime | None, flow_kpis: Callable[[tuple], dict],
+                rows: Callable[[dict], Sequence[str]], sections: Callable[[dict], Sequence[str]],
+                extra_charts: Callable[[dict], Callable] | None = None) -> KpiReport:
+    """A flow's report: the platform's KPIs plus ``flow_kpis(frames)``, the flow's own table rows and sections
+    (``rows(k)``, ``sections(k)``) and charts (``extra_charts(k)`` gives ``charts``' ``extra`` hook)."""
+    fr = frames(db, spec.name)
+    k = base_kpis(spec, fr, now)
+    k.update(flow_kpis(fr))
+    out = Path(reports_dir) / spec.name
+    md = markdown(spec.title, k, rows(k), sections(k))
+    chart_paths = charts(k, fr[0], out / "charts", extra=extra_charts(k) if extra_charts else None)
+    return write_report(spec.name, spec.title, k, md, chart_paths, out)
+
+
 def kpi_report(db: Database, spec, reports_dir: Path, now: datetime | None = None) -> KpiReport:
     """The platform's report for a flow without its own (``FlowSpec.report``)."""
     fr = frames(db, spec.name)

@@ -100,9 +100,4 @@ def _charts(k: dict[str, Any]):
 
 
 def kpi_report(db, spec, reports_dir: Path, now: datetime | None = None) -> KpiReport:
-    fr = kpis.frames(db, spec.name)
-    k = kpis.base_kpis(spec, fr, now)
-    k.update(document_kpis(fr[0], fr[5]))
-    out = Path(reports_dir) / spec.name
-    md = kpis.markdown(spec.title, k, _rows(k), _sections(k))
-    return kpis.write_report(spec.name, spec.title, k, md, kpis.charts(k, fr[0], out / "charts", extra=_charts(k)), out)
+    return kpis.flow_report(db, spec, reports_dir, now, lambda fr: document_kpis(fr[0], fr[5]), _rows, _sections, _charts)

@@ -129,9 +129,4 @@ def _charts(k: dict[str, Any]):
 
 
 def kpi_report(db, spec, reports_dir: Path, now: datetime | None = None) -> KpiReport:
-    fr = kpis.frames(db, spec.name)
-    k = kpis.base_kpis(spec, fr, now)
-    k.update(lead_kpis(fr[0], spec.config))
-    out = Path(reports_dir) / spec.name
-    md = kpis.markdown(spec.title, k, _rows(k), _sections(k))
-    return kpis.write_report(spec.name, spec.title, k, md, kpis.charts(k, fr[0], out / "charts", extra=_charts(k)), out)
+    return kpis.flow_report(db, spec, reports_dir, now, lambda fr: lead_kpis(fr[0], spec.config), _rows, _sections, _charts)
