@@ -129,7 +129,7 @@ def init() -> None:
 
 def submit_paths(s: Settings, paths: list[Path], spec=None) -> dict[str, int]:
     """Files the flow reads (its intake suffixes) are dropped atomically into the flow's inbox folder;
-    .jsonl lines go to the flow's rows of the inbox table."""
+    .jsonl lines go to the flow's rows of the inbox table (unless the flow reads .jsonl files itself)."""
     from .lib.intake import drop_file, submit_to_table
 
     spec = spec or flow_spec(None)
@@ -141,7 +141,7 @@ def submit_paths(s: Settings, paths: list[Path], spec=None) -> dict[str, int]:
                                          and (x.name.endswith(suffixes) or x.suffix == ".jsonl")), spec)
             for k, v in sub.items():
                 counts[k] += v
-        elif p.suffix == ".jsonl":
+        elif p.suffix == ".jsonl" and ".jsonl" not in suffixes:  # a flow that reads JSON-lines files takes the file
             msgs = []
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():

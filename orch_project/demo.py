@@ -30,7 +30,7 @@ def run_demo(s: Settings, dagster_home, specs, submit_paths) -> int:
     failed = 0
     lost = 0
     summaries = []
-    for spec in specs:
+    for spec in demo_order(specs):
         ok, summary = _run_flow(s, db, defs, instance, spec, submit_paths)
         failed += 0 if ok else 1
         lost += summary["lost"]
@@ -42,6 +42,18 @@ def run_demo(s: Settings, dagster_home, specs, submit_paths) -> int:
             click.echo(f"  {label:<21} {value}")
     click.echo(f"\n  took {time.perf_counter() - t0:.1f} s; browse the runs with `make dev` (http://127.0.0.1:3000)")
     return 1 if failed or lost else 0
+
+
+def demo_order(specs) -> list:
+    """The flows in their folder order, except that a flow runs before the flows it hands records to
+    (``DemoSpec.feeds``), so they pick the records up in the same demo."""
+    pending, out = list(specs), []
+    while pending:
+        fed = {f for s in pending if s.demo is not None for f in s.demo.feeds if f != s.name}
+        nxt = next((s for s in pending if s.name not in fed), pending[0])  # a cycle: folder order
+        out.append(nxt)
+        pending.remove(nxt)
+    return out
 
 
 def _resume_approvals(defs, instance, spec) -> int:
@@ -68,9 +80,6 @@ def _resume_approvals(defs, instance, spec) -> int:
 
 
 def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool, dict]:
-    import dagster as dg
-
-    from .defs.resources import default_resources
     from .lib.pipeline import status_counts
 
     name = spec.name
@@ -87,6 +96,34 @@ def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool
                 click.echo(f"    {job_name} failed; see the run in the Dagster UI (make dev)", err=True)
                 return False, {"title": f"{spec.title} summary", "lines": [("setup failed", job_name)], "lost": 0}
 
+    rounds = demo.rounds if demo is not None else 1
+    for n_round in range(1, rounds + 1):
+        if rounds > 1:
+            _step(f"[{name}] round {n_round}/{rounds}: the records the last ops job wrote come back through intake"
+                  if n_round > 1 else f"[{name}] round 1/{rounds}")
+        ok = _round(s, db, defs, instance, spec) and ok
+    st = status_counts(db, name)
+    lines = [("items received", st["received"]), ("resolved", st["states"].get("resolved", 0)),
+             ("awaiting approval", sum(st["states"].get(x, 0) for x in spec.waiting_statuses)),
+             ("rejected by a person", st["states"].get("rejected", 0)),
+             ("dead-lettered", st["states"].get("dead_lettered", 0)),
+             ("duplicates ignored", st["states"].get("duplicate", 0)), ("still in progress", st["in_progress"]),
+             ("escalated (SLA)", st["escalated"]), ("unaccounted", st["lost"])]
+    if demo is not None and demo.summary is not None:
+        lines += demo.summary(s)
+    lines.append(("KPI report", str(s.reports_dir / name / "kpi_report.html")))
+    return ok, {"title": f"{spec.title} summary", "lines": lines, "lost": st["lost"]}
+
+
+def _round(s: Settings, db, defs, instance, spec) -> bool:
+    """One pass: the intake sensor's tick and the runs it asks for, the world between (``before_ops``), the
+    decisions people took, then the ops job. False when a run failed."""
+    import dagster as dg
+
+    from .defs.resources import default_resources
+
+    name = spec.name
+    demo = spec.demo
     _step(f"[{name}] evaluating {name}_intake_sensor")
     sensor = defs.get_sensor_def(f"{name}_intake_sensor")
     cursor_key = f"orch_demo/{name}_intake_sensor"
@@ -119,15 +156,4 @@ def _run_flow(s: Settings, db, defs, instance, spec, submit_paths) -> tuple[bool
     _step(f"[{name}] {name}_ops_job: fold-backs, escalation, redelivery, DLQ backlog, KPI report")
     ops = defs.resolve_job_def(f"{name}_ops_job").execute_in_process(instance=instance, run_config=QUIET,
                                                                     raise_on_error=False)
-    ok = ok and not failed and ops.success
-    st = status_counts(db, name)
-    lines = [("items received", st["received"]), ("resolved", st["states"].get("resolved", 0)),
-             ("awaiting approval", sum(st["states"].get(x, 0) for x in spec.waiting_statuses)),
-             ("rejected by a person", st["states"].get("rejected", 0)),
-             ("dead-lettered", st["states"].get("dead_lettered", 0)),
-             ("duplicates ignored", st["states"].get("duplicate", 0)), ("still in progress", st["in_progress"]),
-             ("escalated (SLA)", st["escalated"]), ("unaccounted", st["lost"])]
-    if demo is not None and demo.summary is not None:
-        lines += demo.summary(s)
-    lines.append(("KPI report", str(s.reports_dir / name / "kpi_report.html")))
-    return ok, {"title": f"{spec.title} summary", "lines": lines, "lost": st["lost"]}
+    return not failed and ops.success

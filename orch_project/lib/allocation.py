@@ -166,3 +166,61 @@ def greedy(rows, budget: float, *, previous=None, guardrails: Guardrails = Guard
     prev = np.array([float((previous or {}).get(c, budget / len(channels))) for c in channels])
     lo, hi = _bounds(prev / prev.sum() * budget, budget, g)
     return dict(zip(channels, best_under_bounds(shape / rate, lo, hi, budget).tolist()))
+
+
+# --- performance with intervals ------------------------------------------------------------------------------
+
+def _wilson(k: float, n: float, z: float) -> list[float | None]:
+    if n <= 0:
+        return [None, None]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(max(0.0, centre - half)), 6), round(float(min(1.0, centre + half)), 6)]
+
+
+def _poisson_interval(k: float, level: float) -> tuple[float, float]:
+    """Exact (Garwood) interval of a Poisson count."""
+    from scipy.stats import chi2
+
+    a = 1 - level
+    lo = 0.0 if k == 0 else float(chi2.ppf(a / 2, 2 * k) / 2)
+    hi = float(chi2.ppf(1 - a / 2, 2 * k + 2) / 2)
+    return lo, hi
+
+
+def performance_table(rows: Sequence[Mapping[str, Any]], by: Sequence[str] = ("channel",),
+                      level: float = 0.9) -> list[dict[str, Any]]:
+    """Per group of ``by``: impressions, clicks, conversions, spend, revenue and the rates with ``level``
+    intervals, not just point values: CTR (clicks / impressions) and CVR (conversions / clicks) with Wilson
+    intervals; CPA (spend / conversions) and ROAS (revenue / spend) from the exact Poisson interval of the
+    conversions (the uncertainty that matters at marketing volumes; revenue per conversion taken as observed)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = tuple(str(r.get(b)) for b in by)
+        g = groups.setdefault(key, {"impressions": 0.0, "clicks": 0.0, "conversions": 0.0, "spend": 0.0,
+                                    "revenue": 0.0, "days": set()})
+        for k in ("impressions", "clicks", "conversions", "spend", "revenue"):
+            g[k] += float(r.get(k) or 0)
+        g["days"].add(str(r.get("date")))
+    out = []
+    for key, g in sorted(groups.items()):
+        conv_lo, conv_hi = _poisson_interval(g["conversions"], level)
+        per_conv = g["revenue"] / g["conversions"] if g["conversions"] else 0.0
+        rec: dict[str, Any] = {**dict(zip(by, key)), "days": len(g["days"]),
+                               **{k: round(g[k], 2) for k in ("impressions", "clicks", "conversions", "spend", "revenue")}}
+        rec["ctr"] = round(g["clicks"] / g["impressions"], 6) if g["impressions"] else None
+        rec["ctr_interval"] = _wilson(g["clicks"], g["impressions"], z)
+        rec["cvr"] = round(g["conversions"] / g["clicks"], 6) if g["clicks"] else None
+        rec["cvr_interval"] = _wilson(g["conversions"], g["clicks"], z)
+        rec["cpa"] = round(g["spend"] / g["conversions"], 4) if g["conversions"] else None
+        rec["cpa_interval"] = [round(g["spend"] / conv_hi, 4) if conv_hi else None,
+                               round(g["spend"] / conv_lo, 4) if conv_lo else None]
+        rec["roas"] = round(g["revenue"] / g["spend"], 4) if g["spend"] else None
+        rec["roas_interval"] = ([round(conv_lo * per_conv / g["spend"], 4), round(conv_hi * per_conv / g["spend"], 4)]
+                                if g["spend"] and g["conversions"] else [None, None])
+        out.append(rec)
+    return out

@@ -19,7 +19,9 @@ MAX_BODY_CHARS = 100_000
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line limit
 EMAIL_RE = re.compile(r"^[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
 
-Channel = Literal["email", "chat", "web_form"]
+# social: a public post another flow hands over (e.g. a complaint the marketing program heard); the sender is
+# the author's handle on the platform
+Channel = Literal["email", "chat", "web_form", "social"]
 Priority = Literal["low", "medium", "high"]
 
 
@@ -33,17 +35,34 @@ class Attachment(BaseModel):
 
 
 class Sender(BaseModel):
+    """Who wrote: an e-mail address, or (a social post) the author's handle on a platform."""
+
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(default=None, max_length=200)
-    email: str = Field(max_length=320)
+    email: str | None = Field(default=None, max_length=320)
+    handle: str | None = Field(default=None, min_length=2, max_length=120,
+                               description="platform:@handle of a social post's author")
 
     @field_validator("email")
     @classmethod
-    def _email_shape(cls, v: str) -> str:
+    def _email_shape(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         v = v.strip()
         if not EMAIL_RE.match(v):
             raise ValueError("not a valid e-mail address")
         return v
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "Sender":
+        if not self.email and not self.handle:
+            raise ValueError("a sender needs an e-mail address (or, for a social post, a handle)")
+        return self
+
+    @property
+    def address(self) -> str:
+        """What a reply goes to: the e-mail address, else the handle."""
+        return self.email or str(self.handle)
 
 
 class InboundMessage(BaseModel):

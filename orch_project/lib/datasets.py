@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .settings import REPO_DIR
 
@@ -117,3 +118,22 @@ def read_tweets() -> tuple[list[str], list[int]]:
     if len(texts) != len(labels):
         raise DatasetMissing(TWEETS, dataset_dir(TWEETS), f"{len(texts)} texts but {len(labels)} labels")
     return texts, labels
+
+
+WORKBENCH = "workbench"
+
+
+def atlas_crm() -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The Atlas workspace's CRM (``workbench/customer_relationship_manager_data.csv``, MIT, fictitious people)
+    as CRM contact rows for ``connectors.embedded.import_contacts`` (ids ``atlas-<customer_id>``), and the rows
+    as read. Raises ``DatasetMissing`` when the data directory does not have it."""
+    import csv
+
+    path = dataset_file(WORKBENCH, "customer_relationship_manager_data.csv")
+    with path.open(encoding="utf-8") as fh:
+        crm = list(csv.DictReader(fh))
+    rows = [{"contact_id": f"atlas-{r['customer_id']}", "name": r["customer_name"], "email": r["customer_email"],
+             "phone": r["customer_phone"] or None, "company": r["customer_email"].split("@")[-1].title(),
+             "owner": r["assigned_to_email"], "stage": r["status"], "source": "atlas_crm", "notes": r["notes"],
+             "country": "US"} for r in crm]
+    return rows, crm

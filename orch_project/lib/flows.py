@@ -58,6 +58,10 @@ class Stage:
     deps: tuple[str, ...] = ()  # extra upstream assets (e.g. the served model)
     waits: bool = False  # may leave items where they are until an outside effect lands (outbox)
     asset: str | None = None  # the asset's name after the flow prefix (default: the stage name)
+    # other statuses the stage may move items to besides ``sets`` (not waiting for a person): a flow whose
+    # items are of several kinds sends each kind down its own part of the chain (a later stage loads each
+    # route) or straight to a terminal status (e.g. a filtered post resolved at once)
+    routes: tuple[str, ...] = ()
 
     @property
     def load_statuses(self) -> tuple[str, ...]:
@@ -65,7 +69,7 @@ class Stage:
 
     @property
     def allowed_statuses(self) -> frozenset[str]:
-        out = {self.sets, *self.branches, "dead_lettered"}
+        out = {self.sets, *self.routes, *self.branches, "dead_lettered"}
         if self.kind == "model":
             out.add(DEFERRED)
         if self.waits:
@@ -164,12 +168,17 @@ class DemoSpec:
     (``submit(paths)`` returns counts); ``setup_jobs(db)`` names jobs to run first when needed (e.g.
     train a model none is promoted for); ``before_ops(settings, db)`` simulates the world between the
     flow run and the ops job (e.g. customers answering surveys) and returns a line to show;
-    ``summary(settings)`` adds (label, value) lines to the flow's summary."""
+    ``summary(settings)`` adds (label, value) lines to the flow's summary. ``rounds``: how many times the
+    demo runs sensor -> flow -> world -> ops (a flow whose ops stages write records back into its own intake,
+    e.g. a weekly brief that requests assets, needs more than one); ``feeds``: flows this one hands records to
+    (``lib.intake.hand_over``), which the demo runs after it so they pick those records up."""
 
     seed: Callable[[Callable[[list[Path]], dict]], dict]
     setup_jobs: Callable[[Any], list[str]] = lambda db: []
     before_ops: Callable[[Any, Any], str | None] | None = None
     summary: Callable[[Any], list[tuple[str, str]]] | None = None
+    rounds: int = 1
+    feeds: tuple[str, ...] = ()
 
 
 @dataclass
@@ -227,7 +236,7 @@ class FlowSpec:
                 fail(f"stage {s.name!r} loads {s.load_statuses}, which no earlier stage sets")
             if s.after is not None and s.after not in ("intake", *names[:i]):
                 fail(f"stage {s.name!r} is after {s.after!r}, which is not an earlier stage")
-            produced |= {s.sets, *s.branches}
+            produced |= {s.sets, *s.routes, *s.branches}
         loaded = {st for s in self.stages for st in s.load_statuses}
         gates = [s for s in self.stages if s.branches]
         if len(gates) > 1 or any(len(g.branches) > 1 for g in gates):
@@ -237,9 +246,12 @@ class FlowSpec:
             fail(f"the approval gate {gates[0].name!r} needs a stage after it to take approved items")
         branches = {b for g in gates for b in g.branches}
         for s in self.stages:
-            if s.sets not in loaded and s.sets not in TERMINAL_STATUSES:
-                fail(f"stage {s.name!r} sets {s.sets!r}, which no stage loads and is not terminal "
-                     f"({', '.join(TERMINAL_STATUSES)}): items would be stuck there")
+            for st in (s.sets, *s.routes):
+                if st not in loaded and st not in TERMINAL_STATUSES:
+                    fail(f"stage {s.name!r} sets {st!r}, which no stage loads and is not terminal "
+                         f"({', '.join(TERMINAL_STATUSES)}): items would be stuck there")
+            if clash := set(s.routes) & set(s.branches):
+                fail(f"stage {s.name!r}: {sorted(clash)} cannot be both a route and a waiting branch")
         for st in branches & loaded:
             fail(f"the waiting branch {st!r} is also loaded by a stage; a person decides it")
         known = {*names, *ops}
@@ -269,7 +281,7 @@ class FlowSpec:
         """Statuses of items still on their way (the flow or a person has work to do on them)."""
         seen: list[str] = ["received"]
         for s in self.stages:
-            for st in (*s.load_statuses, s.sets, *s.branches, *((DEFERRED,) if s.kind == "model" else ())):
+            for st in (*s.load_statuses, s.sets, *s.routes, *s.branches, *((DEFERRED,) if s.kind == "model" else ())):
                 if st not in seen and st not in TERMINAL_STATUSES:
                     seen.append(st)
         return tuple(seen)

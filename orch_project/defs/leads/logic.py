@@ -205,7 +205,7 @@ class LeadRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     id: str | None = Field(None, max_length=255)
-    source: Literal["web_form", "csv_import", "crm_webhook"] = "web_form"
+    source: Literal["web_form", "csv_import", "crm_webhook", "marketing_segment"] = "web_form"
     received_at: datetime | None = None
     first_name: str | None = Field(None, max_length=100)
     last_name: str | None = Field(None, max_length=100)
@@ -367,14 +367,20 @@ def _webhook(raw: dict[str, Any]) -> dict[str, Any]:
     """A CRM webhook event (``{"event": "contact.created" | "contact.updated" | "lead.created", "id",
     "contact": {...}}``) as the lead record it carries."""
     event = str(raw.get("event"))
-    if event not in ("contact.created", "contact.updated", "lead.created"):
-        raise Rejected("unsupported", f"CRM webhook event {event[:40]!r} is not one the flow takes (contact.created, "
-                                      "contact.updated, lead.created)")
+    if event not in ("contact.created", "contact.updated", "lead.created", "segment.nurture"):
+        raise Rejected("unsupported", f"event {event[:40]!r} is not one the flow takes (CRM webhooks contact.created, "
+                                      "contact.updated, lead.created; segment.nurture from the marketing program)")
     body = raw.get("contact") or raw.get("lead")
     if not isinstance(body, dict):
-        raise Rejected("validation", "contact: the webhook event carries no contact object")
-    return {**body, "id": raw.get("id") or body.get("id"), "source": "crm_webhook",
-            "received_at": raw.get("occurred_at") or body.get("received_at")}
+        raise Rejected("validation", "contact: the event carries no contact object")
+    out = {**body, "id": raw.get("id") or body.get("id"), "source": "crm_webhook",
+           "received_at": raw.get("occurred_at") or body.get("received_at")}
+    if event == "segment.nurture":  # an audience segment another flow hands over: nurture, unless the score is hot
+        seg = raw.get("segment") if isinstance(raw.get("segment"), dict) else {}
+        out["source"] = "marketing_segment"
+        out["attributes"] = {**(body.get("attributes") or {}), "Lead Source": "Marketing segment",
+                             "Segment": str(seg.get("name") or "segment")[:64], "Topic": str(seg.get("topic") or "")[:64]}
+    return out
 
 
 def _texty(value: Any, name_tokens: frozenset[str] = frozenset()) -> bool:
@@ -831,6 +837,8 @@ def qualify_stage(env: StageEnv, cfg: LeadsConfig) -> StageReport:
         tier = tier_of(score, s)
         why = f"score {score:.2f} " + (f">= hot {s.hot_score}" if tier == "hot" else
                                        f">= warm {s.warm_score}" if tier == "warm" else f"< warm {s.warm_score}")
+        if d.get("source") == "marketing_segment" and tier == "cold":  # handed over for nurture: warm at least
+            tier, why = "warm", why + "; a marketing segment handed over for nurture"
         email_ok, email_why = may_email(d)
         call_ok, call_why = may_call(d)
         if not email_ok and not call_ok:

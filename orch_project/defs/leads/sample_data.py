@@ -222,15 +222,9 @@ def import_atlas_crm(connectors_db) -> tuple[int, list[dict[str, Any]]]:
     from ...lib.connectors.embedded import import_contacts
 
     try:
-        path = datasets.dataset_file("workbench", "customer_relationship_manager_data.csv")
+        rows, crm = datasets.atlas_crm()
     except datasets.DatasetMissing:
         return 0, []
-    with path.open(encoding="utf-8") as fh:
-        crm = list(csv.DictReader(fh))
-    rows = [{"contact_id": f"atlas-{r['customer_id']}", "name": r["customer_name"], "email": r["customer_email"],
-             "phone": r["customer_phone"] or None, "company": r["customer_email"].split("@")[-1].title(),
-             "owner": r["assigned_to_email"], "stage": r["status"], "source": "atlas_crm", "notes": r["notes"],
-             "country": "US"} for r in crm]
     return import_contacts(connectors_db, rows), crm
 
 

@@ -1,4 +1,4 @@
-"""`orch marketing ...`: the marketing program's tools that work without Dagster (the program's flow comes next).
+"""`orch marketing ...`: the marketing program's tools that work without Dagster (the flow itself: flow.py).
 
     orch marketing sentiment [--jsonl FILE] [--model-dir DIR]
     orch marketing reallocate --performance FILE.csv --budget B [--previous FILE.json] [--min-share S] [--max-shift S] [--json]
@@ -24,36 +24,23 @@ from pathlib import Path
 import click
 
 
-@click.group(name="marketing", help="The marketing program: sentiment of social posts and budget re-allocation "
-                                    "across channels (more commands come with the program's flow).")
+@click.group(name="marketing", help="The marketing program's tools: sentiment of social posts (the model the flow "
+                                    "serves) and budget re-allocation across channels (the method the flow uses).")
 def group() -> None:
     pass
 
 
 def sentiment_model(model_dir: Path | None = None, progress=None):
-    """The newest sentiment model in ``model_dir`` (default $ORCH_MODELS_DIR/sentiment), trained from the data
-    directory's tweets-dev on first use."""
-    from ...lib import datasets, sentiment
-    from ...lib.settings import Settings
+    """The model the program's sentiment stage serves (``logic.sentiment_model``), with a message that says what
+    to set when the labelled tweets are missing."""
+    from ...lib import datasets
+    from .logic import sentiment_model as serve
 
-    folder = model_dir or Settings.from_env().models_dir / "sentiment"
-    pointer = folder / "latest.json"
-    if pointer.is_file():
-        try:
-            return sentiment.SentimentModel.load(folder / json.loads(pointer.read_text())["path"])
-        except (OSError, ValueError, KeyError):
-            pass  # another version wrote it: train again below
     try:
-        texts, labels = datasets.read_tweets()
+        return serve(model_dir, progress)
     except datasets.DatasetMissing as exc:
         raise click.ClickException(f"{exc} The sentiment model is trained on TweetEval's labelled dev tweets: set "
                                    "ORCH_DATA_DIR to the folder that holds tweets-dev/.")
-    if progress:
-        progress(f"training the sentiment model on {len(texts)} labelled tweets ...")
-    model = sentiment.train(texts, labels)
-    path = model.save(folder)
-    pointer.write_text(json.dumps({"version": model.version, "path": path.name}))
-    return model
 
 
 @group.command(help="Label social posts negative / neutral / positive with a score: {\"id\", \"text\"} JSON lines "

@@ -108,13 +108,13 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
     names = [msg.sender.name]
     subject = pii.mask(msg.subject, names)
     body = pii.mask(msg.body, names)
-    cust_tok = ctx.vault(msg.id, "EMAIL_ADDRESS", msg.sender.email)
+    cust_tok = ctx.vault(msg.id, "EMAIL_ADDRESS" if msg.sender.email else "HANDLE", msg.sender.address)
     name_tok = ctx.vault(msg.id, "PERSON", msg.sender.name) if msg.sender.name else None
     findings = injection.scan(f"{subject.text}\n{body.text}")
     return Accepted(
         item_id=msg.id, received_at=msg.received_at, channel=msg.channel, pii=subject.counts + body.counts,
         injection=injection.kinds(findings) if findings else [],
-        data={"subject": subject.text, "body": body.text, "customer_ref": pii.customer_ref(msg.sender.email, ctx.salt),
+        data={"subject": subject.text, "body": body.text, "customer_ref": pii.customer_ref(msg.sender.address, ctx.salt),
               "customer_token": cust_tok, "name_token": name_tok,
               "attachments": [{"content_type": a.content_type, "size_bytes": a.size_bytes} for a in msg.attachments]})
 
