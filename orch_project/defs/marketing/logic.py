@@ -577,8 +577,8 @@ def known_topics(env: StageEnv) -> set[str]:
     from ...lib.store import items
 
     with env.db.begin() as conn:
-        got = conn.execute(sa.select(sa.distinct(items.c.data["topic"]["id"].as_string())).where(
-            items.c.flow == env.flow, items.c.status.in_(("topical", "resolved")))).scalars()
+        got = conn.execute(sa.select(items.c.data["topic"]["id"].as_string()).where(
+            items.c.flow == env.flow, items.c.status.in_(("topical", "resolved"))).distinct()).scalars()
         return {t for t in got if t}
 
 
