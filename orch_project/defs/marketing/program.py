@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...lib import allocation
 from ...lib.connectors.embedded import Effect
-from ...lib.contracts import LLMOutput, LLMStepRequest
+from ...lib.contracts import EMAIL_RE, LLMOutput, LLMStepRequest
 from ...lib.guardrails import pii
 from ...lib.intake import hand_over, vault_lookup
 from ...lib.outbox import dispatch
@@ -657,8 +657,8 @@ def segments_stage(env: StageEnv, cfg: MarketingConfig, connectors) -> StageRepo
             skipped["no_consent"] += 1
             continue
         email = raw.get(c.get("email"), c.get("email"))
-        if not email:
-            skipped["no_email"] += 1
+        if not email or not EMAIL_RE.match(str(email)):  # the leads flow could not write to it either
+            skipped["no_valid_email"] += 1
             continue
         events.append({"event": "segment.nurture", "id": f"{FLOW}-segment-{key[1]}-{e['contact_id']}",
                        "occurred_at": e["at"].isoformat() if hasattr(e["at"], "isoformat") else str(e["at"]),

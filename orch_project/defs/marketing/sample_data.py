@@ -6,8 +6,8 @@ campaigns (``channel_history.csv``: date, channel, asset, variant, impressions, 
 revenue) drawn from known true rates.
 
 The demo's world (``demo_world``) plays the marketing manager (approves the assets, keeps one variant of
-one, rejects one, approves a large budget shift) and the e-mail platform's engagement report (CRM contacts
-who clicked an earlier campaign, a few of whom converted).
+one, rejects one, approves a large budget shift) and the e-mail platform's engagement report (newsletter
+subscribers who clicked an earlier campaign, a few of whom converted).
 """
 
 from __future__ import annotations
@@ -223,8 +223,25 @@ def load_history(connectors_db) -> int:
     return len(after) - len(before)
 
 
+SUBSCRIBERS = [("Ada", "Quist", "Quist Labs"), ("Bruno", "Marlowe", "Marlowe Freight"), ("Carla", "Okonjo", "Okonjo Health"),
+               ("Dmitri", "Varga", "Varga Studio"), ("Elif", "Tanaka", "Tanaka Foods"), ("Farah", "Delacroix", "Delacroix Law"),
+               ("Goran", "Nyberg", "Nyberg Tools"), ("Hana", "Castell", "Castell Media"), ("Ivo", "Ruiz", "Ruiz Energy"),
+               ("Juno", "Abara", "Abara Textiles"), ("Kemal", "Lind", "Lind Robotics"), ("Lotte", "Brandt", "Brandt Optics")]
+
+
+def subscribers() -> list[dict[str, Any]]:
+    """The newsletter list the e-mail campaigns reach: CRM contacts of the program's own (fictitious people)."""
+    out = []
+    for n, (first, last, company) in enumerate(SUBSCRIBERS, 1):
+        domain = company.lower().replace(" ", "") + ".com"
+        out.append({"contact_id": f"newsletter-{n:03d}", "name": f"{first} {last}",
+                    "email": f"{first.lower()}.{last.lower()}@{domain}", "company": company, "country": "GB",
+                    "stage": "Lead", "source": "newsletter", "unsubscribed": n == 4})
+    return out
+
+
 def seed_demo(submit) -> dict:
-    """The Atlas CRM (when the data directory has it; the contacts campaigns reached), the channels' history,
+    """The Atlas CRM (when the data directory has it) and the newsletter list, the channels' history,
     the feed folder and the broken feed, and a few posts through the inbox table."""
     from ...lib import datasets
     from ...lib.connectors.embedded import import_contacts
@@ -237,6 +254,7 @@ def seed_demo(submit) -> dict:
         crm_added = import_contacts(conn_db, datasets.atlas_crm()[0])
     except datasets.DatasetMissing:
         crm_added = 0
+    crm_added += import_contacts(conn_db, subscribers())
     counts = submit([SAMPLES_DIR / "feed", SAMPLES_DIR / "malformed"])
     counts["channel_history_rows"] = load_history(conn_db)
     counts["crm_contacts_imported"] = crm_added
@@ -270,12 +288,10 @@ def demo_world(settings, db) -> str:
         hitl.decide(db, row["item_id"], decision, "mm-maya", why, edit, CFG.roster, flow=FLOW)
         decided[decision] += 1
     client = _embedded(settings.connectors_url)
-    crm = client.read("crm_contacts", "contacts")
-    atlas = sorted(c["contact_id"] for c in crm if str(c["contact_id"]).startswith("atlas-"))
     rows = []
     now = datetime.now(timezone.utc)
-    for cid in atlas[:40]:
-        if _chance(cid, "clicked") < 0.35:
+    for cid in sorted(c["contact_id"] for c in subscribers()):
+        if _chance(cid, "clicked") < 0.6:
             rows.append({"contact_id": cid, "asset": "history-email-2026-W48", "topic": "savings", "clicked": True,
                          "converted": _chance(cid, "converted") < 0.25, "at": now})
     with client.db.begin() as conn:
