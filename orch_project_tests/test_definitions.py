@@ -17,7 +17,7 @@ def test_definitions_load_with_expected_objects(defs):
             "triage_model_promotion"} <= keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
-    flows = ("support", "documents", "leads")
+    flows = ("support", "documents", "leads", "marketing")
     assert {s.name for s in defs.sensors} == {f"{f}_{s}" for f in flows for s in (
         "intake_sensor", "ops_after_flow", "approval_resume_sensor", "approval_escalation_sensor", "alerts_sensor",
         "run_failure_alerts")}
