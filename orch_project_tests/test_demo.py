@@ -23,9 +23,9 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     for spec in discover().values():
         assert f"{spec.title} summary" in first.output
     s = _summary(first.output, "Support loop summary")
-    assert s["items received"] == "324" and s["unaccounted"] == "0"  # 307 samples + 17 complaints from marketing
-    assert s["unaccounted"] == "0" and s["dead-lettered"] == "7"
-    assert int(s["resolved"]) + int(s["awaiting approval"]) + int(s["dead-lettered"]) == 307
+    # 307 shipped samples + the 17 complaints and outage reports the marketing program hands over
+    assert s["items received"] == "324" and s["unaccounted"] == "0" and s["dead-lettered"] == "7"
+    assert int(s["resolved"]) + int(s["awaiting approval"]) + int(s["dead-lettered"]) == 324
     assert s["connectors"].startswith(f"tickets {s['resolved']}, CRM entries {s['resolved']}")
     assert "customers answer their surveys" in first.output
     assert (orch_home.reports_dir / "support" / "kpi_report.html").is_file()
@@ -46,6 +46,11 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert "the sales manager decides" in first.output
     assert (orch_home.reports_dir / "leads" / "kpi_report.html").is_file()
 
+    m = _summary(first.output, "Marketing program summary")
+    assert m["items received"] == "245" and m["unaccounted"] == "0" and m["dead-lettered"] == "4"
+    assert m["hand-overs"].startswith("17 complaints to support")
+    assert (orch_home.reports_dir / "marketing" / "kpi_report.html").is_file()
+
     second = runner.invoke(main, ["demo"], catch_exceptions=False)
     assert second.exit_code == 0, second.output[-3000:]
     assert "nothing new" in second.output
@@ -53,5 +58,6 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert again == s  # no new item, ticket, CRM entry, message or survey answer
     assert _summary(second.output, "Document workflow summary") == d  # no new document or bill
     assert _summary(second.output, "Lead handling summary") == ld  # no new lead, contact or message
+    assert _summary(second.output, "Marketing program summary") == m  # no new post, asset, hand-over or budget
     only = runner.invoke(main, ["demo", "--flow", "nope"])
     assert only.exit_code == 2 and "no flow 'nope'" in only.output

@@ -257,6 +257,21 @@ def decide(db: Database, item_id: str, decision: str, reviewer: str, reason: str
             "needs_second_approval_by_role": needed}
 
 
+def yaml_edit(text: str, examples: Sequence[str]) -> dict[str, Any]:
+    """A reviewer's structured edit (``orch approve ID --edit-file F``) as a non-empty YAML mapping; a ValueError
+    that shows how to write one (``examples``: ``key: value`` lines) otherwise. The flow's ``apply_edit`` checks
+    the keys and values."""
+    import yaml
+
+    try:
+        edit = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the edit is not YAML ({type(exc).__name__}); write lines like `{examples[0]}`")
+    if not isinstance(edit, dict) or not edit:
+        raise ValueError("the edit must be a mapping, e.g. " + " or ".join(f"`{e}`" for e in examples))
+    return edit
+
+
 # --- resume: decided approvals move their items on ------------------------------------------------
 
 @dataclass

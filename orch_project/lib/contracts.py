@@ -65,6 +65,18 @@ class Sender(BaseModel):
         return self.email or str(self.handle)
 
 
+def aware_utc(v: datetime) -> datetime:
+    """A contract's timestamp in UTC (a naive one is taken as UTC)."""
+    return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def refuse_nul(v: str, field: str) -> str:
+    """A contract's text field, refused when it holds NUL bytes (binary content sent as text)."""
+    if "\x00" in v:
+        raise ValueError(f"{field} contains NUL bytes (binary content)")
+    return v
+
+
 class InboundMessage(BaseModel):
     """One inbound customer message, whatever the channel."""
 
@@ -80,16 +92,12 @@ class InboundMessage(BaseModel):
     @field_validator("received_at")
     @classmethod
     def _aware_utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            v = v.replace(tzinfo=timezone.utc)
-        return v.astimezone(timezone.utc)
+        return aware_utc(v)
 
     @field_validator("body")
     @classmethod
     def _no_control_chars(cls, v: str) -> str:
-        if "\x00" in v:
-            raise ValueError("body contains NUL bytes (binary content)")
-        return v
+        return refuse_nul(v, "body")
 
 
 class Ticket(BaseModel):

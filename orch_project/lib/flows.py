@@ -162,6 +162,20 @@ class ReviewSpec:
     second_role: Callable[[dict[str, Any]], str | None] | None = None
 
 
+def lazy(ref: str) -> Callable[..., Any]:
+    """``"package.module:function"`` as a callable that imports the module on its first call: a flow's demo
+    hooks live in its sample-data module, which loading the code location need not import."""
+    module, _, name = ref.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
 @dataclass(frozen=True)
 class DemoSpec:
     """What ``orch demo`` does for a flow: ``seed(submit)`` drops the flow's shipped samples in its inbox
@@ -327,8 +341,17 @@ class FlowConfig:
     and roles), ``routing.yaml`` (model routing), ``connectors.yaml`` (connector breakers, attempts,
     alert windows) and ``prompts/`` (versioned prompt files). Flows subclass it for their own files."""
 
+    # the flow's own knobs: a pydantic model that validates brief.yaml ``settings`` (``cfg.settings``)
+    settings_model: type | None = None
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+
+    @cached_property
+    def settings(self) -> Any:
+        """brief.yaml ``settings`` validated by the flow's ``settings_model`` (the mapping as written without one)."""
+        raw = self.brief.settings
+        return self.settings_model.model_validate(raw) if self.settings_model is not None else dict(raw)
 
     @cached_property
     def brief(self):

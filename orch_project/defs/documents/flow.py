@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...kit import GXCheck, build_flow, items_frame
-from ...lib.flows import DemoSpec, FlowSpec, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage
+from ...lib.flows import DemoSpec, FlowSpec, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage, lazy
 from . import logic, reporting
 from .schema import ExtractionOutput
 from .validation import ISO_4217, RULES, amount
@@ -88,12 +88,6 @@ def _posted_expectations(cfg) -> list:
         gxe.ExpectColumnValuesToBeBetween(column="total", min_value=0.0),
         gxe.ExpectColumnValuesToBeInSet(column="currency", value_set=sorted(ISO_4217)),
     ]
-
-
-def _seed(submit) -> dict:
-    from .sample_data import seed_demo
-
-    return seed_demo(submit)
 
 
 def _reviewers_decide(settings, db) -> str:
@@ -181,7 +175,7 @@ SPEC = FlowSpec(
                 "negative, currencies ISO 4217.", _posted_frame, _posted_expectations),
     ],
     report=reporting.kpi_report,
-    demo=DemoSpec(seed=_seed, before_ops=_reviewers_decide, summary=_summary),
+    demo=DemoSpec(seed=lazy(f"{__package__}.sample_data:seed_demo"), before_ops=_reviewers_decide, summary=_summary),
 )
 
 defs = build_flow(SPEC)

@@ -88,12 +88,7 @@ class DocumentSettings(BaseModel):
 
 
 class DocumentsConfig(FlowConfig):
-    def __init__(self, folder: Path = FOLDER):
-        super().__init__(folder)
-
-    @cached_property
-    def settings(self) -> DocumentSettings:
-        return DocumentSettings.model_validate(self.brief.settings)
+    settings_model = DocumentSettings
 
     @cached_property
     def rules(self) -> v.Rules:
@@ -103,7 +98,7 @@ class DocumentsConfig(FlowConfig):
                        future_tolerance_days=s.future_tolerance_days)
 
 
-CFG = DocumentsConfig()
+CFG = DocumentsConfig(FOLDER)
 
 
 # --- intake: read the document, mask personal data --------------------------------------------

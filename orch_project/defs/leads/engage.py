@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ...lib.approvals import yaml_edit
 from ...lib.connectors.embedded import Effect
 from ...lib.contracts import LLMOutput, LLMStepRequest
 from ...lib.guardrails import pii
@@ -158,14 +159,7 @@ def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tup
     (an uncertain match: keep the lead as a new contact, or merge it into the candidate), ``tier: hot |
     warm | cold``, ``owner: REP`` (a rep of the roster) and ``draft: TEXT`` (the first e-mail, masked and
     held to the policy). Unknown keys and values are refused with what is allowed."""
-    import yaml
-
-    try:
-        edit = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"the edit is not YAML ({type(exc).__name__}); write lines like `tier: warm`")
-    if not isinstance(edit, dict) or not edit:
-        raise ValueError("the edit must be a mapping, e.g. `match: merge` or `tier: warm` or `owner: rep-ana`")
+    edit = yaml_edit(text, ("tier: warm", "match: merge", "owner: rep-ana"))
     if unknown := sorted(set(edit) - {"match", "tier", "owner", "draft"}):
         raise ValueError(f"unknown key(s) {unknown}; allowed: match, tier, owner, draft")
     new = {**data}

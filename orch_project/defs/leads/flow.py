@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...kit import GXCheck, build_flow, items_frame
-from ...lib.flows import DemoSpec, FlowSpec, GovernedModel, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage
+from ...lib.flows import (DemoSpec, FlowSpec, GovernedModel, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage,
+                          lazy)
 from . import engage, logic, model, reporting
 
 
@@ -90,29 +91,11 @@ def _drafts_expectations(cfg) -> list:
     return quality.outbound_expectations("draft")
 
 
-def _seed(submit) -> dict:
-    from .sample_data import seed_demo
-
-    return seed_demo(submit)
-
-
 def _setup_jobs(db) -> list[str]:
     """Train, gate and promote the lead scorer on first use (a few seconds); later runs reuse it."""
     from ...lib.llm.registry import promoted_model_path
 
     return [] if promoted_model_path(db, logic.SCORE_TASK)[0] is not None else ["train_lead_score_model_job"]
-
-
-def _world(settings, db) -> str:
-    from .sample_data import demo_world
-
-    return demo_world(settings, db)
-
-
-def _summary(settings) -> list[tuple[str, str]]:
-    from .sample_data import demo_summary
-
-    return demo_summary(settings)
 
 
 SPEC = FlowSpec(
@@ -203,7 +186,9 @@ SPEC = FlowSpec(
                 _drafts_frame, _drafts_expectations),
     ],
     report=reporting.kpi_report,
-    demo=DemoSpec(seed=_seed, setup_jobs=_setup_jobs, before_ops=_world, summary=_summary),
+    demo=DemoSpec(seed=lazy(f"{__package__}.sample_data:seed_demo"), setup_jobs=_setup_jobs,
+                  before_ops=lazy(f"{__package__}.sample_data:demo_world"),
+                  summary=lazy(f"{__package__}.sample_data:demo_summary")),
 )
 
 defs = build_flow(SPEC)

@@ -97,12 +97,7 @@ class LeadSettings(BaseModel):
 
 
 class LeadsConfig(FlowConfig):
-    def __init__(self, folder: Path = FOLDER):
-        super().__init__(folder)
-
-    @cached_property
-    def settings(self) -> LeadSettings:
-        return LeadSettings.model_validate(self.brief.settings)
+    settings_model = LeadSettings
 
     @cached_property
     def teams(self) -> tuple[dict[str, str], str]:
@@ -124,7 +119,7 @@ class LeadsConfig(FlowConfig):
                            max_refund_promise=0.0)
 
 
-CFG = LeadsConfig()
+CFG = LeadsConfig(FOLDER)
 
 
 # --- intake --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...kit import GXCheck, build_flow, items_frame
-from ...lib.flows import DemoSpec, FlowSpec, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage
+from ...lib.flows import DemoSpec, FlowSpec, IntakeSpec, ModelTask, OpsStage, ReviewSpec, Stage, lazy
 from . import logic, program, reporting
 
 
@@ -54,24 +54,6 @@ def _copy_expectations(cfg) -> list:
     return [gxe.ExpectColumnValuesToBeUnique(column="item_id"),
             gxe.ExpectColumnValuesToBeInSet(column="all_pass_policy", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(column="clean_variants", min_value=0, max_value=3)]
-
-
-def _seed(submit) -> dict:
-    from .sample_data import seed_demo
-
-    return seed_demo(submit)
-
-
-def _world(settings, db) -> str:
-    from .sample_data import demo_world
-
-    return demo_world(settings, db)
-
-
-def _summary(settings) -> list[tuple[str, str]]:
-    from .sample_data import demo_summary
-
-    return demo_summary(settings)
 
 
 SPEC = FlowSpec(
@@ -160,7 +142,9 @@ SPEC = FlowSpec(
                 "(length, disclaimer, banned claims, personal data).", _copy_frame, _copy_expectations),
     ],
     report=reporting.kpi_report,
-    demo=DemoSpec(seed=_seed, before_ops=_world, summary=_summary, rounds=2, feeds=("support", "leads")),
+    demo=DemoSpec(seed=lazy(f"{__package__}.sample_data:seed_demo"),
+                  before_ops=lazy(f"{__package__}.sample_data:demo_world"),
+                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=2, feeds=("support", "leads")),
 )
 
 defs = build_flow(SPEC)

@@ -24,19 +24,19 @@ import json
 import re
 from collections import Counter
 from datetime import date, datetime, timezone
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...lib.connectors.embedded import Delivery, System, base_row, cmeta, system_table, void_by_effect_key
-from ...lib.contracts import LLMOutput, LLMStepRequest, describe_validation_error
+from ...lib.contracts import LLMOutput, LLMStepRequest, aware_utc, describe_validation_error, refuse_nul
 from ...lib.flows import FlowConfig
 from ...lib.guardrails import pii
 from ...lib.intake import Accepted, IntakeContext, Parsed, Rejected, hand_over, vault_values
-from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, load_items, load_stage_items,
+from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, load_stage_items,
                              model_step_failed, without_deferred)
 from ...lib.store import utcnow
 
@@ -109,15 +109,10 @@ class MarketingSettings(BaseModel):
 
 
 class MarketingConfig(FlowConfig):
-    def __init__(self, folder: Path = FOLDER):
-        super().__init__(folder)
-
-    @cached_property
-    def settings(self) -> MarketingSettings:
-        return MarketingSettings.model_validate(self.brief.settings)
+    settings_model = MarketingSettings
 
 
-CFG = MarketingConfig()
+CFG = MarketingConfig(FOLDER)
 
 
 # --- contracts -------------------------------------------------------------------------------------------
@@ -148,14 +143,12 @@ class SocialPost(BaseModel):
     @field_validator("created_at")
     @classmethod
     def _utc(cls, v: datetime) -> datetime:
-        return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        return aware_utc(v)
 
     @field_validator("text")
     @classmethod
     def _no_nul(cls, v: str) -> str:
-        if "\x00" in v:
-            raise ValueError("text contains NUL bytes (binary content)")
-        return v
+        return refuse_nul(v, "text")
 
 
 class AssetRequest(BaseModel):
@@ -275,9 +268,7 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
             raise Rejected("unsupported", f"{where}kind {str(kind)[:30]!r} is not one the program takes "
                                           f"({', '.join(KINDS)})")
         post = SocialPost.model_validate({k: v for k, v in raw.items() if k != "_row"})
-    except Rejected:
-        raise
-    except Exception as exc:  # pydantic ValidationError
+    except ValidationError as exc:
         raise Rejected("validation", where + describe_validation_error(exc)) from None
     item_id = "post-" + hashlib.sha256(f"{post.platform}:{post.id}".encode()).hexdigest()[:16]
     text, counts = _mask_post(post.text, post.author, CFG.settings.brand_handles)
@@ -399,13 +390,15 @@ def sentiment_model(model_dir: Path | None = None, progress=None):
     TweetEval's labelled dev tweets, $ORCH_DATA_DIR/tweets-dev), kept in $ORCH_MODELS_DIR/sentiment and
     trained on first use (a few seconds). Raises ``datasets.DatasetMissing`` without the tweets."""
     from ...lib import datasets, sentiment
+    from ...lib.llm import model_cache
     from ...lib.settings import Settings
 
     folder = model_dir or Settings.from_env().models_dir / "sentiment"
     pointer = folder / "latest.json"
     if pointer.is_file():
-        try:
-            return sentiment.SentimentModel.load(folder / json.loads(pointer.read_text())["path"])
+        try:  # loaded once per process (every stage run builds its gateway, and with it this task)
+            return model_cache.load(SENTIMENT_TASK, str(folder / json.loads(pointer.read_text())["path"]),
+                                    sentiment.SentimentModel.load)
         except (OSError, ValueError, KeyError):
             pass  # another code version wrote it: train again below
     texts, labels = datasets.read_tweets()
@@ -588,14 +581,16 @@ def topics_stage(env: StageEnv, cfg: MarketingConfig) -> StageReport:
     started = utcnow()
     s = cfg.settings
     rows = load_stage_items(env, "topics")
-    known = known_topics(env) if rows else set()
+    themes = {r["item_id"]: theme_of(r["data"]["text"], s) for r in rows}
+    phrases = {r["item_id"]: keyphrase(r["data"]["text"], s) for r in rows if themes[r["item_id"]] is None}
+    known = known_topics(env) if any(phrases.values()) else set()  # only a keyphrase needs the ids given so far
     updates, counts = [], Counter()
     for r in rows:
         d = dict(r["data"])
-        theme = theme_of(d["text"], s)
+        theme = themes[r["item_id"]]
         if theme:
             d["topic"] = {"id": theme[0], "source": "theme", "evidence": theme[1]}
-        elif (kp := keyphrase(d["text"], s)) is not None:
+        elif (kp := phrases[r["item_id"]]) is not None:
             tid = topic_id(kp, known)
             known.add(tid)
             d["topic"] = {"id": tid, "source": "keyphrase", "evidence": kp}
@@ -712,6 +707,8 @@ MARKETING_TABLES = (channel_publications, channel_budgets, channel_metrics, chan
 
 
 def ensure_tables(conn) -> None:
+    """The channels' tables, for a writer that goes to the connectors database directly (the demo's world, tests);
+    reads and deliveries through the connectors client create them themselves."""
     cmeta.create_all(conn, tables=list(MARKETING_TABLES))
 
 
@@ -724,7 +721,6 @@ def _record(conn, table: sa.Table, e, values: dict[str, Any], ref: str) -> Deliv
 
 
 def _deliver(conn, effects) -> list[Delivery]:
-    ensure_tables(conn)
     now = utcnow()
     out = []
     for e in effects:
@@ -741,7 +737,6 @@ def _deliver(conn, effects) -> list[Delivery]:
 
 
 def _read_metrics(conn, since: str | None = None) -> list[dict[str, Any]]:
-    ensure_tables(conn)
     q = sa.select(channel_metrics)
     if since:
         q = q.where(channel_metrics.c.date >= since)
@@ -749,13 +744,11 @@ def _read_metrics(conn, since: str | None = None) -> list[dict[str, Any]]:
 
 
 def _read_engagements(conn) -> list[dict[str, Any]]:
-    ensure_tables(conn)
     return [dict(r) for r in conn.execute(sa.select(channel_engagements).order_by(channel_engagements.c.id)).mappings()]
 
 
 def _read_budgets(conn) -> dict[str, dict[str, float]]:
     """``{period: {channel: amount}}`` of the budgets in force (voided ones left out)."""
-    ensure_tables(conn)
     out: dict[str, dict[str, float]] = {}
     for period, ch, amount in conn.execute(sa.select(channel_budgets.c.period, channel_budgets.c.channel,
                                                      channel_budgets.c.amount).where(
@@ -765,7 +758,6 @@ def _read_budgets(conn) -> dict[str, dict[str, float]]:
 
 
 def _read_publications(conn) -> list[dict[str, Any]]:
-    ensure_tables(conn)
     return [dict(r) for r in conn.execute(sa.select(channel_publications).order_by(channel_publications.c.id)).mappings()]
 
 

@@ -16,14 +16,14 @@ import json
 import re
 import string
 from collections import Counter, defaultdict
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...lib import allocation
+from ...lib.approvals import yaml_edit
 from ...lib.connectors.embedded import Effect
 from ...lib.contracts import EMAIL_RE, LLMOutput, LLMStepRequest
 from ...lib.guardrails import pii
@@ -32,7 +32,7 @@ from ...lib.outbox import dispatch
 from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, load_items, load_stage_items,
                              model_step_failed, without_deferred)
 from ...lib.saga import run_effects_stage, step_key
-from ...lib.store import approvals, inbox, utcnow
+from ...lib.store import approvals, inbox, items, utcnow
 from .logic import (BRIEF_TASK, CFG, COPY_TASK, FLOW, MarketingConfig, MarketingSettings, iso_week, week_days)
 
 VARIANTS = ("A", "B", "C")
@@ -49,13 +49,22 @@ class BriefOutput(LLMOutput):
     focus_topic: str = Field(min_length=1, max_length=64)
 
 
-def _post_weeks(env: StageEnv) -> dict[str, list[dict[str, Any]]]:
-    posts = [r for r in load_items(env.across_partitions(), "resolved")
-             if r["data"].get("kind") == "post" and not r["data"].get("filtered") and r["data"].get("topic")]
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in posts:
-        out[iso_week((r["received_at"] or r["ingested_at"]).date())].append(r)
+def _post_weeks(env: StageEnv) -> dict[str, list[str]]:
+    """ISO week -> its partition days that hold listened posts (resolved after the hand-off: kept, scored and
+    given a topic), from the day column alone."""
+    with env.db.begin() as conn:
+        days = conn.execute(sa.select(items.c.day).where(
+            items.c.flow == env.flow, items.c.status == "resolved", items.c.stage == "handoff").distinct()).scalars()
+        out: dict[str, list[str]] = defaultdict(list)
+        for day in days:
+            out[iso_week(date.fromisoformat(str(day)))].append(str(day))
     return out
+
+
+def _week_posts(env: StageEnv, week: str) -> list[dict[str, Any]]:
+    days = [d.isoformat() for d in week_days(week)]
+    return [r for r in load_items(StageEnv(env.db, env.flow, days, run_id=env.run_id, spec=env.spec), "resolved",
+                                  stage="handoff") if r["data"].get("topic")]
 
 
 def _lean(rows: list[dict[str, Any]]) -> float:
@@ -156,7 +165,7 @@ def idea_brief_stage(env: StageEnv, cfg: MarketingConfig, gateway, *, now: datet
         md["brief"] = f"{week} briefed already"
         return StageReport("idea_brief", 0, Counter(), (utcnow() - started).total_seconds() * 1000.0, md)
     prev = iso_week(week_days(week)[0] - timedelta(days=7))
-    ev = evidence(weeks[week], weeks.get(prev, []), s)
+    ev = evidence(_week_posts(env, week), _week_posts(env, prev) if prev in weeks else [], s)
     req = LLMStepRequest(id=f"brief-{week}", inputs={"text": json.dumps(ev)[:6000], "context": {
         "brand": s.brand, "week": week, "evidence": ev, "channels": list(s.channels)}})
     (resp,), stats = gateway.run(BRIEF_TASK, [req], BriefOutput)
@@ -379,14 +388,7 @@ def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tup
     """A reviewer's changes (``orch approve ID --edit-file F``, YAML). An asset: ``keep: [A]`` (the variants to
     publish) and ``A.body: TEXT`` (a field of a variant, masked and held to the brand policy). An allocation:
     ``allocation: {channel: amount}`` (must still sum to the budget and keep every channel's minimum share)."""
-    import yaml
-
-    try:
-        edit = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"the edit is not YAML ({type(exc).__name__}); write lines like `keep: [A]`")
-    if not isinstance(edit, dict) or not edit:
-        raise ValueError("the edit must be a mapping, e.g. `keep: [A]` or `A.text: ...` or `allocation: {...}`")
+    edit = yaml_edit(text, ("keep: [A]", "A.text: ...", "allocation: {...}"))
     s = CFG.settings
     new = copy.deepcopy(data)
     replaced: dict[str, Any] = {}
@@ -420,7 +422,7 @@ def apply_review(data: dict[str, Any], text: str, reviewer: str, at: str) -> tup
                 raise ValueError(f"variant {vid} breaks the brand policy: " + "; ".join(bad))
         if "keep" in edit:
             keep = [str(x) for x in (edit["keep"] if isinstance(edit["keep"], list) else [edit["keep"]])]
-            if not keep or (missing := [k for k in keep if k not in by_id]):
+            if not keep or any(k not in by_id for k in keep):
                 raise ValueError(f"keep names the variants to publish, of {', '.join(by_id)}")
             replaced["keep"] = list(by_id)
             new["variants"] = [by_id[k] for k in keep]
@@ -452,9 +454,11 @@ def next_slot(channel: str, taken: list[datetime], now: datetime, s: MarketingSe
 
 
 def calendar(env: StageEnv) -> dict[str, list[datetime]]:
-    """Slots already taken per channel (scheduled and published assets, every partition)."""
+    """Slots already taken per channel: assets scheduled, and assets published (resolved at publish), every
+    partition."""
     out: dict[str, list[datetime]] = defaultdict(list)
-    for r in load_items(env.across_partitions(), ("scheduled", "resolved")):
+    every = env.across_partitions()
+    for r in [*load_items(every, "scheduled"), *load_items(every, "resolved", stage="publish")]:
         d = r["data"]
         if d.get("kind") == "asset_request" and d.get("slot"):
             out[d["channel"]].append(datetime.fromisoformat(d["slot"]))
@@ -577,6 +581,8 @@ def _perf_md(table: list[dict[str, Any]], by: str) -> str:
 def performance_stage(env: StageEnv, cfg: MarketingConfig, connectors) -> StageReport:
     """The channels' reported metrics (per channel, asset variant and day) as CTR, CVR, CPA and ROAS per channel
     and per variant, each with its 90 % interval (``lib.allocation.performance_table``)."""
+    from ...lib import allocation  # numpy: loaded by the ops run, not by the code location
+
     started = utcnow()
     rows = connectors.read("marketing_channels", "metrics")
     by_channel = allocation.performance_table(rows, ("channel",))
@@ -602,6 +608,8 @@ def reallocate_stage(env: StageEnv, cfg: MarketingConfig, connectors, *, now: da
     ``lib.allocation.reallocate``) within the brief's guardrails (minimum share per channel, maximum shift per
     period), proposed once per week into the program's own intake; the review gate decides whether a person
     must approve it."""
+    from ...lib import allocation
+
     started = utcnow()
     now = now or started
     s = cfg.settings
@@ -635,9 +643,9 @@ def segments_stage(env: StageEnv, cfg: MarketingConfig, connectors) -> StageRepo
     contact who may not be e-mailed is left out (the leads flow checks consent again)."""
     started = utcnow()
     s = cfg.settings
-    eng = [e for e in connectors.read("marketing_channels", "engagements") if e["clicked"] and not e["converted"]]
-    converted = {e["contact_id"] for e in connectors.read("marketing_channels", "engagements") if e["converted"]}
-    eng = [e for e in eng if e["contact_id"] not in converted]
+    everything = connectors.read("marketing_channels", "engagements")
+    converted = {e["contact_id"] for e in everything if e["converted"]}
+    eng = [e for e in everything if e["clicked"] and not e["converted"] and e["contact_id"] not in converted]
     ids = sorted({e["contact_id"] for e in eng})
     crm = connectors.read("crm_contacts", "get", ids) if ids else {}
     tokens = [v for c in crm.values() for k in ("name", "email") if isinstance(v := c.get(k), str) and v.startswith("tok_")]

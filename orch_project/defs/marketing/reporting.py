@@ -14,15 +14,18 @@ from ...lib import kpis
 from ...lib.kpis import KpiReport, pct
 
 
-def _channels_state() -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+def _channels_state() -> tuple[list[dict[str, Any]], dict[str, dict[str, float]], str | None]:
+    """(metrics, budgets, None), or empty ones and why when the channels do not answer: the report is still
+    written, and says so."""
+    from ...lib.connectors.embedded import ConnectorUnavailable
     from ...lib.settings import Settings
     from ..resources import _embedded
 
     client = _embedded(Settings.from_env().connectors_url)
     try:
-        return client.read("marketing_channels", "metrics"), client.read("marketing_channels", "budgets")
-    except Exception:  # the report never fails for a channel that does not answer; it says so
-        return [], {}
+        return client.read("marketing_channels", "metrics"), client.read("marketing_channels", "budgets"), None
+    except ConnectorUnavailable as exc:
+        return [], {}, f"the channels did not answer ({exc})"
 
 
 def marketing_kpis(it, cfg) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def marketing_kpis(it, cfg) -> dict[str, Any]:
     k["assets_published"] = len(published)
     k["publish_success"] = len(published) / len(tried) if tried else None
     k["assets_scheduled"] = sorted((d["channel"], d["slot"][:16]) for d, st in assets if st == "scheduled")
-    metrics, budgets = _channels_state()
+    metrics, budgets, k["channels_unavailable"] = _channels_state()
     k["by_channel"] = allocation.performance_table(metrics, ("channel",)) if metrics else []
     k["spend_by_day"] = {}
     for r in metrics:
@@ -103,7 +106,8 @@ def _sections(k: dict[str, Any]) -> list[str]:
               "| channel | spend | conversions | CTR | CVR | CPA | ROAS |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['channel']} | {r['spend']:,.0f} | {r['conversions']:.0f} | {pct(r['ctr'])} ({_iv(r['ctr_interval'])}) | "
               f"{pct(r['cvr'])} ({_iv(r['cvr_interval'])}) | {r['cpa'] or 0:,.2f} ({_iv(r['cpa_interval'])}) | "
-              f"{r['roas'] or 0:.2f} ({_iv(r['roas_interval'])}) |" for r in k["by_channel"]] or ["| - | no reporting yet | | | | | |"]
+              f"{r['roas'] or 0:.2f} ({_iv(r['roas_interval'])}) |" for r in k["by_channel"]] or [
+        f"| - | {k['channels_unavailable'] or 'no reporting yet'} | | | | | |"]
     lines += ["", "#### Budget allocations", "", "| period | status | largest shift | allocation |", "|---|---|---|---|"]
     lines += [f"| {a['period']} | {a['status']} | {pct(a['max_shift'])} | "
               + ", ".join(f"{c} {v:,.0f}" for c, v in sorted(a["allocation"].items())) + " |" for a in k["allocations"]]

@@ -408,6 +408,13 @@ class EmbeddedConnectors:
         self.url = url
         self.db = Database(url, auto_migrate=False)
         cmeta.create_all(make_engine(url))
+        self._tables_created = len(cmeta.tables)
+
+    def _ensure_tables(self) -> None:
+        """The tables of systems registered after start-up, created once (not on every read or delivery)."""
+        if len(cmeta.tables) != self._tables_created:
+            cmeta.create_all(self.db.engine)
+            self._tables_created = len(cmeta.tables)
 
     def _system(self, connector: str) -> System:
         system = _SYSTEMS.get(connector)
@@ -453,7 +460,7 @@ class EmbeddedConnectors:
         system = self._system(connector)
         if reader not in system.readers:
             raise ValueError(f"system {connector!r} has no reader {reader!r}; readers: {', '.join(system.readers)}")
-        cmeta.create_all(self.db.engine)  # tables of systems registered after start-up
+        self._ensure_tables()
         self._check_fault(connector)
         with self.db.begin() as conn:
             return system.readers[reader](conn, *args)
@@ -482,7 +489,7 @@ class EmbeddedConnectors:
         system = self._system(connector)
         if system.table is None:
             raise ValueError(f"system {connector!r} is read-only; nothing can be delivered to it")
-        cmeta.create_all(self.db.engine, tables=[system.table])  # a system registered after start-up
+        self._ensure_tables()
         self._check_fault(connector)
         out: list[Delivery] = []
         special = [e for e in effects if e.action in system.handlers]
