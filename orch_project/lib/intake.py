@@ -101,6 +101,44 @@ def parse_file(path: Path) -> Parsed:
     return _parse_eml_bytes(key, arrival, data)
 
 
+def parse_records_file(path: Path, what: str = "record") -> Parsed | list[Parsed]:
+    """A feed of many records: ``.jsonl`` is one JSON object per line (source keys ``file:<name>#row=<n>``,
+    the line number also in the record as ``_row``; a broken line becomes a dead letter with its number while
+    the rest go on); any other suffix is one record (``parse_file``). ``what`` names a record in messages."""
+    if path.suffix != ".jsonl":
+        return parse_file(path)
+    key = f"file:{path.name}"
+    try:
+        st = path.stat()
+        arrival, raw = _file_time(st), path.read_bytes()
+    except OSError as exc:
+        return Parsed(key, datetime.now(timezone.utc), error=f"cannot read the file: {exc.strerror}",
+                      error_type="unreadable")
+    if len(raw) > MAX_FILE_BYTES:
+        return Parsed(key, arrival, error=f"file is {len(raw) / 1048576:.1f} MiB, above the "
+                                          f"{MAX_FILE_BYTES // 1048576} MiB intake limit; split it", error_type="too_large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Parsed(key, arrival, error=f"the file is not UTF-8 (byte {exc.start}); export it as UTF-8 JSON lines",
+                      error_type="encoding")
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        k = f"{key}#row={n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            out.append(Parsed(k, arrival, error=f"line {n}: not valid JSON ({exc.msg})", error_type="malformed"))
+            continue
+        if not isinstance(obj, dict):
+            out.append(Parsed(k, arrival, error=f"line {n}: a {what} must be a JSON object", error_type="malformed"))
+            continue
+        out.append(Parsed(k, arrival, raw={**obj, "_row": n}))
+    return out or Parsed(key, arrival, error=f"the file has no {what}s", error_type="empty")
+
+
 def _parse_json_bytes(key: str, arrival: datetime, data: bytes) -> Parsed:
     if b"\x00" in data:
         return Parsed(key, arrival, error="binary content (NUL bytes) in a .json message", error_type="binary")

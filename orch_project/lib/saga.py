@@ -111,3 +111,40 @@ def run_effects_stage(env: StageEnv, stage: str, rows: Sequence[dict[str, Any]],
         log_event(env.logger, "effects_compensated", flow=flow, run_id=env.run_id, items=len(undo),
                   delivered=comp["delivered"])
     return report
+
+
+# --- a saga across stages: each stage does its step, a later failure undoes the earlier ones -------------------
+
+def deliver_effects(env: StageEnv, connectors: Any, effects: Sequence[Effect], policy: Any) -> dict[str, dict[str, Any]]:
+    """Record ``effects`` in the outbox (a key already there is the same effect: nothing new) and deliver them
+    now behind the connectors' breakers; returns each key's state (``status`` delivered / pending / failed,
+    ``attempts``, ``last_error``). A stage then decides from the states and from what the systems recorded."""
+    if not effects:
+        return {}
+    keys = [e.idempotency_key for e in effects]
+    with env.db.begin() as conn:
+        enqueue(env.db, conn, env.flow, effects)
+        revive(conn, keys)
+    dispatch(env.db, connectors, env.flow, keys=keys, policy=policy)
+    return effect_states(env.db, keys)
+
+
+def failed_for_good(state: Mapping[str, Any], policy: Any) -> bool:
+    return state.get("status") == "failed" and state.get("attempts", 0) >= policy.max_attempts
+
+
+def undo_effects(flow: str, row: Mapping[str, Any], done: Sequence[tuple[str, str]],
+                 compensations: Mapping[str, tuple[str, str]], reason: str) -> tuple[list[Effect], list[str]]:
+    """The compensations of steps already done (``done``: (step, idempotency key) in the order they were done),
+    last step first, each under its own key (``compensate_<step>``) so undoing twice is undoing once. Returns
+    the effects and the names of steps that have no compensation (left in place, e.g. a message sent)."""
+    out, kept = [], []
+    for step, key in reversed(list(done)):
+        base = step.split("#")[0]
+        if base not in compensations:
+            kept.append(step)
+            continue
+        connector, action = compensations[base]
+        out.append(Effect(idempotency_key(flow, row["item_id"], f"compensate_{step}"), connector, action,
+                          row["item_id"], row["trace_id"], {"effect_key": key, "reason": reason}))
+    return out, kept

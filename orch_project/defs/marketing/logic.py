@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,7 @@ from ...lib.connectors.embedded import Delivery, System, base_row, cmeta, system
 from ...lib.contracts import LLMOutput, LLMStepRequest, aware_utc, describe_validation_error, refuse_nul
 from ...lib.flows import FlowConfig
 from ...lib.guardrails import pii
-from ...lib.intake import Accepted, IntakeContext, Parsed, Rejected, hand_over, vault_values
+from ...lib.intake import Accepted, IntakeContext, Parsed, Rejected, hand_over, parse_records_file, vault_values
 from ...lib.pipeline import (ItemUpdate, StageEnv, StageReport, commit_stage, load_stage_items,
                              model_step_failed, without_deferred)
 from ...lib.store import utcnow
@@ -185,42 +185,10 @@ class AllocationProposal(BaseModel):
 
 # --- intake ------------------------------------------------------------------------------------------------
 
-def _arrival(path: Path) -> datetime:
-    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
-
-
 def parse_file(path: Path) -> Parsed | list[Parsed]:
-    """A feed file: ``.jsonl`` is one post per line (``file:<name>#row=<n>``; a broken line is dead-lettered
-    with its line number and the rest go on), ``.json`` one record."""
-    from ...lib.intake import parse_file as parse_one
-
-    if path.suffix != ".jsonl":
-        return parse_one(path)
-    key = f"file:{path.name}"
-    try:
-        arrival, raw = _arrival(path), path.read_bytes()
-    except OSError as exc:
-        return Parsed(key, utcnow(), error=f"cannot read the feed: {exc.strerror}", error_type="unreadable")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Parsed(key, arrival, error=f"the feed is not UTF-8 (byte {exc.start}); export it as UTF-8 JSON lines",
-                      error_type="encoding")
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        k = f"{key}#row={n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            out.append(Parsed(k, arrival, error=f"line {n}: not valid JSON ({exc.msg})", error_type="malformed"))
-            continue
-        if not isinstance(obj, dict):
-            out.append(Parsed(k, arrival, error=f"line {n}: a post must be a JSON object", error_type="malformed"))
-            continue
-        out.append(Parsed(k, arrival, raw={**obj, "_row": n}))
-    return out or Parsed(key, arrival, error="the feed has no posts", error_type="empty")
+    """A feed file: ``.jsonl`` is one post per line (a broken line is dead-lettered with its line number and
+    the rest go on), ``.json`` one record."""
+    return parse_records_file(path, "post")
 
 
 MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9_]{2,30}\b")

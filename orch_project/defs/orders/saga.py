@@ -1,0 +1,722 @@
+"""The order saga's stages. Each step causes its effect through the outbox under the order's idempotency key,
+reads back what the system recorded (reserved or short, approved or declined, requested or shipped) and decides;
+a step that fails (declined, out of stock, failed for good) undoes the steps done before it with their declared
+compensations (``lib.saga.undo_effects``), last first.
+
+validate -> fraud (a person reviews the grey zone) -> reserve -> authorize -> fulfil -> settle
+
+``settle`` is the durable wait: an order waiting for its carrier, a customer's request or a deadline holds no
+run. Each run (and the ops job, across every partition) applies the events that arrived since, in the order
+they happened, and the deadlines that passed: shipped -> capture + commit the stock; delivered -> a review
+request after the brief's days; lost -> refund; cancel -> the warehouse is asked to stop the parcel first, and
+only when it could are the payment voided and the stock released (a parcel already gone refuses the cancel);
+return -> instructions, then refund and restock when the parcel comes back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from statistics import median
+from typing import Any
+
+import sqlalchemy as sa
+
+from ...lib.connectors.embedded import Effect
+from ...lib.outbox import dispatch, idempotency_key
+from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, dead_letter, load_stage_items
+from ...lib.saga import deliver_effects, failed_for_good, undo_effects
+from ...lib.store import items, utcnow
+from .logic import CANCEL_REASONS, FLOW, OrdersConfig, event_prefix
+
+# every step's compensation (the spec's ``compensations``): undone last step first
+COMPENSATIONS = {"reserve": ("inventory", "release"), "authorize": ("payment_provider", "void"),
+                 "fulfil": ("warehouse", "cancel_fulfilment"), "capture": ("payment_provider", "refund"),
+                 "commit_stock": ("inventory", "restock")}
+EFFECTS = frozenset({("inventory", "reserve"), ("inventory", "commit"), ("inventory", "release"),
+                     ("inventory", "restock"), ("payment_provider", "authorize"), ("payment_provider", "capture"),
+                     ("payment_provider", "void"), ("payment_provider", "refund"), ("warehouse", "ship"),
+                     ("warehouse", "cancel_fulfilment"), ("messaging", "send_message")})
+NOTICES = {
+    "confirmed": ("Your order {order} is confirmed", "We have your order {order} and are packing it."),
+    "shipped": ("Your order {order} is on its way", "Your parcel has left our warehouse (tracking {tracking})."),
+    "delivered": ("Your order {order} was delivered", "Your parcel was delivered. Enjoy!"),
+    "review_request": ("How was your order {order}?", "Tell us what you think of what you bought: one click."),
+    "cancelled": ("Your order {order} is cancelled", "{why} Any payment held is released."),
+    "refused": ("We could not accept your order {order}", "{why}"),
+    "declined": ("Your payment for order {order} was declined", "{why} Nothing was charged; please order again "
+                 "with another payment method."),
+    "out_of_stock": ("Part of your order {order} is out of stock", "{why}"),
+    "request_refused": ("About your request on order {order}", "We could not do it: {why}"),
+    "address_changed": ("Your order {order} ships to the new address", "We changed the shipping address."),
+    "return_instructions": ("Returning items of order {order}", "Print the label we attached and drop the parcel "
+                            "at any carrier point; we refund when it arrives."),
+    "refunded": ("Your refund for order {order}", "We refunded {amount:.2f} to your {method}."),
+    "lost": ("Your parcel for order {order} was lost", "The carrier lost your parcel; we refunded {amount:.2f}."),
+}
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+def key(row: dict[str, Any], step: str) -> str:
+    return idempotency_key(FLOW, row["item_id"], step)
+
+
+def notice(row: dict[str, Any], kind: str, **fmt: Any) -> Effect:
+    """A message to the customer (their vault token; a real sender resolves it) for one milestone, once."""
+    subject, body = NOTICES[kind]
+    values = {"order": row["data"]["order_id"], "why": "", "tracking": "", "amount": 0.0, "method": "payment method",
+              **fmt}
+    return Effect(key(row, f"notify_{kind}"), "messaging", "send_message", row["item_id"], row["trace_id"], {
+        "kind": f"order_{kind}", "recipient": row["data"]["customer_token"], "subject": subject.format(**values),
+        "body": body.format(**values)})
+
+
+def mark(d: dict[str, Any], what: str, by: str, at: datetime | None = None, **extra: Any) -> None:
+    """One line of the order's saga timeline (``orch orders show``)."""
+    d.setdefault("timeline", []).append({"at": (at or utcnow()).isoformat(timespec="seconds"), "what": what,
+                                         "by": by, **extra})
+
+
+def done(d: dict[str, Any]) -> list[tuple[str, str]]:
+    return [tuple(x) for x in (d.get("saga") or {}).get("done", [])]
+
+
+def record_done(d: dict[str, Any], step: str, k: str) -> None:
+    saga = d.setdefault("saga", {"done": [], "events": [], "undone": []})
+    if [step, k] not in saga["done"]:
+        saga["done"].append([step, k])
+
+
+def done_key(d: dict[str, Any], step: str) -> str | None:
+    return next((k for s, k in done(d) if s == step), None)
+
+
+def undo(row: dict[str, Any], d: dict[str, Any], reason: str, skip: Sequence[str] = ()) -> list[Effect]:
+    """The compensations of every step done so far (except ``skip``), recorded on the order."""
+    effects, kept = undo_effects(FLOW, row, [x for x in done(d) if x[0] not in skip], COMPENSATIONS, reason)
+    saga = d.setdefault("saga", {"done": [], "events": [], "undone": []})
+    saga["undone"] = sorted(set(saga.get("undone", [])) | {e.idempotency_key.rsplit(":", 1)[1] for e in effects})
+    return effects
+
+
+def _finish(env: StageEnv, stage: str, started: datetime, rows: Sequence[dict[str, Any]], updates: list[ItemUpdate],
+            connectors: Any, cfg: OrdersConfig, *, effects: Sequence[Effect] = (), audit: Sequence[dict] = (),
+            approval_rows: Sequence[dict] = (), md: dict[str, Any] | None = None) -> StageReport:
+    """Commit the stage's decisions with the effects they cause (compensations, notices) in one transaction,
+    then deliver those effects now (what cannot go out stays in the outbox for the ops job)."""
+    report = commit_stage(env, stage, started, updates, trace_ids={r["item_id"]: r["trace_id"] for r in rows},
+                          effects=effects, audit_rows=audit, approval_rows=approval_rows, metadata=md or {})
+    if effects:
+        sent = dispatch(env.db, connectors, env.flow, keys=[e.idempotency_key for e in effects],
+                        policy=cfg.connector_policy)
+        report.metadata["effects_delivered_after_commit"] = sent["delivered"]
+    return report
+
+
+def _end(r: dict[str, Any], d: dict[str, Any], outcome: str, why: str, now: datetime) -> ItemUpdate:
+    d["outcome"] = outcome
+    d["outcome_reason"] = why
+    return ItemUpdate(r["item_id"], "resolved", d, "routed", columns={"resolved_at": now})
+
+
+# --- validate, fraud --------------------------------------------------------------------------------------------
+
+def validate_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
+    """Events are recorded (the order's settle step applies them). An order is checked against the shop's
+    directory: the customer exists, the payment method is theirs, every item is a catalogue variant; prices and
+    the amount come from the catalogue. What fails goes to the DLQ with every rule it broke."""
+    from .store import directory
+
+    started = utcnow()
+    rows = load_stage_items(env, "validate")
+    orders = [r for r in rows if r["data"]["kind"] == "order"]
+    try:
+        shop = directory() if orders else None
+    except FileNotFoundError as exc:
+        shop, missing = None, str(exc)
+    updates, counts = [], Counter()
+    for r in rows:
+        d = dict(r["data"])
+        if d["kind"] == "event":
+            counts["events"] += 1
+            updates.append(ItemUpdate(r["item_id"], "resolved", {**d, "outcome": "recorded"}, "routed",
+                                      columns={"resolved_at": started}))
+            continue
+        if shop is None:
+            updates.append(dead_letter(r, "store_directory", f"the shop's directory is missing: {missing}"))
+            continue
+        errors = []
+        cust = shop.customers.get(d["customer_ref"])
+        if cust is None:
+            errors.append("customer: not in the shop's directory")
+        elif d["method_id"] not in cust.methods:
+            errors.append("payment_method_id: not one of the customer's payment methods")
+        lines, amount = [], 0.0
+        for ln in d["lines"]:
+            v = shop.variants.get(ln["sku"])
+            if v is None:
+                errors.append(f"item {ln['sku']}: not in the catalogue")
+                continue
+            lines.append({**ln, "product_id": v["product_id"], "name": v["name"], "price": v["price"]})
+            amount += v["price"] * ln["qty"]
+        if len(d["lines"]) > cfg.settings.max_items:
+            errors.append(f"items: more than {cfg.settings.max_items}")
+        if errors:
+            counts["invalid"] += 1
+            updates.append(dead_letter(r, "validation", "; ".join(errors)))
+            continue
+        method = cust.methods[d["method_id"]]
+        d.update(lines=lines, amount=round(amount, 2), method_source=method.get("source"),
+                 gift_card_balance=method.get("balance") if method.get("source") == "gift_card" else None)
+        mark(d, f"validated: {len(lines)} line(s), {d['amount']:.2f}", "system:validate", started)
+        counts["valid"] += 1
+        updates.append(ItemUpdate(r["item_id"], "valid", d))
+    return _finish(env, "validate", started, rows, updates, connectors, cfg,
+                   md={"orders_valid": counts["valid"], "orders_invalid": counts["invalid"],
+                       "events_recorded": counts["events"]})
+
+
+def fraud_rules(d: dict[str, Any], history: list[float], known_addresses: set[str], recent: int,
+                cfg: OrdersConfig) -> tuple[float, list[str]]:
+    """Rules that fired (with why) and the score: noisy-OR of the fired rules' weights."""
+    f = cfg.settings.fraud
+    fired: dict[str, str] = {}
+    if recent + 1 >= f.velocity_orders:
+        fired["velocity"] = f"{recent + 1} orders in {f.velocity_hours:g} h"
+    base = max(median(history) if history else 0.0, f.history_floor)
+    if d["amount"] > f.history_multiple * base:
+        fired["amount_vs_history"] = f"{d['amount']:.2f} is {d['amount'] / base:.1f}x the customer's usual {base:.2f}"
+    if d["address_ref"] not in known_addresses and d["amount"] >= f.new_address_amount:
+        fired["new_address_high_amount"] = f"{d['amount']:.2f} to an address the customer never used"
+    bal = d.get("gift_card_balance")
+    if bal and d["amount"] >= f.gift_card_drain * float(bal):
+        fired["gift_card_drain"] = f"uses {d['amount'] / float(bal):.0%} of the gift card's balance"
+    p = 1.0
+    for rule in fired:
+        p *= 1 - f.weights.get(rule, 0.0)
+    return round(1 - p, 4), [f"{k}: {v}" for k, v in fired.items()]
+
+
+def _recent_orders(env: StageEnv, rows: Sequence[dict[str, Any]], hours: float) -> dict[str, int]:
+    """Per order in ``rows``: the customer's other orders in the ``hours`` before it (any partition)."""
+    refs = {r["data"]["customer_ref"] for r in rows}
+    first = min(datetime.fromisoformat(r["data"]["created_at"]) for r in rows) - timedelta(hours=hours)
+    q = sa.select(items.c.item_id, items.c.data).where(items.c.flow == env.flow, items.c.item_id.like("order-%"),
+                                                        items.c.day >= first.date().isoformat())
+    seen: dict[str, list[tuple[datetime, str]]] = {}
+    with env.db.begin() as conn:
+        for iid, data in conn.execute(q):
+            if data.get("customer_ref") in refs:
+                seen.setdefault(data["customer_ref"], []).append((datetime.fromisoformat(data["created_at"]), iid))
+    out = {}
+    for r in rows:
+        t = datetime.fromisoformat(r["data"]["created_at"])
+        out[r["item_id"]] = sum(1 for at, iid in seen.get(r["data"]["customer_ref"], [])
+                                if iid != r["item_id"] and t - timedelta(hours=hours) <= at <= t)
+    return out
+
+
+def fraud_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
+    """Rules (velocity, amount against the customer's history, a high amount to a new address, gift-card drain)
+    and their score: below ``review_at`` cleared, from ``refuse_at`` refused (the customer told why), between
+    them a person decides (the approvals queue, with the rules that fired)."""
+    from .store import directory
+
+    started = utcnow()
+    rows = load_stage_items(env, "fraud")
+    if not rows:
+        return _finish(env, "fraud", started, rows, [], connectors, cfg)
+    f = cfg.settings.fraud
+    shop = directory()
+    recent = _recent_orders(env, rows, f.velocity_hours)
+    pol, sla = cfg.brief.approval, cfg.brief.sla_hours
+    updates, effects, audit, approvals = [], [], [], []
+    for r in rows:
+        d = dict(r["data"])
+        cust = shop.customers[d["customer_ref"]]
+        score, why = fraud_rules(d, cust.order_totals, cust.address_refs, recent[r["item_id"]], cfg)
+        d["fraud"] = {"score": score, "rules": why}
+        if score >= f.refuse_at:
+            text = "Our checks could not accept this order (" + "; ".join(w.split(":")[0] for w in why) + ")."
+            mark(d, f"refused by the fraud check (score {score:.2f})", "system:fraud", started, rules=why)
+            effects.append(notice(r, "refused", why=text))
+            updates.append(_end(r, d, "refused", "; ".join(why), started))
+        elif score >= f.review_at:
+            due = started + timedelta(hours=sla["high"])
+            mark(d, f"waiting for a fraud review (score {score:.2f})", "system:fraud", started, rules=why)
+            updates.append(ItemUpdate(r["item_id"], "awaiting_review", d, "routed", columns={"due_at": due}))
+            approvals.append({"flow": env.flow, "item_id": r["item_id"], "reason": "fraud_review",
+                              "required_role": pol.reviewer_role, "status": "pending", "due_at": due,
+                              "created_at": started, "edited": False})
+        else:
+            mark(d, f"fraud check cleared (score {score:.2f})", "system:fraud", started)
+            updates.append(ItemUpdate(r["item_id"], "cleared", d))
+        audit.append({"actor": "system:fraud", "action": "fraud_scored", "flow": env.flow, "item_id": r["item_id"],
+                      "trace_id": r["trace_id"], "reason": "; ".join(why) or "no rule fired",
+                      "outputs": {"score": score, "decision": updates[-1].status}})
+    md = {"cleared": sum(u.status == "cleared" for u in updates),
+          "fraud_review": len(approvals), "refused": sum(u.status == "resolved" for u in updates)}
+    return _finish(env, "fraud", started, rows, updates, connectors, cfg, effects=effects, audit=audit,
+                   approval_rows=approvals, md=md)
+
+
+# --- reserve, authorize, fulfil ---------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One saga step for a batch: ``effect(row)`` plans it; ``decide(row, data, record)`` turns what the system
+    recorded into (status, outcome, why, notice kind, extra data); None = the step went through."""
+
+    name: str
+    stage: str
+    connector: str
+    reader: str
+    next_status: str
+    effect: Callable[[dict[str, Any]], Effect]
+    decide: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], dict[str, Any] | None] = lambda r, d, rec: None
+    on_done: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], list[Effect]] = lambda r, d, rec: []
+    label: str = ""
+    retry: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], Effect | None] | None = None
+    counts: Counter = field(default_factory=Counter)
+
+
+def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageReport:
+    started = utcnow()
+    rows = load_stage_items(env, step.stage)
+    policy = cfg.connector_policy
+    planned = {r["item_id"]: step.effect(r) for r in rows}
+    states = deliver_effects(env, connectors, list(planned.values()), policy)
+    keys = [e.idempotency_key for e in planned.values()]
+    records = connectors.read(step.connector, step.reader, keys) if keys else {}
+    # a retry of the step (e.g. the lines still in stock, after a short reservation) in the same run
+    retries = {}
+    if step.retry is not None:
+        for r in rows:
+            e = planned[r["item_id"]]
+            if states.get(e.idempotency_key, {}).get("status") == "delivered":
+                again = step.retry(r, r["data"], records.get(e.idempotency_key) or {})
+                if again is not None:
+                    retries[r["item_id"]] = again
+        if retries:
+            states.update(deliver_effects(env, connectors, list(retries.values()), policy))
+            records.update(connectors.read(step.connector, step.reader, [e.idempotency_key for e in retries.values()]))
+    updates, effects, audit = [], [], []
+    counts = Counter()
+    for r in rows:
+        e = retries.get(r["item_id"]) or planned[r["item_id"]]
+        st = states.get(e.idempotency_key, {})
+        d = dict(r["data"])
+        if st.get("status") != "delivered":
+            if failed_for_good(st, policy):
+                why = (f"{step.name} ({e.connector} {e.action}) failed {st.get('attempts')} times: "
+                       f"{(st.get('last_error') or '')[:160]}")
+                comp = undo(r, d, why)
+                effects += comp
+                mark(d, f"{step.name} failed for good; undone: {', '.join(c.action for c in comp) or 'nothing'}",
+                     f"system:{step.stage}", started)
+                counts["failed_for_good"] += 1
+                updates.append(ItemUpdate(r["item_id"], "dead_lettered", d, "dead_lettered",
+                                          dead_letter=("effect_failed", why + "; compensated")))
+            else:
+                counts["waiting"] += 1
+                updates.append(ItemUpdate(r["item_id"], r["status"], d, "waiting"))
+            continue
+        rec = records.get(e.idempotency_key) or {}
+        verdict = step.decide(r, d, rec)
+        if verdict is not None:  # a business "no": undo what was done, tell the customer, end the order
+            comp = undo(r, d, verdict["why"])
+            effects += comp + [notice(r, verdict["notice"], why=verdict["why"])]
+            mark(d, f"{step.name}: {verdict['why']}; undone: {', '.join(c.action for c in comp) or 'nothing'}",
+                 f"system:{step.stage}", started)
+            counts[verdict["outcome"]] += 1
+            updates.append(_end(r, d, verdict["outcome"], verdict["why"], started))
+            audit.append({"actor": f"system:{step.stage}", "action": verdict["outcome"], "flow": env.flow,
+                          "item_id": r["item_id"], "trace_id": r["trace_id"], "reason": verdict["why"],
+                          "outputs": {"compensations": [c.action for c in comp]}})
+            continue
+        record_done(d, step.name, e.idempotency_key)
+        mark(d, step.label or step.name, f"system:{step.stage}", started, ref=e.idempotency_key.rsplit(":", 1)[1])
+        effects += step.on_done(r, d, rec)
+        counts["done"] += 1
+        updates.append(ItemUpdate(r["item_id"], step.next_status, d))
+    return _finish(env, step.stage, started, rows, updates, connectors, cfg, effects=effects, audit=audit,
+                   md=dict(counts))
+
+
+def _reserve_effect(r: dict[str, Any], lines: list[dict[str, Any]] | None = None, step: str = "reserve") -> Effect:
+    d = r["data"]
+    return Effect(key(r, step), "inventory", "reserve", r["item_id"], r["trace_id"],
+                  {"order_id": d["order_id"], "lines": [{"sku": ln["sku"], "qty": ln["qty"]}
+                                                       for ln in (lines or d["lines"])]})
+
+
+def reserve_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
+    """Stock reserved in the inventory for every line (all or nothing). Short: with the brief's ``split`` the
+    lines in stock are reserved and the rest dropped (the customer told which), else the order is cancelled."""
+    split = cfg.settings.out_of_stock == "split"
+
+    def retry(r, d, rec):
+        if rec.get("status") != "short" or not split:
+            return None
+        keep = [ln for ln in d["lines"] if ln["sku"] not in (rec.get("short") or [])]
+        return _reserve_effect(r, keep, "reserve#split") if keep else None
+
+    def decide(r, d, rec):
+        if rec.get("status") == "short":
+            return {"outcome": "out_of_stock", "notice": "out_of_stock",
+                    "why": f"out of stock: {', '.join(d['lines'][i]['name'] for i, ln in enumerate(d['lines']) if ln['sku'] in (rec.get('short') or []))}; "
+                           "the order is cancelled and nothing was charged"}
+        if rec.get("idempotency_key", "").endswith("reserve#split"):
+            kept = {ln["sku"] for ln in rec["lines"]}
+            dropped = [ln for ln in d["lines"] if ln["sku"] not in kept]
+            d["dropped_lines"] = dropped
+            d["lines"] = [ln for ln in d["lines"] if ln["sku"] in kept]
+            d["amount"] = round(sum(ln["price"] * ln["qty"] for ln in d["lines"]), 2)
+        return None
+
+    def on_done(r, d, rec):
+        if d.get("dropped_lines"):
+            why = (f"{', '.join(ln['name'] for ln in d['dropped_lines'])} out of stock: we ship the rest and charge "
+                   f"{d['amount']:.2f}")
+            return [notice(r, "out_of_stock", why=why)]
+        return []
+
+    return run_step(env, cfg, connectors, Step("reserve", "reserve", "inventory", "reservations", "reserved",
+                                               effect=_reserve_effect, decide=decide, on_done=on_done, retry=retry,
+                                               label="stock reserved"))
+
+
+def authorize_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
+    """The amount authorised on the customer's payment method (captured only when the parcel ships); a decline
+    releases the stock and tells the customer."""
+    def effect(r):
+        d = r["data"]
+        return Effect(key(r, "authorize"), "payment_provider", "authorize", r["item_id"], r["trace_id"], {
+            "order_id": d["order_id"], "method_id": d["method_id"], "amount": d["amount"],
+            "gift_card_balance": d.get("gift_card_balance")})
+
+    def decide(r, d, rec):
+        if rec.get("status") == "declined":
+            return {"outcome": "payment_declined", "notice": "declined",
+                    "why": f"payment declined ({rec.get('reason') or 'by the provider'})"}
+        d["authorized_at"] = utcnow().isoformat()
+        return None
+
+    return run_step(env, cfg, connectors, Step("authorize", "authorize", "payment_provider", "transactions", "authorized",
+                                               effect=effect, decide=decide, label="payment authorised"))
+
+
+def fulfil_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
+    """A fulfilment request to the warehouse (pick, pack, ship; a tracking id); the customer is told the order
+    is confirmed. From here the order waits for its carrier (settle)."""
+    def effect(r):
+        d = r["data"]
+        return Effect(key(r, "fulfil"), "warehouse", "ship", r["item_id"], r["trace_id"], {
+            "order_id": d["order_id"], "lines": [{"sku": ln["sku"], "qty": ln["qty"]} for ln in d["lines"]]})
+
+    def on_done(r, d, rec):
+        d["tracking_id"] = rec.get("tracking_id")
+        return [notice(r, "confirmed")]
+
+    return run_step(env, cfg, connectors, Step("fulfil", "fulfil", "warehouse", "fulfilments", "in_fulfilment",
+                                               effect=effect, on_done=on_done, label="sent to the warehouse"))
+
+
+# --- settle: the durable wait on carriers, customers and deadlines -----------------------------------------------
+
+SETTLE_LOADS = ("in_fulfilment", "shipped", "delivered", "return_requested")
+# events of one instant apply in the order they must happen
+_RANK = {"shipped": 0, "delivered": 1, "lost": 2, "returned": 3}
+
+
+def order_events(env: StageEnv, order_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The recorded events of each order (any partition), in the order they happened."""
+    out: dict[str, list[dict[str, Any]]] = {o: [] for o in order_ids}
+    with env.db.begin() as conn:
+        for oid in order_ids:
+            for iid, data, status in conn.execute(sa.select(items.c.item_id, items.c.data, items.c.status).where(
+                    items.c.flow == env.flow, items.c.item_id.like(event_prefix(oid) + "%"))):
+                if status == "resolved":
+                    out[oid].append({**data, "item_id": iid})
+    for evs in out.values():
+        evs.sort(key=lambda e: (e["occurred_at"], _RANK.get(e["type"], 5), e["event_id"]))
+    return out
+
+
+@dataclass
+class Move:
+    """What settle does next for one order: ``effects`` to deliver, then ``apply(data)`` -> the new status (or
+    None: the order stays, e.g. a cancel waiting for the warehouse's answer)."""
+
+    effects: list[Effect]
+    apply: Callable[[dict[str, Any]], str | None]
+    event: str | None = None  # the event it applies (marked applied once the move completes)
+
+
+def _refund_method(d: dict[str, Any], ev: dict[str, Any], shop) -> tuple[str | None, str | None]:
+    """The method a return's refund goes to: the original one or one of the customer's gift cards."""
+    want = ev.get("method_id") or d["method_id"]
+    if want == d["method_id"]:
+        return want, None
+    cust = shop.customers.get(d["customer_ref"])
+    m = (cust.methods.get(want) if cust else None) or {}
+    if m.get("source") != "gift_card":
+        return None, "a refund goes to the original payment method or one of the customer's gift cards"
+    return want, None
+
+
+def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str, Any] | None, now: datetime,
+              cfg: OrdersConfig, shop) -> Move | None:
+    d = r["data"]
+    s = cfg.settings
+    status = r["status"]
+    applied = set((d.get("saga") or {}).get("events", []))
+    pending = [e for e in evs if e["event_id"] not in applied]
+    by = "system:settle"
+
+    def refuse(ev, why):
+        def apply(d):
+            mark(d, f"{ev['type']} request refused: {why}", by, now, event=ev["event_id"])
+            d.setdefault("refusals", []).append({"event": ev["event_id"], "type": ev["type"], "rule": why})
+            return status
+        return Move([_once(notice(r, "request_refused", why=why), ev)], apply, ev["event_id"])
+
+    def ship_effects() -> list[Effect]:
+        return [Effect(key(r, "capture"), "payment_provider", "capture", r["item_id"], r["trace_id"], {
+                    "order_id": d["order_id"], "effect_key": done_key(d, "authorize"), "amount": d["amount"]}),
+                Effect(key(r, "commit_stock"), "inventory", "commit", r["item_id"], r["trace_id"], {
+                    "order_id": d["order_id"], "effect_key": done_key(d, "reserve")}),
+                notice(r, "shipped", tracking=d.get("tracking_id") or "")]
+
+    def shipped(d, at):
+        record_done(d, "capture", key(r, "capture"))
+        record_done(d, "commit_stock", key(r, "commit_stock"))
+        d["shipped_at"] = at
+        mark(d, "shipped: payment captured, stock committed", by, now)
+
+    # a return's parcel can arrive (be recorded) before the request: it waits for it
+    pending = [e for e in pending if not (e["type"] == "returned" and status == "delivered")]
+    if pending:
+        ev = pending[0]
+        t = ev["type"]
+        if ev["source"] == "payment":  # the embedded provider answers at once: a late answer changes nothing
+            def apply(d):
+                mark(d, f"payment event {t} ignored: the authorisation was already answered", by, now,
+                     event=ev["event_id"])
+                return status
+            return Move([], apply, ev["event_id"])
+        if t == "shipped" or (t in ("delivered", "lost") and status == "in_fulfilment"):
+            if status != "in_fulfilment":
+                return Move([], lambda d: status, ev["event_id"])  # a repeat of what already happened
+            def apply(d):
+                shipped(d, ev["occurred_at"])
+                if t != "shipped":
+                    return "in_fulfilment_delivered"
+                return "shipped"
+            return Move(ship_effects(), apply, ev["event_id"] if t == "shipped" else None)
+        if t == "delivered":
+            if status != "shipped":
+                return Move([], lambda d: status, ev["event_id"])
+            def apply(d):
+                d["delivered_at"] = ev["occurred_at"]
+                mark(d, "delivered", by, now)
+                return "delivered"
+            return Move([notice(r, "delivered")], apply, ev["event_id"])
+        if t == "lost":
+            if status != "shipped":
+                return Move([], lambda d: status, ev["event_id"])
+            refund = Effect(key(r, "refund_lost"), "payment_provider", "refund", r["item_id"], r["trace_id"], {
+                "order_id": d["order_id"], "effect_key": key(r, "capture"), "amount": d["amount"]})
+            def apply(d):
+                mark(d, f"lost by the carrier: {d['amount']:.2f} refunded", by, now)
+                d["refunded"] = round(d.get("refunded", 0.0) + d["amount"], 2)
+                return "resolved:lost_refunded"
+            return Move([refund, notice(r, "lost", amount=d["amount"])], apply, ev["event_id"])
+        if t == "cancel":
+            if ev.get("reason") not in CANCEL_REASONS:
+                return refuse(ev, "a cancellation needs one of the reasons: " + ", ".join(CANCEL_REASONS))
+            if status != "in_fulfilment":
+                return refuse(ev, f"only a pending order can be cancelled; this one is {status.replace('_', ' ')}")
+            if fulfilment is None or fulfilment["status"] == "requested":
+                # ask the warehouse to stop the parcel first; its answer decides on the next pass
+                stop = Effect(key(r, "cancel_fulfilment"), "warehouse", "cancel_fulfilment", r["item_id"],
+                              r["trace_id"], {"effect_key": done_key(d, "fulfil"), "reason": "customer cancel"})
+                return Move([stop], lambda d: status, None)
+            if fulfilment["status"] == "cancelled":
+                comp = undo(r, d, f"cancelled by the customer ({ev['reason']})", skip=("fulfil",))
+                def apply(d):
+                    mark(d, f"cancelled by the customer ({ev['reason']}): parcel stopped; "
+                            f"{', '.join(c.action for c in comp)}", f"customer:{d['customer_ref'][:12]}", now)
+                    return "resolved:cancelled"
+                return Move(comp + [notice(r, "cancelled", why=f"You cancelled it ({ev['reason']}).")], apply,
+                            ev["event_id"])
+            return refuse(ev, f"the parcel has already left the warehouse ({fulfilment['status']}); only a pending "
+                              "order can be cancelled -- return it once it arrives")
+        if t == "modify_address":
+            if status != "in_fulfilment" or (fulfilment and fulfilment["status"] != "requested"):
+                return refuse(ev, "the address of an order can only change before it ships")
+            def apply(d):
+                d.update(address_token=ev["address_token"], address_ref=ev["address_ref"], ship_to=ev["ship_to"])
+                mark(d, "shipping address changed by the customer", f"customer:{d['customer_ref'][:12]}", now)
+                return status
+            return Move([notice(r, "address_changed")], apply, ev["event_id"])
+        if t == "return":
+            if status != "delivered":
+                return refuse(ev, f"only a delivered order can be returned; this one is {status.replace('_', ' ')}")
+            if datetime.fromisoformat(ev["occurred_at"]) > datetime.fromisoformat(d["delivered_at"]) + timedelta(
+                    days=s.return_window_days):
+                return refuse(ev, f"returns are accepted within {s.return_window_days:g} days of delivery")
+            skus = {ln["sku"] for ln in d["lines"]}
+            if not set(ev["item_ids"]) <= skus:
+                return refuse(ev, "a return names items of this order only")
+            method, why = _refund_method(d, ev, shop)
+            if why:
+                return refuse(ev, why)
+            def apply(d):
+                d["return"] = {"event": ev["event_id"], "item_ids": ev["item_ids"], "method_id": method}
+                mark(d, f"return requested: {len(ev['item_ids'])} item(s)", f"customer:{d['customer_ref'][:12]}", now)
+                return "return_requested"
+            return Move([notice(r, "return_instructions")], apply, ev["event_id"])
+        if t == "returned":
+            if status != "return_requested":
+                return Move([], lambda d: status, ev["event_id"])
+            ret = d["return"]
+            lines = [ln for ln in d["lines"] if ln["sku"] in ret["item_ids"]]
+            amount = round(sum(ln["price"] * ln["qty"] for ln in lines), 2)
+            effs = [Effect(key(r, "refund_return"), "payment_provider", "refund", r["item_id"], r["trace_id"], {
+                        "order_id": d["order_id"], "effect_key": key(r, "capture"), "amount": amount,
+                        "method_id": ret["method_id"]}),
+                    Effect(key(r, "restock_return"), "inventory", "restock", r["item_id"], r["trace_id"], {
+                        "order_id": d["order_id"], "effect_key": done_key(d, "reserve"),
+                        "lines": [{"sku": ln["sku"], "qty": ln["qty"]} for ln in lines]}),
+                    notice(r, "refunded", amount=amount, method=ret["method_id"].split("_")[0].replace("paypal", "PayPal"))]
+            def apply(d):
+                d["refunded"] = round(d.get("refunded", 0.0) + amount, 2)
+                mark(d, f"return received: {amount:.2f} refunded, {len(lines)} item(s) restocked", by, now)
+                return "resolved:returned"
+            return Move(effs, apply, ev["event_id"])
+        return Move([], lambda d: status, ev["event_id"])  # nothing this order's state can use
+    # deadlines
+    if status == "in_fulfilment" and d.get("authorized_at") and now > datetime.fromisoformat(
+            d["authorized_at"]) + timedelta(days=s.capture_deadline_days):
+        if fulfilment is None or fulfilment["status"] == "requested":
+            stop = Effect(key(r, "cancel_fulfilment"), "warehouse", "cancel_fulfilment", r["item_id"], r["trace_id"],
+                          {"effect_key": done_key(d, "fulfil"), "reason": "capture deadline"})
+            return Move([stop], lambda d: status, None)
+        if fulfilment["status"] == "cancelled":
+            why = f"not shipped within {s.capture_deadline_days:g} days: the authorisation is voided"
+            comp = undo(r, d, why, skip=("fulfil",))
+            def apply(d):
+                mark(d, why + "; stock released", by, now)
+                return "resolved:expired"
+            return Move(comp + [notice(r, "cancelled", why="We could not ship it in time.")], apply, None)
+    if status == "delivered" and d.get("delivered_at"):
+        delivered_at = datetime.fromisoformat(d["delivered_at"])
+        if now >= delivered_at + timedelta(days=s.review_after_days) and not d.get("review_requested"):
+            def apply(d):
+                d["review_requested"] = now.isoformat()
+                mark(d, "review requested", by, now)
+                return status
+            return Move([notice(r, "review_request")], apply, None)
+        if now >= delivered_at + timedelta(days=s.return_window_days):
+            def apply(d):
+                mark(d, "return window closed: the order is complete", by, now)
+                return "resolved:fulfilled"
+            return Move([], apply, None)
+    return None
+
+
+def _once(e: Effect, ev: dict[str, Any]) -> Effect:
+    """A notice about one event (a customer may have several requests refused): keyed by the event too."""
+    tag = ev["item_id"].rsplit("-", 1)[1][:8]
+    e.idempotency_key += f"_{tag}"
+    e.payload["kind"] = e.payload["kind"].replace("request_refused", "refused") + f"_{tag}"
+    return e
+
+
+def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime | None = None,
+                 max_passes: int = 8) -> StageReport:
+    """See the module docstring: apply each order's arrived events and passed deadlines, one move at a time,
+    each move's effects delivered before its state changes (a move whose effects cannot go out yet waits)."""
+    from .store import directory
+
+    started = utcnow()
+    now = now or started
+    rows = load_stage_items(env, "settle")
+    policy = cfg.connector_policy
+    if not rows:
+        return _finish(env, "settle", started, rows, [], connectors, cfg)
+    shop = directory()
+    evs = order_events(env, [r["data"]["order_id"] for r in rows])
+    live = {r["item_id"]: {**r, "data": dict(r["data"])} for r in rows}
+    changed, dead, counts = set(), {}, Counter()
+    for _ in range(max_passes):
+        ship_keys = [done_key(r["data"], "fulfil") for r in live.values() if done_key(r["data"], "fulfil")]
+        ful = connectors.read("warehouse", "fulfilments", ship_keys) if ship_keys else {}
+        moves = {}
+        for iid, r in live.items():
+            if r["status"] in ("resolved", "dead_lettered"):
+                continue
+            m = next_move(r, evs[r["data"]["order_id"]], ful.get(done_key(r["data"], "fulfil")), now, cfg, shop)
+            if m is not None:
+                moves[iid] = m
+        if not moves:
+            break
+        states = deliver_effects(env, connectors, [e for m in moves.values() for e in m.effects], policy)
+        progressed = False
+        for iid, m in moves.items():
+            r = live[iid]
+            st = [states.get(e.idempotency_key, {}) for e in m.effects]
+            if all(x.get("status") == "delivered" for x in st):
+                d = r["data"]
+                new = m.apply(d)
+                if m.event:
+                    d.setdefault("saga", {"done": [], "events": [], "undone": []}).setdefault("events", []).append(m.event)
+                if new == "in_fulfilment_delivered":  # delivered before its shipped event: ship now, deliver next
+                    new = "shipped"
+                if new and new.startswith("resolved:"):
+                    d["outcome"] = new.split(":", 1)[1]
+                    new = "resolved"
+                progressed = progressed or new != r["status"] or bool(m.event) or bool(m.effects)
+                if new != r["status"] or m.event or m.effects:
+                    changed.add(iid)
+                    counts[new] += new != r["status"]
+                r["status"] = new
+            elif any(failed_for_good(x, policy) for x in st):
+                bad = [e for e, x in zip(m.effects, st) if failed_for_good(x, policy)]
+                dead[iid] = "; ".join(f"{e.connector} {e.action} failed for good" for e in bad)
+                r["status"] = "dead_lettered"
+                changed.add(iid)
+            else:
+                counts["waiting_on_connector"] += 1
+        if not progressed:
+            break
+    updates, effects = [], []
+    for iid in changed:
+        r = live[iid]
+        d = r["data"]
+        if iid in dead:
+            comp = undo(r, d, dead[iid])
+            effects += comp
+            mark(d, f"{dead[iid]}; undone: {', '.join(c.action for c in comp) or 'nothing'}", "system:settle", now)
+            updates.append(ItemUpdate(iid, "dead_lettered", d, "dead_lettered",
+                                      dead_letter=("effect_failed", dead[iid] + "; compensated")))
+        elif r["status"] == "resolved":
+            updates.append(ItemUpdate(iid, "resolved", d, "ok", columns={"resolved_at": now}))
+        else:
+            updates.append(ItemUpdate(iid, r["status"], d, "waiting"))
+    md = {"orders_open": len(rows), "moved": len(changed), **{f"now_{k}": v for k, v in counts.items() if k}}
+    return _finish(env, "settle", started, rows, updates, connectors, cfg, effects=effects, md=md)
+
+
+def advance_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
+    """The ops job's pass over every partition: effects still in the outbox go out again, and every waiting
+    order takes the events that arrived and the deadlines that passed (the durable wait, without a held run)."""
+    started = utcnow()
+    sent = dispatch(env.db, connectors, env.flow, policy=cfg.connector_policy)
+    rep = settle_stage(env.across_partitions(), cfg, connectors)
+    md = {"redelivered": sent["delivered"], "still_failing": sent["failed"], **rep.metadata}
+    return StageReport("advance", rep.n_in, rep.outcomes, (utcnow() - started).total_seconds() * 1000.0, md)
