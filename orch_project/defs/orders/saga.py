@@ -290,7 +290,7 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
     planned = {r["item_id"]: step.effect(r) for r in rows}
     states = deliver_effects(env, connectors, list(planned.values()), policy)
     keys = [e.idempotency_key for e in planned.values()]
-    records = connectors.read(step.connector, step.reader, keys) if keys else {}
+    records, unread = _read(connectors, step.connector, step.reader, keys)
     # a retry of the step (e.g. the lines still in stock, after a short reservation) in the same run
     retries = {}
     if step.retry is not None:
@@ -302,7 +302,8 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
                     retries[r["item_id"]] = again
         if retries:
             states.update(deliver_effects(env, connectors, list(retries.values()), policy))
-            records.update(connectors.read(step.connector, step.reader, [e.idempotency_key for e in retries.values()]))
+            more, unread = _read(connectors, step.connector, step.reader, [e.idempotency_key for e in retries.values()])
+            records.update(more)
     updates, effects, audit = [], [], []
     counts = Counter()
     for r in rows:
@@ -324,7 +325,11 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
                 counts["waiting"] += 1
                 updates.append(ItemUpdate(r["item_id"], r["status"], d, "waiting"))
             continue
-        rec = records.get(e.idempotency_key) or {}
+        if e.idempotency_key not in records:  # delivered, but the system does not answer reads now: wait
+            counts["waiting_on_read"] += 1
+            updates.append(ItemUpdate(r["item_id"], r["status"], d, "waiting"))
+            continue
+        rec = records[e.idempotency_key]
         verdict = step.decide(r, d, rec)
         if verdict is not None:  # a business "no": undo what was done, tell the customer, end the order
             comp = undo(r, d, verdict["why"])
@@ -342,8 +347,22 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
         effects += step.on_done(r, d, rec)
         counts["done"] += 1
         updates.append(ItemUpdate(r["item_id"], step.next_status, d))
+    if unread:
+        counts["read_failed"] = 1
     return _finish(env, step.stage, started, rows, updates, connectors, cfg, effects=effects, audit=audit,
-                   md=dict(counts))
+                   md={**counts, **({"read_error": unread} if unread else {})})
+
+
+def _read(connectors, system: str, reader: str, keys: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    """What the system recorded under ``keys``, or nothing and why when it does not answer (items then wait)."""
+    from ...lib.connectors.embedded import ConnectorUnavailable
+
+    if not keys:
+        return {}, None
+    try:
+        return connectors.read(system, reader, list(keys)), None
+    except (ConnectorUnavailable, TimeoutError) as exc:
+        return {}, f"{system} did not answer: {exc}"[:300]
 
 
 def _reserve_effect(r: dict[str, Any], lines: list[dict[str, Any]] | None = None, step: str = "reserve") -> Effect:
@@ -655,7 +674,10 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
     changed, dead, counts = set(), {}, Counter()
     for _ in range(max_passes):
         ship_keys = [done_key(r["data"], "fulfil") for r in live.values() if done_key(r["data"], "fulfil")]
-        ful = connectors.read("warehouse", "fulfilments", ship_keys) if ship_keys else {}
+        ful, unread = _read(connectors, "warehouse", "fulfilments", ship_keys)
+        if unread:  # without the warehouse's word nothing that depends on the parcel can be decided: wait
+            counts["warehouse_unreachable"] += 1
+            break
         moves = {}
         for iid, r in live.items():
             if r["status"] in ("resolved", "dead_lettered"):

@@ -1,0 +1,195 @@
+"""The order flow through Dagster on the store in $ORCH_DATA_DIR/retail: each saga step and its compensation,
+fraud refusal and review, durable waits moved on by events, the cancel/ship race, policy refusals, bad and
+duplicate events, a connector failed for good, and re-execution without a second charge or refund."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from orch_project.lib.store import dlq, items, outbox
+
+from .conftest import flow_inbox, require_dataset, run_flow, run_ops
+
+FLOW = "orders"
+DAY = "2026-12-03"
+AT = datetime(2026, 12, 3, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def shop():
+    folder = require_dataset("retail")
+    users = json.loads((folder / "users.json").read_text())
+    products = json.loads((folder / "products.json").read_text())
+    avail = sorted((v["price"], sku) for p in products.values() for sku, v in p["variants"].items() if v["available"])
+    plain = [u for u in sorted(users) if not any(m["source"] == "gift_card" for m in users[u]["payment_methods"].values())]
+    return {"users": users, "avail": avail, "plain": plain,
+            "gone": sorted(sku for p in products.values() for sku, v in p["variants"].items() if not v["available"])}
+
+
+def order(shop, n: int, uid: str | None = None, skus: list[str] | None = None, **over) -> dict:
+    uid = uid or shop["plain"][n]
+    u = shop["users"][uid]
+    return {"kind": "order", "order_id": f"#T{n:04d}", "user_id": uid, "address": u["address"],
+            "items": [{"item_id": s, "quantity": 1} for s in (skus or [shop["avail"][10 + n][1]])],
+            "payment_method_id": sorted(u["payment_methods"])[0],
+            "created_at": (AT + timedelta(minutes=n)).isoformat(), **over}
+
+
+def event(kind: str, etype: str, oid: str, eid: str, at: datetime = AT + timedelta(days=1), **extra) -> dict:
+    return {"kind": kind, "event_id": eid, "order_id": oid, "type": etype, "occurred_at": at.isoformat(), **extra}
+
+
+def drop(settings, name: str, records: list[dict]) -> None:
+    folder = flow_inbox(settings, FLOW)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def orders(db) -> dict[str, tuple[str, dict]]:
+    with db.begin() as conn:
+        return {d["order_id"]: (st, d) for st, d in conn.execute(sa.select(items.c.status, items.c.data).where(
+            items.c.flow == FLOW, items.c.item_id.like("order-%")))}
+
+
+def systems(orch_home):
+    from orch_project.defs.orders.store import fulfilments, inventory_reservations, payment_transactions
+    from orch_project.defs.resources import _embedded
+
+    cdb = _embedded(orch_home.connectors_url).db
+    with cdb.begin() as conn:
+        tx = [dict(r) for r in conn.execute(sa.select(payment_transactions)).mappings()]
+        ful = [dict(r) for r in conn.execute(sa.select(fulfilments)).mappings()]
+        res = [dict(r) for r in conn.execute(sa.select(inventory_reservations)).mappings()]
+    return cdb, tx, ful, res
+
+
+def ship(orch_home, order_ids: list[str], status: str = "shipped") -> None:
+    from orch_project.defs.orders.store import fulfilments
+
+    cdb = systems(orch_home)[0]
+    with cdb.begin() as conn:
+        conn.execute(fulfilments.update().where(fulfilments.c.order_id.in_(order_ids)).values(status=status))
+
+
+def audit(db, orch_home) -> dict:
+    from orch_project.defs.orders.invariants import audit as run
+    from orch_project.defs.orders.logic import CFG
+
+    return run(db, systems(orch_home)[0], CFG)
+
+
+def test_saga_steps_events_and_compensations(orch_home, db, defs, instance, shop):
+    s = orch_home
+    gift_uid, card = next((u, k) for u in sorted(shop["users"]) for k, m in sorted(shop["users"][u]["payment_methods"].items())
+                          if m["source"] == "gift_card" and m["balance"] < 30)
+    over = min(p for p in shop["avail"] if p[0] > shop["users"][gift_uid]["payment_methods"][card]["balance"] + 5)
+    recs = [order(shop, i) for i in range(6)]
+    recs.append(order(shop, 6, uid=gift_uid, skus=[over[1]], payment_method_id=card))      # declined
+    recs.append(order(shop, 7, skus=[shop["gone"][0]]))                                     # out of stock
+    recs.append(order(shop, 8, skus=[shop["avail"][30][1], shop["gone"][1]]))               # split
+    recs.append({**order(shop, 9), "user_id": "nobody_at_all_1"})                           # unknown customer
+    drop(s, "orders.jsonl", recs)
+    assert run_flow(defs, instance, DAY, FLOW).success
+    st = orders(db)
+    assert {o: st[f"#T{o:04d}"][0] for o in range(6)} == {o: "in_fulfilment" for o in range(6)}
+    assert st["#T0006"][1]["outcome"] == "payment_declined" and st["#T0007"][1]["outcome"] == "out_of_stock"
+    assert st["#T0008"][0] == "in_fulfilment" and len(st["#T0008"][1]["lines"]) == 1
+    assert [x["sku"] for x in st["#T0008"][1]["dropped_lines"]] == [shop["gone"][1]]
+    with db.begin() as conn:
+        reasons = conn.execute(sa.select(dlq.c.reason).where(dlq.c.flow == FLOW)).scalars().all()
+    assert any("customer: not in the shop's directory" in r for r in reasons)
+    _, tx, ful, res = systems(s)
+    declined = [t for t in tx if t["status"] == "declined"]
+    assert len(declined) == 1 and "gift card balance" in declined[0]["reason"]
+    # the declined order's reservation was released (its compensation), the short one holds nothing
+    assert {r["order_id"]: r["status"] for r in res}["#T0006"] == "released"
+    assert {r["order_id"]: r["status"] for r in res}["#T0007"] == "short"
+
+    # the world: the warehouse ships 0-3; carriers report, one delivery before its shipment; customers ask
+    ship(s, ["#T0000", "#T0001", "#T0002", "#T0003"])
+    later = AT + timedelta(days=1)
+    evs = [event("carrier", "shipped", "#T0000", "ev-e0s"), event("carrier", "shipped", "#T0000", "ev-e0s"),  # duplicate
+           event("carrier", "delivered", "#T0001", "ev-e1d", later + timedelta(days=2)),               # before shipped
+           event("carrier", "shipped", "#T0002", "ev-e2s"), event("carrier", "lost", "#T0002", "ev-e2l", later + timedelta(days=1)),
+           event("request", "cancel", "#T0003", "ev-c3", reason="no longer needed"),                  # too late: shipped
+           event("request", "cancel", "#T0004", "ev-c4", reason="ordered by mistake"),                # in time
+           event("request", "cancel", "#T0005", "ev-c5", reason="changed my mind"),                   # not a policy reason
+           event("request", "return", "#T0005", "ev-r5", item_ids=[recs[5]["items"][0]["item_id"]]),  # not delivered
+           event("carrier", "teleported", "#T0005", "ev-bad1")]                                       # bad event
+    drop(s, "events.jsonl", evs)
+    assert run_flow(defs, instance, "2026-12-08", FLOW).success  # the events' partition (arrival day)
+    assert run_ops(defs, instance, FLOW).success                  # advance: every partition's waiting orders
+    st = orders(db)
+    assert st["#T0000"][0] == "shipped" and st["#T0001"][0] == "delivered"
+    assert st["#T0002"][1]["outcome"] == "lost_refunded"
+    assert st["#T0003"][0] == "in_fulfilment" and "left the warehouse" in st["#T0003"][1]["refusals"][0]["rule"]
+    assert st["#T0004"][1]["outcome"] == "cancelled"
+    rules = " | ".join(x["rule"] for x in st["#T0005"][1]["refusals"])
+    assert "needs one of the reasons" in rules and "only a delivered order can be returned" in rules
+    _, tx, ful, res = systems(s)
+    kinds = {(t["order_id"], t["kind"]): t["status"] for t in tx}
+    assert kinds[("#T0000", "capture")] == "approved" and kinds[("#T0001", "capture")] == "approved"
+    assert kinds[("#T0002", "refund")] == "approved"
+    assert kinds[("#T0004", "authorize")] == "voided" and ("#T0004", "capture") not in kinds
+    assert {f["order_id"]: f["status"] for f in ful}["#T0004"] == "cancelled"
+    assert {r["order_id"]: r["status"] for r in res}["#T0004"] == "released"
+    with db.begin() as conn:
+        n_items = conn.execute(sa.select(sa.func.count()).select_from(items).where(items.c.flow == FLOW,
+                                                                                   items.c.item_id.like("evt-%"))).scalar()
+        bad = conn.execute(sa.select(dlq.c.reason).where(dlq.c.flow == FLOW, dlq.c.reason.like("%type is one of%"))).all()
+    assert n_items == len(evs) - 2 and len(bad) == 1  # the duplicate is one event; the bad one is dead-lettered
+    rep = audit(db, s)
+    assert rep["violations"] == [] and rep["orders"] == 10
+
+    # re-running the partitions and the ops job charges, refunds and ships nothing twice
+    before = (len(tx), len(ful), len(res))
+    with db.begin() as conn:
+        n_effects = conn.execute(sa.select(sa.func.count()).select_from(outbox).where(outbox.c.flow == FLOW)).scalar()
+    assert run_flow(defs, instance, DAY, FLOW).success and run_ops(defs, instance, FLOW).success
+    _, tx, ful, res = systems(s)
+    assert (len(tx), len(ful), len(res)) == before
+    with db.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(outbox).where(outbox.c.flow == FLOW)).scalar() == n_effects
+
+
+def test_fraud_refuses_red_and_waits_for_a_person_on_grey(orch_home, db, defs, instance, shop):
+    uid = shop["plain"][20]
+    big = [p[1] for p in shop["avail"][-3:]]
+    away = {"address1": "9 Nowhere Road", "address2": "", "city": "Reno", "state": "NV", "zip": "89501", "country": "USA"}
+    recs = [order(shop, 20, uid=uid), order(shop, 21, uid=uid),
+            order(shop, 22, uid=uid, skus=big, address=away),                 # velocity + new address, high: red
+            order(shop, 23, skus=big[:1], address=away)]                      # new address, high amount: grey
+    drop(orch_home, "fraud.jsonl", recs)
+    assert run_flow(defs, instance, DAY, FLOW).success
+    st = orders(db)
+    assert st["#T0022"][1]["outcome"] == "refused" and any("velocity" in r for r in st["#T0022"][1]["fraud"]["rules"])
+    assert st["#T0023"][0] == "awaiting_review"
+    _, tx, _, res = systems(orch_home)
+    assert not [t for t in tx if t["order_id"] in ("#T0022", "#T0023")]  # nothing held before a decision
+
+
+def test_payment_outage_failed_for_good_compensates_the_reservation(orch_home, db, defs, instance, shop, monkeypatch):
+    from orch_project.defs.orders.logic import CFG
+    from orch_project.defs.resources import _embedded
+    from orch_project.lib.connectors.policy import BreakerPolicy, ConnectorPolicy
+
+    # two attempts and a breaker that stays closed: the step fails for good on the second run
+    monkeypatch.setitem(CFG.__dict__, "connector_policy", ConnectorPolicy(
+        circuit_breaker=BreakerPolicy(failure_threshold=100, cooldown_s=1.0, half_open_probes=1), max_attempts=2))
+    client = _embedded(orch_home.connectors_url)
+    client.set_fault("payment_provider", mode="raise")
+    drop(orch_home, "o.jsonl", [order(shop, 30)])
+    for _ in range(3):  # each run tries again
+        run_flow(defs, instance, DAY, FLOW)
+        if orders(db)["#T0030"][0] == "dead_lettered":
+            break
+    client.clear_fault("payment_provider")
+    st, d = orders(db)["#T0030"]
+    assert st == "dead_lettered" and "compensate_reserve" in d["saga"]["undone"]
+    _, tx, _, res = systems(orch_home)
+    assert {r["order_id"]: r["status"] for r in res}["#T0030"] == "released" and not tx
+
