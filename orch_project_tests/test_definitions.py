@@ -17,7 +17,7 @@ def test_definitions_load_with_expected_objects(defs):
             "triage_model_promotion"} <= keys
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"support_flow_job", "support_ops_job", "train_triage_model_job", "model_admin_job"} <= jobs
-    flows = ("support", "documents", "leads", "marketing")
+    flows = ("support", "documents", "leads", "marketing", "orders")
     assert {s.name for s in defs.sensors} == {f"{f}_{s}" for f in flows for s in (
         "intake_sensor", "ops_after_flow", "approval_resume_sensor", "approval_escalation_sensor", "alerts_sensor",
         "run_failure_alerts")}
@@ -29,9 +29,12 @@ def test_definitions_load_with_expected_objects(defs):
     assert {"leads_intake", "leads_match", "leads_enrich", "leads_score", "leads_qualify", "leads_first_touch",
             "leads_review_gate", "leads_crm_upsert", "leads_engage", "leads_responses", "leads_nurture",
             "lead_score_model", "lead_score_model_evaluation", "lead_score_model_promotion"} <= keys
-    assert {"leads_flow_job", "train_lead_score_model_job"} <= jobs
+    assert {"leads_flow_job", "train_lead_score_model_job", "orders_flow_job", "orders_ops_job"} <= jobs
+    assert {"orders_intake", "orders_validate", "orders_fraud", "orders_reserve", "orders_authorize", "orders_fulfil",
+            "orders_settle", "orders_advance", "orders_kpi_report"} <= keys
     checks = {k.name for k in defs.resolve_asset_graph().asset_check_keys}
-    assert {"lead_score_model_gate", "routing_respects_consent", "match_decisions_valid"} <= checks
+    assert {"lead_score_model_gate", "routing_respects_consent", "match_decisions_valid", "settle_invariants",
+            "reserve_no_duplicate_effects"} <= checks
     dg.Definitions.validate_loadable(defs)
 
 
@@ -50,6 +53,7 @@ def test_lineage_runs_intake_to_report(defs):
     assert parents["documents_post"] == {"documents_review_gate"}
     assert parents["leads_score"] == {"leads_enrich", "lead_score_model_promotion"}
     assert parents["lead_score_model_promotion"] == {"lead_score_model_evaluation"}
+    assert parents["orders_authorize"] == {"orders_reserve"} and parents["orders_settle"] == {"orders_fulfil"}
     spec = graph.get(dg.AssetKey("support_inbound"))
     assert isinstance(spec.partitions_def, dg.DailyPartitionsDefinition)
 

@@ -51,6 +51,13 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert m["hand-overs"].startswith("17 complaints to support")
     assert (orch_home.reports_dir / "marketing" / "kpi_report.html").is_file()
 
+    o = _summary(first.output, "E-commerce orders summary")
+    assert o["unaccounted"] == "0" and o["invariant violations"] == "0" and o["dead-lettered"] == "7"
+    assert o["duplicates ignored"] == "1" and o["awaiting approval"] == "0"
+    for outcome in ("1 cancelled", "1 lost refunded", "1 returned", "1 payment declined", "1 out of stock", "1 refused"):
+        assert outcome in o["orders"], o["orders"]
+    assert (orch_home.reports_dir / "orders" / "kpi_report.html").is_file()
+
     second = runner.invoke(main, ["demo"], catch_exceptions=False)
     assert second.exit_code == 0, second.output[-3000:]
     assert "nothing new" in second.output
@@ -59,5 +66,6 @@ def test_demo_runs_every_flow_and_is_idempotent(orch_home, with_model):
     assert _summary(second.output, "Document workflow summary") == d  # no new document or bill
     assert _summary(second.output, "Lead handling summary") == ld  # no new lead, contact or message
     assert _summary(second.output, "Marketing program summary") == m  # no new post, asset, hand-over or budget
+    assert _summary(second.output, "E-commerce orders summary") == o  # no new order, event, charge or refund
     only = runner.invoke(main, ["demo", "--flow", "nope"])
     assert only.exit_code == 2 and "no flow 'nope'" in only.output

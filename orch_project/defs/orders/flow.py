@@ -92,7 +92,7 @@ SPEC = FlowSpec(
     report=lazy(f"{__package__}.reporting:kpi_report"),
     demo=DemoSpec(seed=lazy(f"{__package__}.sample_data:seed_demo"),
                   before_ops=lazy(f"{__package__}.sample_data:demo_world"),
-                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=3),
+                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=4),
 )
 
 defs = build_flow(SPEC)

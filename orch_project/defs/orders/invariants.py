@@ -43,7 +43,8 @@ def audit(app_db, conn_db, cfg, flow: str = "orders", now: datetime | None = Non
         res = [dict(r) for r in conn.execute(sa.select(inventory_reservations).where(
             inventory_reservations.c.item_id.like("order-%"))).mappings()]
         negative = conn.execute(sa.select(inventory_stock.c.sku, inventory_stock.c.on_hand).where(
-            inventory_stock.c.on_hand < 0)).all()
+            sa.or_(inventory_stock.c.on_hand < 0, inventory_stock.c.reserved < 0,
+                   inventory_stock.c.reserved > inventory_stock.c.on_hand))).all()
     by = defaultdict(lambda: {"captured": 0.0, "refunded": 0.0, "held": 0.0, "left": False, "requested": False,
                               "reserved_since": None})
     for t in tx:

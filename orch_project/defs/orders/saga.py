@@ -454,12 +454,13 @@ _RANK = {"shipped": 0, "delivered": 1, "lost": 2, "returned": 3}
 def order_events(env: StageEnv, order_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """The recorded events of each order (any partition), in the order they happened."""
     out: dict[str, list[dict[str, Any]]] = {o: [] for o in order_ids}
-    with env.db.begin() as conn:
-        for oid in order_ids:
-            for iid, data, status in conn.execute(sa.select(items.c.item_id, items.c.data, items.c.status).where(
-                    items.c.flow == env.flow, items.c.item_id.like(event_prefix(oid) + "%"))):
-                if status == "resolved":
-                    out[oid].append({**data, "item_id": iid})
+    prefix = {event_prefix(o): o for o in order_ids}
+    with env.db.begin() as conn:  # one read of the recorded events (item ids "evt-<order>-<event hash>")
+        for iid, data in conn.execute(sa.select(items.c.item_id, items.c.data).where(
+                items.c.flow == env.flow, items.c.item_id.like("evt-%"), items.c.status == "resolved")):
+            oid = prefix.get(iid.rsplit("-", 1)[0] + "-")
+            if oid is not None:
+                out[oid].append({**data, "item_id": iid})
     for evs in out.values():
         evs.sort(key=lambda e: (e["occurred_at"], _RANK.get(e["type"], 5), e["event_id"]))
     return out

@@ -212,8 +212,21 @@ def demo_summary(settings) -> list[tuple[str, str]]:
     from .invariants import audit
     from .logic import CFG
 
-    rep = audit(Database(settings.database_url), _embedded(settings.connectors_url).db, CFG)
-    return [("money", f"{rep['captured']:,.2f} captured, {rep['refunded']:,.2f} refunded"),
+    import sqlalchemy as sa
+    from collections import Counter
+
+    from ...lib.store import items
+
+    db = Database(settings.database_url)
+    rep = audit(db, _embedded(settings.connectors_url).db, CFG)
+    with db.begin() as conn:
+        rows = conn.execute(sa.select(items.c.status, items.c.data).where(
+            items.c.flow == "orders", items.c.item_id.like("order-%"))).all()
+    by = Counter(d.get("outcome") or st for st, d in rows)
+    shown = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(by.items(), key=lambda kv: (-kv[1], kv[0])))
+    return [("orders", f"{len(rows)}: {shown}" + (" (delivered ones stay open until their return window closes)"
+                                                  if by.get("delivered") else "")),
+            ("money", f"{rep['captured']:,.2f} captured, {rep['refunded']:,.2f} refunded"),
             ("invariant violations", str(len(rep["violations"])))]
 
 

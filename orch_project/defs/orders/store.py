@@ -7,10 +7,10 @@ never reserves, charges, refunds or ships twice. Business answers (out of stock,
 failures: the flow reads them back and decides. Faults (outage, hang) come from the connectors client's
 simulated faults like every system.
 
-- inventory: ``inventory_stock`` (on hand per variant, created from the catalogue on first use: an available
-  variant starts with a seeded 2-20 units, an unavailable one with 0) and ``inventory_reservations`` (one per
-  order: reserved / short / committed / released / restocked). Available = on hand - reserved; stock is taken
-  off on hand only when the shipment commits the reservation.
+- inventory: ``inventory_stock`` (on hand and reserved per variant, created from the catalogue on first use: an
+  available variant starts with a seeded 2-20 units, an unavailable one with 0; the database refuses a negative
+  or over-reserved stock) and ``inventory_reservations`` (one per order: reserved / short / committed / released
+  / restocked). Available = on hand - reserved; stock leaves on hand only when the shipment commits it.
 - payments: ``payment_transactions`` (authorize / capture / void / refund). A gift card is declined when its
   balance (the directory's, less what is held or captured on it, plus refunds) does not cover the amount; a
   card whose id is in the simulation's decline list is declined (drills).
@@ -101,8 +101,9 @@ inventory_stock = sa.Table(
     "inventory_stock", cmeta,
     sa.Column("sku", sa.String(32), primary_key=True),
     sa.Column("on_hand", sa.Integer, nullable=False),
+    sa.Column("reserved", sa.Integer, nullable=False, server_default="0", doc="held for orders not shipped yet"),
     sa.Column("updated_at", TS, nullable=False),
-    sa.CheckConstraint("on_hand >= 0", name="stock_never_negative"),
+    sa.CheckConstraint("on_hand >= 0 AND reserved >= 0 AND reserved <= on_hand", name="stock_never_negative"),
 )
 inventory_reservations = system_table(
     "inventory_reservations",
@@ -117,7 +118,7 @@ payment_transactions = system_table(
     "payment_transactions",
     sa.Column("order_id", sa.String(64), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False, doc="authorize | capture | void | refund"),
-    sa.Column("method_id", sa.String(64), nullable=False),
+    sa.Column("method_id", sa.String(64), nullable=False, index=True),
     sa.Column("amount", sa.Float, nullable=False),
     sa.Column("status", sa.String(16), nullable=False, doc="approved | declined | voided"),
     sa.Column("reason", sa.Text),
@@ -155,9 +156,10 @@ def _seed_units(sku: str) -> int:
 
 
 def _stock(conn, skus: Sequence[str]) -> dict[str, int]:
-    """On hand per sku; a sku the stock table has not seen yet starts from the catalogue."""
-    have = dict(conn.execute(sa.select(inventory_stock.c.sku, inventory_stock.c.on_hand).where(
-        inventory_stock.c.sku.in_(list(skus)))).all())
+    """Available (on hand less reserved) per sku; a sku the stock table has not seen yet starts from the catalogue."""
+    have = {sku: on_hand - reserved for sku, on_hand, reserved in conn.execute(sa.select(
+        inventory_stock.c.sku, inventory_stock.c.on_hand, inventory_stock.c.reserved).where(
+        inventory_stock.c.sku.in_(list(skus)))).all()}
     missing = [s for s in skus if s not in have]
     if missing:
         try:
@@ -172,14 +174,13 @@ def _stock(conn, skus: Sequence[str]) -> dict[str, int]:
     return have
 
 
-def _reserved(conn, skus: Sequence[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for lines, in conn.execute(sa.select(inventory_reservations.c.lines).where(
-            inventory_reservations.c.status == "reserved")):
-        for ln in lines:
-            if ln["sku"] in skus:
-                out[ln["sku"]] = out.get(ln["sku"], 0) + int(ln["qty"])
-    return out
+def _move(conn, lines: Sequence[dict[str, Any]], now, on_hand: int = 0, reserved: int = 0) -> None:
+    """Stock moves of a reservation's lines: ``on_hand`` and ``reserved`` are +1/-1/0 per unit."""
+    for ln in lines:
+        q = int(ln["qty"])
+        conn.execute(inventory_stock.update().where(inventory_stock.c.sku == ln["sku"]).values(
+            on_hand=inventory_stock.c.on_hand + on_hand * q, reserved=inventory_stock.c.reserved + reserved * q,
+            updated_at=now))
 
 
 def _inventory(conn, effects) -> list[Delivery]:
@@ -194,8 +195,10 @@ def _inventory(conn, effects) -> list[Delivery]:
                 need: dict[str, int] = {}
                 for ln in p["lines"]:
                     need[ln["sku"]] = need.get(ln["sku"], 0) + int(ln["qty"])
-                on_hand, held = _stock(conn, skus), _reserved(conn, skus)
-                short = sorted(s for s, q in need.items() if on_hand.get(s, 0) - held.get(s, 0) < q)
+                available = _stock(conn, skus)
+                short = sorted(s for s, q in need.items() if available.get(s, 0) < q)
+                if not short:
+                    _move(conn, p["lines"], now, reserved=+1)
                 rid = conn.execute(inventory_reservations.insert().values(
                     **base_row(e), order_id=p["order_id"], lines=p["lines"], status="short" if short else "reserved",
                     short=short or None, created_at=now, updated_at=now)).inserted_primary_key[0]
@@ -210,13 +213,11 @@ def _inventory(conn, effects) -> list[Delivery]:
                 "restock": ("committed", "restocked")}[e.action]
         if res["status"] == want[0]:
             if e.action == "commit":
-                for ln in res["lines"]:
-                    conn.execute(inventory_stock.update().where(inventory_stock.c.sku == ln["sku"]).values(
-                        on_hand=inventory_stock.c.on_hand - int(ln["qty"]), updated_at=now))
-            elif e.action == "restock":
-                for ln in p.get("lines") or res["lines"]:
-                    conn.execute(inventory_stock.update().where(inventory_stock.c.sku == ln["sku"]).values(
-                        on_hand=inventory_stock.c.on_hand + int(ln["qty"]), updated_at=now))
+                _move(conn, res["lines"], now, on_hand=-1, reserved=-1)
+            elif e.action == "release":
+                _move(conn, res["lines"], now, reserved=-1)
+            else:  # restock: what came back (a return may send part of the order)
+                _move(conn, p.get("lines") or res["lines"], now, on_hand=+1)
             conn.execute(inventory_reservations.update().where(inventory_reservations.c.id == res["id"]).values(
                 status=want[1], updated_at=now))
             out.append(Delivery(e.idempotency_key, True, f"inventory:reservation:{res['id']}:{want[1]}"))
