@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ...lib.connectors.embedded import TS, Delivery, System, base_row, cmeta, system_table
-from ...lib.store import utcnow
+from ...lib.store import chunked, utcnow
 
 # --- the shop's directory ---------------------------------------------------------------------------------------
 
@@ -146,9 +146,21 @@ def ensure_tables(conn) -> None:
     cmeta.create_all(conn, tables=list(ORDER_TABLES))
 
 
-def _existing(conn, table: sa.Table, key: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(table).where(table.c.idempotency_key == key)).mappings().first()
-    return dict(row) if row else None
+def _by_key(conn, table: sa.Table, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The records under ``keys`` (idempotency keys), one query per 900 keys."""
+    out: dict[str, dict[str, Any]] = {}
+    for chunk in chunked(list(dict.fromkeys(keys)), 900):
+        out.update({r["idempotency_key"]: dict(r) for r in conn.execute(
+            sa.select(table).where(table.c.idempotency_key.in_(chunk))).mappings()})
+    return out
+
+
+def _insert(conn, table: sa.Table, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Insert new records in one statement; returns them by key, with their ids."""
+    if not rows:
+        return {}
+    conn.execute(table.insert(), rows)
+    return _by_key(conn, table, [r["idempotency_key"] for r in rows])
 
 
 def _seed_units(sku: str) -> int:
@@ -157,72 +169,97 @@ def _seed_units(sku: str) -> int:
 
 def _stock(conn, skus: Sequence[str]) -> dict[str, int]:
     """Available (on hand less reserved) per sku; a sku the stock table has not seen yet starts from the catalogue."""
-    have = {sku: on_hand - reserved for sku, on_hand, reserved in conn.execute(sa.select(
-        inventory_stock.c.sku, inventory_stock.c.on_hand, inventory_stock.c.reserved).where(
-        inventory_stock.c.sku.in_(list(skus)))).all()}
-    missing = [s for s in skus if s not in have]
+    have: dict[str, int] = {}
+    for chunk in chunked(sorted(set(skus)), 900):
+        have.update({sku: on_hand - reserved for sku, on_hand, reserved in conn.execute(sa.select(
+            inventory_stock.c.sku, inventory_stock.c.on_hand, inventory_stock.c.reserved).where(
+            inventory_stock.c.sku.in_(chunk))).all()})
+    missing = sorted(set(skus) - set(have))
     if missing:
         try:
             variants = directory().variants
         except FileNotFoundError:
             variants = {}
         now = utcnow()
-        for s in missing:
-            v = variants.get(s)
-            have[s] = _seed_units(s) if v and v["available"] else 0
-            conn.execute(inventory_stock.insert().values(sku=s, on_hand=have[s], updated_at=now))
+        rows = []
+        for sku in missing:
+            v = variants.get(sku)
+            have[sku] = _seed_units(sku) if v and v["available"] else 0
+            rows.append({"sku": sku, "on_hand": have[sku], "reserved": 0, "updated_at": now})
+        conn.execute(inventory_stock.insert(), rows)
     return have
 
 
-def _move(conn, lines: Sequence[dict[str, Any]], now, on_hand: int = 0, reserved: int = 0) -> None:
-    """Stock moves of a reservation's lines: ``on_hand`` and ``reserved`` are +1/-1/0 per unit."""
-    for ln in lines:
-        q = int(ln["qty"])
-        conn.execute(inventory_stock.update().where(inventory_stock.c.sku == ln["sku"]).values(
-            on_hand=inventory_stock.c.on_hand + on_hand * q, reserved=inventory_stock.c.reserved + reserved * q,
-            updated_at=now))
+def _apply_moves(conn, moves: dict[str, list[int]], now) -> None:
+    """Stock moves per sku (``[on_hand delta, reserved delta]``) in one statement."""
+    rows = [{"s": sku, "h": h, "r": r, "t": now} for sku, (h, r) in moves.items() if h or r]
+    if rows:
+        conn.execute(inventory_stock.update().where(inventory_stock.c.sku == sa.bindparam("s")).values(
+            on_hand=inventory_stock.c.on_hand + sa.bindparam("h"), reserved=inventory_stock.c.reserved + sa.bindparam("r"),
+            updated_at=sa.bindparam("t")), rows)
 
 
 def _inventory(conn, effects) -> list[Delivery]:
+    """Reserve (all lines or none), commit (on shipment), release (compensation), restock (a return received).
+    One batch: the records and the stock read once, new reservations inserted together, stock moved per sku."""
     now = utcnow()
-    out = []
-    for e in effects:
-        p = e.payload
-        if e.action == "reserve":
-            row = _existing(conn, inventory_reservations, e.idempotency_key)
-            if row is None:
-                skus = [ln["sku"] for ln in p["lines"]]
-                need: dict[str, int] = {}
-                for ln in p["lines"]:
-                    need[ln["sku"]] = need.get(ln["sku"], 0) + int(ln["qty"])
-                available = _stock(conn, skus)
-                short = sorted(s for s, q in need.items() if available.get(s, 0) < q)
-                if not short:
-                    _move(conn, p["lines"], now, reserved=+1)
-                rid = conn.execute(inventory_reservations.insert().values(
-                    **base_row(e), order_id=p["order_id"], lines=p["lines"], status="short" if short else "reserved",
-                    short=short or None, created_at=now, updated_at=now)).inserted_primary_key[0]
-                row = {"id": rid, "status": "short" if short else "reserved"}
-            out.append(Delivery(e.idempotency_key, True, f"inventory:reservation:{row['id']}:{row['status']}"))
+    t = inventory_reservations
+    known = _by_key(conn, t, [e.idempotency_key for e in effects] +
+                    [e.payload["effect_key"] for e in effects if e.action != "reserve" and e.payload.get("effect_key")])
+    fresh = [e for e in effects if e.action == "reserve" and e.idempotency_key not in known]
+    available = _stock(conn, [ln["sku"] for e in fresh for ln in e.payload["lines"]]) if fresh else {}
+    moves: dict[str, list[int]] = {}
+
+    def move(lines, h: int, r: int) -> None:
+        for ln in lines:
+            m = moves.setdefault(ln["sku"], [0, 0])
+            m[0] += h * int(ln["qty"])
+            m[1] += r * int(ln["qty"])
+
+    rows, seen = [], set()
+    for e in fresh:
+        if e.idempotency_key in seen:
             continue
-        res = _existing(conn, inventory_reservations, p["effect_key"])
+        seen.add(e.idempotency_key)
+        need: dict[str, int] = {}
+        for ln in e.payload["lines"]:
+            need[ln["sku"]] = need.get(ln["sku"], 0) + int(ln["qty"])
+        short = sorted(sku for sku, q in need.items() if available.get(sku, 0) < q)
+        if not short:
+            for sku, q in need.items():
+                available[sku] -= q
+            move(e.payload["lines"], 0, +1)
+        rows.append({**base_row(e), "order_id": e.payload["order_id"], "lines": e.payload["lines"],
+                     "status": "short" if short else "reserved", "short": short or None, "created_at": now,
+                     "updated_at": now})
+    known.update(_insert(conn, t, rows))
+    out, status_updates = [], []
+    for e in effects:
+        if e.action == "reserve":
+            rec = known[e.idempotency_key]
+            out.append(Delivery(e.idempotency_key, True, f"inventory:reservation:{rec['id']}:{rec['status']}"))
+            continue
+        res = known.get(e.payload.get("effect_key"))
         if res is None:
             out.append(Delivery(e.idempotency_key, True, "inventory:none"))
             continue
-        want = {"commit": ("reserved", "committed"), "release": ("reserved", "released"),
-                "restock": ("committed", "restocked")}[e.action]
-        if res["status"] == want[0]:
+        frm, to = {"commit": ("reserved", "committed"), "release": ("reserved", "released"),
+                   "restock": ("committed", "restocked")}[e.action]
+        if res["status"] == frm:
             if e.action == "commit":
-                _move(conn, res["lines"], now, on_hand=-1, reserved=-1)
+                move(res["lines"], -1, -1)
             elif e.action == "release":
-                _move(conn, res["lines"], now, reserved=-1)
-            else:  # restock: what came back (a return may send part of the order)
-                _move(conn, p.get("lines") or res["lines"], now, on_hand=+1)
-            conn.execute(inventory_reservations.update().where(inventory_reservations.c.id == res["id"]).values(
-                status=want[1], updated_at=now))
-            out.append(Delivery(e.idempotency_key, True, f"inventory:reservation:{res['id']}:{want[1]}"))
-        else:  # already done (a redelivery), or nothing to do in this state: say which
-            out.append(Delivery(e.idempotency_key, True, f"inventory:reservation:{res['id']}:{res['status']}"))
+                move(res["lines"], 0, -1)
+            else:  # what came back (a return may send part of the order)
+                move(e.payload.get("lines") or res["lines"], +1, 0)
+            res["status"] = to
+            status_updates.append({"i": res["id"], "st": to, "t": now})
+        # else already done (a redelivery), or nothing to do in this state: the record says which
+        out.append(Delivery(e.idempotency_key, True, f"inventory:reservation:{res['id']}:{res['status']}"))
+    _apply_moves(conn, moves, now)
+    if status_updates:
+        conn.execute(t.update().where(t.c.id == sa.bindparam("i")).values(status=sa.bindparam("st"),
+                                                                           updated_at=sa.bindparam("t")), status_updates)
     return out
 
 
@@ -241,34 +278,44 @@ def gift_card_balance(conn, method_id: str, start: float) -> float:
 
 
 def _payments(conn, effects) -> list[Delivery]:
+    """Authorise (a gift card's balance, the drills' decline list), capture (within the authorisation), void (an
+    authorisation not captured), refund (never above what was captured). One batch, records read once."""
     now = utcnow()
-    out = []
     t = payment_transactions
+    known = _by_key(conn, t, [e.idempotency_key for e in effects] +
+                    [e.payload["effect_key"] for e in effects if e.payload.get("effect_key")])
+    methods = sorted({e.payload.get("method_id") for e in effects if e.action == "authorize"} - {None})
+    declines = dict(conn.execute(sa.select(payment_simulation.c.method_id, payment_simulation.c.reason).where(
+        payment_simulation.c.method_id.in_(methods))).all()) if methods else {}
+    balances: dict[str, float] = {}
+    out, rows = [], []
     for e in effects:
         p = e.payload
-        row = _existing(conn, t, e.idempotency_key)
+        row = known.get(e.idempotency_key)
         if row is not None:
             out.append(Delivery(e.idempotency_key, True, f"payment_provider:{row['kind']}:{row['id']}:{row['status']}"))
             continue
-        status, reason, ref, amount, method = "approved", None, None, float(p.get("amount") or 0), p.get("method_id")
+        status, reason, ref = "approved", None, None
+        amount, method, order_id = float(p.get("amount") or 0), p.get("method_id"), p.get("order_id")
         if e.action == "authorize":
-            declined = conn.execute(sa.select(payment_simulation.c.reason).where(
-                payment_simulation.c.method_id == method)).scalar()
-            if declined:
-                status, reason = "declined", declined
+            if method in declines:
+                status, reason = "declined", declines[method]
             elif p.get("gift_card_balance") is not None:
-                left = gift_card_balance(conn, method, float(p["gift_card_balance"]))
-                if left + 1e-9 < amount:
-                    status, reason = "declined", f"gift card balance {left:.2f} below {amount:.2f}"
+                if method not in balances:
+                    balances[method] = gift_card_balance(conn, method, float(p["gift_card_balance"]))
+                if balances[method] + 1e-9 < amount:
+                    status, reason = "declined", f"gift card balance {balances[method]:.2f} below {amount:.2f}"
+                else:
+                    balances[method] -= amount
         else:
             ref = p["effect_key"]
-            target = _existing(conn, t, ref)
+            target = known.get(ref)
             if target is None or target["status"] != "approved":
                 out.append(Delivery(e.idempotency_key, False, error=f"{e.action}: no approved transaction {ref}"))
                 continue
-            method, order_id = target["method_id"], target["order_id"]
+            order_id = order_id or target["order_id"]
             if e.action == "capture":
-                amount = amount or target["amount"]
+                method, amount = target["method_id"], amount or target["amount"]
                 if amount > target["amount"] + 1e-9:
                     out.append(Delivery(e.idempotency_key, False, error="capture above the authorised amount"))
                     continue
@@ -277,20 +324,27 @@ def _payments(conn, effects) -> list[Delivery]:
                                                         t.c.status == "approved")).first():
                     out.append(Delivery(e.idempotency_key, False, error="void: the authorisation was captured; refund it"))
                     continue
-                amount = target["amount"]
+                method, amount = target["method_id"], target["amount"]
                 conn.execute(t.update().where(t.c.id == target["id"]).values(status="voided"))
-            elif e.action == "refund":
+                target["status"] = "voided"
+            else:  # refund: to the original method, or the gift card the customer chose
                 refunded = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.amount), 0.0)).where(
                     t.c.ref_key == ref, t.c.kind == "refund", t.c.status == "approved")).scalar_one()
-                amount = min(amount or target["amount"], round(target["amount"] - refunded, 2))
+                refunded += sum(r["amount"] for r in rows if r["ref_key"] == ref and r["kind"] == "refund")
+                amount = round(min(amount or target["amount"], target["amount"] - refunded), 2)
+                method = p.get("method_id") or target["method_id"]
                 if amount <= 0:
-                    out.append(Delivery(e.idempotency_key, True, f"payment_provider:refund:none:nothing_left"))
+                    out.append(Delivery(e.idempotency_key, True, "payment_provider:refund:none:nothing_left"))
                     continue
-        rid = conn.execute(t.insert().values(
-            **base_row(e), order_id=p.get("order_id") or (order_id if e.action != "authorize" else ""),
-            kind=e.action, method_id=method, amount=round(amount, 2), status=status, reason=reason, ref_key=ref,
-            created_at=now)).inserted_primary_key[0]
-        out.append(Delivery(e.idempotency_key, True, f"payment_provider:{e.action}:{rid}:{status}"))
+        rows.append({**base_row(e), "order_id": order_id or "", "kind": e.action, "method_id": method,
+                     "amount": round(amount, 2), "status": status, "reason": reason, "ref_key": ref, "created_at": now})
+        out.append(None)  # filled once inserted
+    made = _insert(conn, t, rows)
+    it = iter(rows)
+    for i, d in enumerate(out):
+        if d is None:
+            rec = made[next(it)["idempotency_key"]]
+            out[i] = Delivery(rec["idempotency_key"], True, f"payment_provider:{rec['kind']}:{rec['id']}:{rec['status']}")
     return out
 
 
@@ -304,28 +358,29 @@ def tracking_id(key: str) -> str:
 
 
 def _warehouse(conn, effects) -> list[Delivery]:
+    """Ship (a fulfilment request with a tracking id) and cancel_fulfilment (only what has not left the building;
+    the record says what the parcel is when it already left). One batch."""
     now = utcnow()
+    known = _by_key(conn, fulfilments, [e.idempotency_key for e in effects] +
+                    [e.payload["effect_key"] for e in effects if e.payload.get("effect_key")])
+    rows = [{**base_row(e), "order_id": e.payload["order_id"], "lines": e.payload["lines"],
+             "tracking_id": tracking_id(e.idempotency_key), "status": "requested", "created_at": now, "updated_at": now}
+            for e in {e.idempotency_key: e for e in effects if e.action == "ship" and e.idempotency_key not in known}.values()]
+    known.update(_insert(conn, fulfilments, rows))
     out = []
     for e in effects:
-        p = e.payload
         if e.action == "ship":
-            row = _existing(conn, fulfilments, e.idempotency_key)
-            if row is None:
-                rid = conn.execute(fulfilments.insert().values(
-                    **base_row(e), order_id=p["order_id"], lines=p["lines"], tracking_id=tracking_id(e.idempotency_key),
-                    status="requested", created_at=now, updated_at=now)).inserted_primary_key[0]
-                row = {"id": rid, "status": "requested"}
-            out.append(Delivery(e.idempotency_key, True, f"warehouse:fulfilment:{row['id']}:{row['status']}"))
-            continue
-        f = _existing(conn, fulfilments, p["effect_key"])
-        if f is None:
-            out.append(Delivery(e.idempotency_key, True, "warehouse:none"))
-        elif f["status"] == "requested":  # cancel_fulfilment: only what has not left the building
-            conn.execute(fulfilments.update().where(fulfilments.c.id == f["id"]).values(status="cancelled",
-                                                                                         updated_at=now))
-            out.append(Delivery(e.idempotency_key, True, f"warehouse:fulfilment:{f['id']}:cancelled"))
+            f = known[e.idempotency_key]
         else:
-            out.append(Delivery(e.idempotency_key, True, f"warehouse:fulfilment:{f['id']}:{f['status']}"))
+            f = known.get(e.payload.get("effect_key"))
+            if f is None:
+                out.append(Delivery(e.idempotency_key, True, "warehouse:none"))
+                continue
+            if f["status"] == "requested":
+                conn.execute(fulfilments.update().where(fulfilments.c.id == f["id"]).values(status="cancelled",
+                                                                                             updated_at=now))
+                f["status"] = "cancelled"
+        out.append(Delivery(e.idempotency_key, True, f"warehouse:fulfilment:{f['id']}:{f['status']}"))
     return out
 
 
