@@ -193,3 +193,38 @@ def test_payment_outage_failed_for_good_compensates_the_reservation(orch_home, d
     _, tx, _, res = systems(orch_home)
     assert {r["order_id"]: r["status"] for r in res}["#T0030"] == "released" and not tx
 
+
+
+def test_late_payment_answers_and_timeouts_wait_without_a_held_run(orch_home, db, defs, instance, shop, monkeypatch):
+    from orch_project.defs.orders.logic import CFG
+    from orch_project.defs.orders.store import ensure_tables, payment_simulation, provider_answers
+
+    cdb = systems(orch_home)[0]
+    recs = [order(shop, 40 + i) for i in range(4)]
+    with cdb.begin() as conn:
+        ensure_tables(conn)
+        conn.execute(payment_simulation.insert(), [
+            {"method_id": recs[0]["payment_method_id"], "mode": "late", "remaining": None, "reason": ""},
+            {"method_id": recs[1]["payment_method_id"], "mode": "late", "remaining": None, "reason": ""},
+            {"method_id": recs[2]["payment_method_id"], "mode": "late", "remaining": None, "reason": ""},
+            {"method_id": recs[3]["payment_method_id"], "mode": "timeout", "remaining": 1, "reason": ""}])
+    drop(orch_home, "late.jsonl", recs)
+    assert run_flow(defs, instance, DAY, FLOW).success
+    st = orders(db)
+    assert [st[f"#T{40 + i:04d}"][0] for i in range(4)] == ["reserved"] * 4
+    with cdb.begin() as conn:  # the provider decides two of the late ones; the third never answers
+        provider_answers(conn, ["#T0040"], approve=True)
+        provider_answers(conn, ["#T0041"], approve=False)
+    assert run_ops(defs, instance, FLOW).success  # the ops job moves waiting orders on, every partition
+    st = orders(db)
+    assert st["#T0040"][0] == "in_fulfilment" and st["#T0041"][1]["outcome"] == "payment_declined"
+    assert st["#T0043"][0] == "in_fulfilment"  # the timed-out call was answered on its retry
+    assert st["#T0042"][0] == "reserved"
+    monkeypatch.setattr(CFG.settings, "authorization_timeout_hours", 1e-6)  # the deadline passes
+    assert run_ops(defs, instance, FLOW).success
+    st, d = orders(db)["#T0042"]
+    assert st == "resolved" and d["outcome"] == "payment_timeout"
+    _, tx, _, res = systems(orch_home)
+    assert {t["order_id"]: t["status"] for t in tx if t["kind"] == "authorize"}["#T0042"] == "voided"
+    assert {r["order_id"]: r["status"] for r in res}["#T0042"] == "released"
+    assert audit(db, orch_home)["violations"] == []

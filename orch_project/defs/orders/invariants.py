@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from ...lib.store import as_utc, items, utcnow
 from .store import fulfilments, inventory_reservations, inventory_stock, payment_transactions
 
-ENDED_WITHOUT_SHIPPING = ("cancelled", "expired", "payment_declined", "out_of_stock", "refused")
+ENDED_WITHOUT_SHIPPING = ("cancelled", "expired", "payment_declined", "payment_timeout", "out_of_stock", "refused")
 
 
 def audit(app_db, conn_db, cfg, flow: str = "orders", now: datetime | None = None) -> dict[str, Any]:

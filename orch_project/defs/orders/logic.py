@@ -58,6 +58,8 @@ class OrderSettings(BaseModel):
     fraud: FraudRules = FraudRules()
     out_of_stock: Literal["cancel", "split"] = "split"
     capture_deadline_days: float = Field(7, gt=0, description="an authorisation not captured by then is voided")
+    authorization_timeout_hours: float = Field(24, gt=0, description="a late authorisation not answered by then "
+                                                                      "is withdrawn and the order cancelled")
     capture_grace_hours: float = Field(24, gt=0, description="a parcel out this long without a capture is a violation")
     review_after_days: float = Field(3, ge=0, description="review request this long after delivery")
     return_window_days: float = Field(30, gt=0, description="returns accepted this long after delivery")

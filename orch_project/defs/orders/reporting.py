@@ -31,8 +31,9 @@ def order_kpis(it) -> dict[str, Any]:
     k["fraud_review_rate"] = len(reviewed) / len(scored) if scored else None
     k["fraud_refusal_rate"] = outcomes["refused"] / len(scored) if scored else None
     authorised = [d for d in orders if any(s == "authorize" for s, _ in (d.get("saga") or {}).get("done", []))]
-    tried = len(authorised) + outcomes["payment_declined"]
+    tried = len(authorised) + outcomes["payment_declined"] + outcomes["payment_timeout"]
     k["payment_decline_rate"] = outcomes["payment_declined"] / tried if tried else None
+    k["payment_failure_rate"] = (outcomes["payment_declined"] + outcomes["payment_timeout"]) / tried if tried else None
     reserved = [d for d in orders if any(s == "reserve" for s, _ in (d.get("saga") or {}).get("done", []))]
     k["out_of_stock_rate"] = ((outcomes["out_of_stock"] + sum(bool(d.get("dropped_lines")) for d in reserved))
                               / (len(reserved) + outcomes["out_of_stock"]) if reserved or outcomes["out_of_stock"] else None)
@@ -70,7 +71,8 @@ def _rows(k: dict[str, Any]) -> list[str]:
     return [f"| orders | {k['orders']} (events {k['events']}) |",
             f"| outcomes | {', '.join(f'{o} {n}' for o, n in sorted(k['outcomes'].items())) or 'none yet'} |",
             f"| revenue (captured less refunded) | {k['revenue']:,.2f} |",
-            f"| payment decline rate | {pct(k['payment_decline_rate'])} |",
+            f"| payment decline rate / failure rate (declined or no answer) | {pct(k['payment_decline_rate'])} / "
+            f"{pct(k['payment_failure_rate'])} |",
             f"| fraud review rate / refusal rate | {pct(k['fraud_review_rate'])} / {pct(k['fraud_refusal_rate'])} |",
             f"| out-of-stock rate | {pct(k['out_of_stock_rate'])} |",
             f"| return rate | {pct(k['return_rate'])} |",

@@ -46,8 +46,8 @@ NOTICES = {
     "review_request": ("How was your order {order}?", "Tell us what you think of what you bought: one click."),
     "cancelled": ("Your order {order} is cancelled", "{why} Any payment held is released."),
     "refused": ("We could not accept your order {order}", "{why}"),
-    "declined": ("Your payment for order {order} was declined", "{why} Nothing was charged; please order again "
-                 "with another payment method."),
+    "declined": ("Your payment for order {order} did not go through", "{why} Nothing was charged; please order "
+                 "again with another payment method."),
     "out_of_stock": ("Part of your order {order} is out of stock", "{why}"),
     "request_refused": ("About your request on order {order}", "We could not do it: {why}"),
     "address_changed": ("Your order {order} ships to the new address", "We changed the shipping address."),
@@ -331,8 +331,15 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
             continue
         rec = records[e.idempotency_key]
         verdict = step.decide(r, d, rec)
+        if verdict is not None and verdict.get("wait"):  # the system answers later (a pending authorisation)
+            if not d.get("waiting_since"):
+                d["waiting_since"] = started.isoformat()
+                mark(d, f"{step.name}: {verdict['wait']}", f"system:{step.stage}", started)
+            counts["waiting_on_answer"] += 1
+            updates.append(ItemUpdate(r["item_id"], r["status"], d, "waiting"))
+            continue
         if verdict is not None:  # a business "no": undo what was done, tell the customer, end the order
-            comp = undo(r, d, verdict["why"])
+            comp = undo(r, d, verdict["why"]) + verdict.get("also_undo", [])
             effects += comp + [notice(r, verdict["notice"], why=verdict["why"])]
             mark(d, f"{step.name}: {verdict['why']}; undone: {', '.join(c.action for c in comp) or 'nothing'}",
                  f"system:{step.stage}", started)
@@ -421,6 +428,16 @@ def authorize_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport
         if rec.get("status") == "declined":
             return {"outcome": "payment_declined", "notice": "declined",
                     "why": f"payment declined ({rec.get('reason') or 'by the provider'})"}
+        if rec.get("status") in ("pending", "voided"):
+            since = datetime.fromisoformat(d.get("waiting_since") or utcnow().isoformat())
+            limit = timedelta(hours=cfg.settings.authorization_timeout_hours)
+            if rec["status"] == "pending" and utcnow() - since <= limit:
+                return {"wait": "the payment provider answers later; the order waits for its answer"}
+            withdraw = Effect(key(r, "void_pending_authorization"), "payment_provider", "void", r["item_id"],
+                              r["trace_id"], {"effect_key": rec["idempotency_key"], "reason": "no answer in time"})
+            return {"outcome": "payment_timeout", "notice": "declined", "also_undo": [withdraw],
+                    "why": f"the payment provider did not answer within {cfg.settings.authorization_timeout_hours:g} h"}
+        d.pop("waiting_since", None)
         d["authorized_at"] = utcnow().isoformat()
         return None
 
@@ -736,10 +753,18 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
 
 
 def advance_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
-    """The ops job's pass over every partition: effects still in the outbox go out again, and every waiting
-    order takes the events that arrived and the deadlines that passed (the durable wait, without a held run)."""
+    """The ops job's pass over every partition: effects still in the outbox go out again, orders that waited on
+    a system (an outage, a late payment answer) take their step again, and every order waiting in settle takes
+    the events that arrived and the deadlines that passed (the durable wait, without a held run)."""
     started = utcnow()
     sent = dispatch(env.db, connectors, env.flow, policy=cfg.connector_policy)
-    rep = settle_stage(env.across_partitions(), cfg, connectors)
-    md = {"redelivered": sent["delivered"], "still_failing": sent["failed"], **rep.metadata}
-    return StageReport("advance", rep.n_in, rep.outcomes, (utcnow() - started).total_seconds() * 1000.0, md)
+    everywhere = env.across_partitions()
+    n_in, outcomes, md = 0, Counter(), {"redelivered": sent["delivered"], "still_failing": sent["failed"]}
+    for name, fn in (("reserve", reserve_stage), ("authorize", authorize_stage), ("fulfil", fulfil_stage),
+                     ("settle", settle_stage)):
+        rep = fn(everywhere, cfg, connectors)
+        n_in += rep.n_in
+        outcomes.update(rep.outcomes)
+        md[f"{name}_items"] = rep.n_in
+        md.update({f"{name}_{k}": v for k, v in rep.metadata.items() if isinstance(v, (int, float)) and v})
+    return StageReport("advance", n_in, outcomes, (utcnow() - started).total_seconds() * 1000.0, md)

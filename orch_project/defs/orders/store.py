@@ -11,9 +11,10 @@ simulated faults like every system.
   available variant starts with a seeded 2-20 units, an unavailable one with 0; the database refuses a negative
   or over-reserved stock) and ``inventory_reservations`` (one per order: reserved / short / committed / released
   / restocked). Available = on hand - reserved; stock leaves on hand only when the shipment commits it.
-- payments: ``payment_transactions`` (authorize / capture / void / refund). A gift card is declined when its
-  balance (the directory's, less what is held or captured on it, plus refunds) does not cover the amount; a
-  card whose id is in the simulation's decline list is declined (drills).
+- payment provider: ``payment_transactions`` (authorize / capture / void / refund). A gift card is declined when
+  its balance (the directory's, less what is held or captured on it, plus refunds) does not cover the amount.
+  ``payment_simulation`` makes the provider decline a method, answer it late (the authorisation stays
+  ``pending`` until the provider decides: ``provider_answers``) or time out on its next calls (drills, demo).
 - warehouse: ``fulfilments`` (requested -> shipped -> delivered | lost; cancelled when the order is cancelled
   before it left). Carriers move fulfilments; the flow hears about it through carrier events.
 """
@@ -136,8 +137,11 @@ fulfilments = system_table(
 )
 payment_simulation = sa.Table(
     "payment_simulation", cmeta,
-    sa.Column("method_id", sa.String(64), primary_key=True, doc="drills: this method's authorisations are declined"),
-    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("method_id", sa.String(64), primary_key=True, doc="drills and the demo: how the provider treats it"),
+    sa.Column("mode", sa.String(16), nullable=False, server_default="decline",
+              doc="decline | late (answered later: pending) | timeout (no answer for `remaining` calls)"),
+    sa.Column("remaining", sa.Integer, doc="timeout: calls left unanswered"),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
 )
 ORDER_TABLES = (inventory_stock, inventory_reservations, payment_transactions, fulfilments, payment_simulation)
 
@@ -285,8 +289,8 @@ def _payments(conn, effects) -> list[Delivery]:
     known = _by_key(conn, t, [e.idempotency_key for e in effects] +
                     [e.payload["effect_key"] for e in effects if e.payload.get("effect_key")])
     methods = sorted({e.payload.get("method_id") for e in effects if e.action == "authorize"} - {None})
-    declines = dict(conn.execute(sa.select(payment_simulation.c.method_id, payment_simulation.c.reason).where(
-        payment_simulation.c.method_id.in_(methods))).all()) if methods else {}
+    sim = {r["method_id"]: dict(r) for r in conn.execute(sa.select(payment_simulation).where(
+        payment_simulation.c.method_id.in_(methods))).mappings()} if methods else {}
     balances: dict[str, float] = {}
     out, rows = [], []
     for e in effects:
@@ -298,8 +302,17 @@ def _payments(conn, effects) -> list[Delivery]:
         status, reason, ref = "approved", None, None
         amount, method, order_id = float(p.get("amount") or 0), p.get("method_id"), p.get("order_id")
         if e.action == "authorize":
-            if method in declines:
-                status, reason = "declined", declines[method]
+            mode = (sim.get(method) or {}).get("mode")
+            if mode == "timeout" and (sim[method]["remaining"] or 0) > 0:  # the provider does not answer this call
+                sim[method]["remaining"] -= 1
+                conn.execute(payment_simulation.update().where(payment_simulation.c.method_id == method).values(
+                    remaining=sim[method]["remaining"]))
+                out.append(Delivery(e.idempotency_key, False, error="payment provider timed out (simulated)"))
+                continue
+            if mode == "decline":
+                status, reason = "declined", sim[method]["reason"] or "declined by the issuer"
+            elif mode == "late":
+                status, reason = "pending", "the provider answers later"
             elif p.get("gift_card_balance") is not None:
                 if method not in balances:
                     balances[method] = gift_card_balance(conn, method, float(p["gift_card_balance"]))
@@ -310,6 +323,12 @@ def _payments(conn, effects) -> list[Delivery]:
         else:
             ref = p["effect_key"]
             target = known.get(ref)
+            if e.action == "void" and target is not None and target["status"] in ("pending", "voided", "declined"):
+                if target["status"] == "pending":  # a late authorisation is withdrawn before the provider answers
+                    conn.execute(t.update().where(t.c.id == target["id"]).values(status="voided"))
+                    target["status"] = "voided"
+                out.append(Delivery(e.idempotency_key, True, f"payment_provider:void:{target['id']}:{target['status']}"))
+                continue
             if target is None or target["status"] != "approved":
                 out.append(Delivery(e.idempotency_key, False, error=f"{e.action}: no approved transaction {ref}"))
                 continue
@@ -376,10 +395,12 @@ def _warehouse(conn, effects) -> list[Delivery]:
             if f is None:
                 out.append(Delivery(e.idempotency_key, True, "warehouse:none"))
                 continue
-            if f["status"] == "requested":
-                conn.execute(fulfilments.update().where(fulfilments.c.id == f["id"]).values(status="cancelled",
-                                                                                             updated_at=now))
-                f["status"] = "cancelled"
+            if f["status"] == "requested":  # conditional: a carrier taking the parcel meanwhile wins
+                done = conn.execute(fulfilments.update().where(fulfilments.c.id == f["id"],
+                                                               fulfilments.c.status == "requested").values(
+                    status="cancelled", updated_at=now)).rowcount
+                f["status"] = "cancelled" if done else conn.execute(
+                    sa.select(fulfilments.c.status).where(fulfilments.c.id == f["id"])).scalar_one()
         out.append(Delivery(e.idempotency_key, True, f"warehouse:fulfilment:{f['id']}:{f['status']}"))
     return out
 
@@ -401,3 +422,21 @@ WAREHOUSE = System("warehouse", fulfilments, row=lambda e, now: {},
                    handlers={"ship": _warehouse, "cancel_fulfilment": _warehouse},
                    same_record=("item_id", "order_id"), readers={"fulfilments": _read_fulfilments})
 SYSTEMS = (INVENTORY, PAYMENTS, WAREHOUSE)
+
+
+# --- the outside world's side (the demo, drills and tests play it) ------------------------------------------------
+
+def provider_answers(conn, order_ids: Sequence[str], approve: bool) -> int:
+    """The payment provider decides its pending (late) authorisations of ``order_ids``; returns how many."""
+    t = payment_transactions
+    return conn.execute(t.update().where(t.c.order_id.in_(list(order_ids)), t.c.kind == "authorize",
+                                         t.c.status == "pending").values(
+        status="approved" if approve else "declined", reason=None if approve else "declined after review")).rowcount
+
+
+def carrier_moves(conn, order_ids: Sequence[str], to: str) -> int:
+    """Carriers move parcels (requested -> shipped, shipped -> delivered | lost); only from the state before."""
+    before = {"shipped": "requested", "delivered": "shipped", "lost": "shipped"}[to]
+    return conn.execute(fulfilments.update().where(fulfilments.c.order_id.in_(list(order_ids)),
+                                                   fulfilments.c.status == before).values(
+        status=to, updated_at=utcnow())).rowcount
