@@ -82,22 +82,35 @@ def support_flow_job():
     return defs.resolve_job_def("support_flow_job")
 
 
+def orders_ops_job():
+    """The order flow's ops job (advance: every waiting order), for the order drills."""
+    from orch_project.definitions import defs
+
+    return defs.resolve_job_def("orders_ops_job")
+
+
+JOBS = {"support_flow_job": support_flow_job, "orders_ops_job": orders_ops_job}
+
+
 def _child(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--day", required=True)
+    r.add_argument("--day", default=None, help="the partition (a partitioned job)")
+    r.add_argument("--job", default="support_flow_job", choices=sorted(JOBS))
     x = sub.add_parser("reexecute")
     x.add_argument("--run-id", required=True)
+    x.add_argument("--job", default="support_flow_job", choices=sorted(JOBS))
     args = ap.parse_args(argv)
 
     import dagster as dg
     from dagster._core.storage.dagster_run import DagsterRunStatus
 
-    recon = dg.reconstructable(support_flow_job)
+    recon = dg.reconstructable(JOBS[args.job])
     with dg.DagsterInstance.get() as instance:
         if args.cmd == "run":
-            res = dg.execute_job(recon, instance, run_config=QUIET, tags={"dagster/partition": args.day})
+            res = dg.execute_job(recon, instance, run_config=QUIET,
+                                 tags={"dagster/partition": args.day} if args.day else None)
         else:
             parent = instance.get_run_by_id(args.run_id)
             if parent is None:
