@@ -72,7 +72,8 @@ def ship(orch_home, order_ids: list[str], status: str = "shipped") -> None:
 
     cdb = systems(orch_home)[0]
     with cdb.begin() as conn:
-        conn.execute(fulfilments.update().where(fulfilments.c.order_id.in_(order_ids)).values(status=status))
+        conn.execute(fulfilments.update().where(fulfilments.c.order_id.in_(order_ids),
+                                                fulfilments.c.status == "requested").values(status=status))
 
 
 def audit(db, orch_home) -> dict:
@@ -251,3 +252,67 @@ def test_drills_sigkill_mid_compensation_race_and_duplicate_events(tmp_path):
     assert res["sigkill"]["reexecution"]["success"]
     assert res["race"]["cancelled"] + res["race"]["carrier_took"] == 40 and res["race"]["cancelled_and_shipped"] == 0
     assert res["duplicates"]["duplicates_ignored"] == 80 and res["duplicates"]["captures"] == 40
+
+
+def test_requests_modify_payment_items_and_exchange_through_the_cli(orch_home, db, defs, instance, shop):
+    """`orch orders request` queues requests; each is applied once by the store's policy: a new payment method
+    (old authorisation voided), other options of the same product (new reservation and amount, the old parcel
+    stopped and a new one sent), an exchange after delivery (replacement ships when the return arrives)."""
+    from click.testing import CliRunner
+
+    from orch_project.cli import main
+    from orch_project.defs.orders.store import directory
+
+    users, products = shop["users"], directory()
+    multi = [u for u in shop["plain"] if len(shop["users"][u]["payment_methods"]) >= 2][:1]
+    sku_a = shop["avail"][40][1]
+    pid = products.variants[sku_a]["product_id"]
+    other = next(sku for sku in products.products[pid]["variants"] if sku != sku_a and products.variants[sku]["available"])
+    recs = [order(shop, 50, uid=multi[0]), order(shop, 51, skus=[sku_a]), order(shop, 52, skus=[sku_a])]
+    drop(orch_home, "mods.jsonl", recs)
+    assert run_flow(defs, instance, DAY, FLOW).success
+    new_method = sorted(users[multi[0]]["payment_methods"])[1]
+    reqs = [{"request_id": "p1", "order_id": "#T0050", "action": "modify_payment", "payment_method_id": new_method},
+            {"request_id": "i1", "order_id": "#T0051", "action": "modify_items", "item_ids": [sku_a],
+             "new_item_ids": [other]},
+            {"request_id": "i2", "order_id": "#T0051", "action": "modify_items", "item_ids": [other],
+             "new_item_ids": [sku_a]},                                              # a second change is refused
+            {"request_id": "x0", "order_id": "#T0052", "action": "teleport"}]         # refused by the command
+    f = orch_home.home / "requests.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in reqs) + "\n")
+    out = CliRunner().invoke(main, ["orders", "request", str(f)])
+    assert out.exit_code == 0 and "3 request(s) queued" in out.output and "teleport" in out.output
+    assert run_flow(defs, instance, datetime.now(timezone.utc).date().isoformat(), FLOW).success
+    assert run_ops(defs, instance, FLOW).success
+    st = orders(db)
+    d50, d51 = st["#T0050"][1], st["#T0051"][1]
+    assert d50["method_id"] == new_method and st["#T0050"][0] == "in_fulfilment"
+    assert d51["lines"][0]["sku"] == other and d51["items_modified"]
+    assert any("modified once" in x["rule"] for x in d51["refusals"])
+    _, tx, ful, res = systems(orch_home)
+    auths = [(t["method_id"], t["status"]) for t in tx if t["order_id"] == "#T0050" and t["kind"] == "authorize"]
+    assert sorted(s for _, s in auths) == ["approved", "voided"] and (new_method, "approved") in auths
+    assert sorted(f["status"] for f in ful if f["order_id"] == "#T0051") == ["cancelled", "requested"]
+    assert sorted(r["status"] for r in res if r["order_id"] == "#T0051") == ["released", "reserved"]
+
+    # #T0052 is delivered, then exchanged for the other option; the replacement ships when the return arrives
+    ship(orch_home, ["#T0050", "#T0051", "#T0052"])
+    day = datetime.now(timezone.utc)
+    drop(orch_home, "carrier.jsonl", [event("carrier", "delivered", o, f"ev-d{o[-2:]}", day - timedelta(days=1))
+                                      for o in ("#T0050", "#T0051", "#T0052")])
+    assert run_flow(defs, instance, day.date().isoformat(), FLOW).success and run_ops(defs, instance, FLOW).success
+    f.write_text(json.dumps({"request_id": "e1", "order_id": "#T0052", "action": "exchange", "item_ids": [sku_a],
+                             "new_item_ids": [other]}) + "\n")
+    assert CliRunner().invoke(main, ["orders", "request", str(f)]).exit_code == 0
+    assert run_flow(defs, instance, day.date().isoformat(), FLOW).success and run_ops(defs, instance, FLOW).success
+    assert orders(db)["#T0052"][0] == "exchange_requested"
+    drop(orch_home, "back.jsonl", [event("carrier", "returned", "#T0052", "ev-back52", day)])
+    assert run_flow(defs, instance, day.date().isoformat(), FLOW).success and run_ops(defs, instance, FLOW).success
+    st52, d52 = orders(db)["#T0052"]
+    assert st52 == "in_fulfilment" and d52["lines"][0]["sku"] == other
+    _, tx, ful, _ = systems(orch_home)
+    assert len([f for f in ful if f["order_id"] == "#T0052"]) == 2  # the original parcel and the replacement
+    price_a, price_b = products.variants[sku_a]["price"], products.variants[other]["price"]
+    refunds = sum(t["amount"] for t in tx if t["order_id"] == "#T0052" and t["kind"] == "refund")
+    assert refunds == pytest.approx(max(price_a - price_b, 0.0))
+    assert audit(db, orch_home)["violations"] == []

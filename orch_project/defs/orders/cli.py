@@ -4,9 +4,11 @@
     orch orders audit [--json]                 the money-and-stock invariants over every order (exit 1 on a violation)
     orch orders request FILE.jsonl             customer requests into the flow's inbox (the next run applies them)
 
-Requests are ``{"request_id", "order_id", "action": "cancel" | "modify_address" | "return", ...fields}``: ``reason``
-for a cancel (``no longer needed`` or ``ordered by mistake``), ``address`` for a new address, ``item_ids`` (and
-optionally ``payment_method_id``: the original method or one of the customer's gift cards) for a return.
+Requests are ``{"request_id", "order_id", "action", ...fields}`` with action ``cancel`` (``reason``: ``no longer
+needed`` or ``ordered by mistake``), ``modify_address`` (``address``), ``modify_payment`` (``payment_method_id``),
+``modify_items`` (``item_ids`` and ``new_item_ids``, optionally ``payment_method_id``), ``return`` (``item_ids``,
+optionally ``payment_method_id``: the original method or one of the customer's gift cards) or ``exchange``
+(``item_ids`` and ``new_item_ids``, optionally ``payment_method_id`` for a higher price).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def audit(as_json: bool) -> None:
         raise SystemExit(1)
 
 
-ACTIONS = {"cancel": "cancel", "modify_address": "modify_address", "return": "return"}
+ACTIONS = ("cancel", "modify_address", "modify_payment", "modify_items", "return", "exchange")
 
 
 @group.command(help="Customer requests from FILE (JSON lines: request_id, order_id, action, fields) into the flow's "
@@ -126,8 +128,7 @@ def request(file: Path) -> None:
                 raise ValueError("a request is a JSON object")
             action = r.get("action")
             if action not in ACTIONS:
-                raise ValueError(f"action {str(action)[:30]!r} is not one of {', '.join(ACTIONS)} (exchanges and item "
-                                 "changes are not taken by this flow yet)")
+                raise ValueError(f"action {str(action)[:30]!r} is not one of {', '.join(ACTIONS)}")
             rid = str(r.get("request_id") or "")
             if not rid:
                 raise ValueError("no request_id")
@@ -135,8 +136,8 @@ def request(file: Path) -> None:
             bad.append(f"line {n}: {exc}")
             continue
         ev = {"kind": "request", "id": f"req-{rid}", "event_id": f"req-{rid}", "order_id": r.get("order_id"),
-              "type": ACTIONS[action], "occurred_at": r.get("occurred_at") or datetime.now(timezone.utc).isoformat()}
-        for k in ("reason", "address", "item_ids", "payment_method_id"):
+              "type": action, "occurred_at": r.get("occurred_at") or datetime.now(timezone.utc).isoformat()}
+        for k in ("reason", "address", "item_ids", "new_item_ids", "payment_method_id"):
             if r.get(k) is not None:
                 ev[k] = r[k]
         events.append(ev)

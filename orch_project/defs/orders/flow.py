@@ -69,12 +69,14 @@ SPEC = FlowSpec(
               kind="connector", waits=True,
               description="A fulfilment request to the warehouse (tracking id); the customer told the order is "
                           "confirmed; compensation: stop the parcel (cancel_fulfilment)."),
-        Stage("settle", loads=saga.SETTLE_LOADS, sets="resolved", routes=("shipped", "delivered", "return_requested"),
+        Stage("settle", loads=saga.SETTLE_LOADS, sets="resolved",
+              routes=("shipped", "delivered", "return_requested", "exchange_requested"),
               fn=saga.settle_stage, kind="connector", waits=True,
               description="The durable wait: carrier events (shipped -> capture + commit stock; delivered -> a "
                           "review request later; lost -> refund), customer requests per the store's policy "
-                          "(cancel, new address, return -> refund + restock on receipt) and deadlines (an "
-                          "authorisation not captured in time is voided)."),
+                          "(cancel, new address, payment method or items while pending; return -> refund + "
+                          "restock on receipt; exchange -> the replacement ships when the return arrives) and "
+                          "deadlines (an authorisation not captured in time is voided)."),
     ],
     ops=[
         OpsStage("advance", fn=saga.advance_stage, kind="connector", after=("settle",),
@@ -92,7 +94,7 @@ SPEC = FlowSpec(
     report=lazy(f"{__package__}.reporting:kpi_report"),
     demo=DemoSpec(seed=lazy(f"{__package__}.sample_data:seed_demo"),
                   before_ops=lazy(f"{__package__}.sample_data:demo_world"),
-                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=4),
+                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=6),
 )
 
 defs = build_flow(SPEC)

@@ -34,7 +34,7 @@ FIRST_DAY = date(2026, 1, 1)
 
 CARRIER_EVENTS = ("shipped", "delivered", "lost", "returned")
 PAYMENT_EVENTS = ("authorized", "declined")
-REQUESTS = ("cancel", "modify_address", "return")
+REQUESTS = ("cancel", "modify_address", "modify_payment", "modify_items", "return", "exchange")
 CANCEL_REASONS = ("no longer needed", "ordered by mistake")
 
 
@@ -120,11 +120,14 @@ class OrderEvent(BaseModel):
     event_id: str = Field(min_length=3, max_length=80)
     order_id: str = Field(pattern=r"^#?[A-Za-z0-9_-]{3,40}$")
     type: str = Field(max_length=32, description="carrier: shipped/delivered/lost/returned; payment: authorized/declined; "
-                                                 "request: cancel/modify_address/return")
+                                                 "request: cancel/modify_address/modify_payment/modify_items/return/"
+                                                 "exchange")
     occurred_at: datetime
     reason: str | None = Field(None, max_length=200)
     address: Address | None = None
     item_ids: list[str] | None = Field(None, max_length=50)
+    new_item_ids: list[str] | None = Field(None, max_length=50, description="modify_items / exchange: what each "
+                                                                            "of item_ids becomes")
     payment_method_id: str | None = Field(None, pattern=r"^[a-z_]+_\d+$")
     tracking_id: str | None = Field(None, max_length=40)
 
@@ -138,6 +141,11 @@ class OrderEvent(BaseModel):
             raise ValueError("modify_address needs the new address")
         if self.type == "return" and not self.item_ids:
             raise ValueError("a return names the item_ids to return")
+        if self.type == "modify_payment" and not self.payment_method_id:
+            raise ValueError("modify_payment names the new payment_method_id")
+        if self.type in ("modify_items", "exchange") and (not self.item_ids or not self.new_item_ids
+                                                          or len(self.item_ids) != len(self.new_item_ids)):
+            raise ValueError(f"{self.type} names item_ids and as many new_item_ids (what each becomes)")
 
 
 def order_key(order_id: str) -> str:
@@ -194,6 +202,8 @@ def to_item(raw: dict[str, Any], ctx: IntakeContext) -> Accepted:
         data["reason"] = ev.reason.strip().casefold()
     if ev.item_ids:
         data["item_ids"] = ev.item_ids
+    if ev.new_item_ids:
+        data["new_item_ids"] = ev.new_item_ids
     if ev.payment_method_id:
         data["method_id"] = ev.payment_method_id
     if ev.tracking_id:

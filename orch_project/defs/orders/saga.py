@@ -50,6 +50,10 @@ NOTICES = {
                  "again with another payment method."),
     "out_of_stock": ("Part of your order {order} is out of stock", "{why}"),
     "request_refused": ("About your request on order {order}", "We could not do it: {why}"),
+    "payment_changed": ("Your order {order} is paid another way", "We charged the new payment method and released "
+                        "the old one."),
+    "items_changed": ("Your order {order} was changed", "We changed the items as you asked; the new total is held on "
+                      "your payment method."),
     "address_changed": ("Your order {order} ships to the new address", "We changed the shipping address."),
     "return_instructions": ("Returning items of order {order}", "Print the label we attached and drop the parcel "
                             "at any carrier point; we refund when it arrives."),
@@ -92,6 +96,12 @@ def record_done(d: dict[str, Any], step: str, k: str) -> None:
 
 def done_key(d: dict[str, Any], step: str) -> str | None:
     return next((k for s, k in done(d) if s == step), None)
+
+
+def current(d: dict[str, Any], step: str) -> str | None:
+    """The key of the step's record that stands now (a modified order has a new reservation, authorisation or
+    parcel; the first one otherwise)."""
+    return (d.get("current") or {}).get(step) or done_key(d, step)
 
 
 def undo(row: dict[str, Any], d: dict[str, Any], reason: str, skip: Sequence[str] = ()) -> list[Effect]:
@@ -463,7 +473,7 @@ def fulfil_stage(env: StageEnv, cfg: OrdersConfig, connectors) -> StageReport:
 
 # --- settle: the durable wait on carriers, customers and deadlines -----------------------------------------------
 
-SETTLE_LOADS = ("in_fulfilment", "shipped", "delivered", "return_requested")
+SETTLE_LOADS = ("in_fulfilment", "shipped", "delivered", "return_requested", "exchange_requested")
 # events of one instant apply in the order they must happen
 _RANK = {"shipped": 0, "delivered": 1, "lost": 2, "returned": 3}
 
@@ -505,9 +515,10 @@ def _refund_method(d: dict[str, Any], ev: dict[str, Any], shop) -> tuple[str | N
     return want, None
 
 
-def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str, Any] | None, now: datetime,
+def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any], now: datetime,
               cfg: OrdersConfig, shop) -> Move | None:
     d = r["data"]
+    fulfilment = facts.get("fulfilment")
     s = cfg.settings
     status = r["status"]
     applied = set((d.get("saga") or {}).get("events", []))
@@ -521,30 +532,40 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str
             return status
         return Move([_once(notice(r, "request_refused", why=why), ev)], apply, ev["event_id"])
 
+    rnd = d.get("round", "")  # "" for the first parcel, "#<tag>" for an exchange's replacement
+    due = d.get("due", d["amount"])  # what the parcel's shipment captures
+
     def ship_effects() -> list[Effect]:
-        return [Effect(key(r, "capture"), "payment_provider", "capture", r["item_id"], r["trace_id"], {
-                    "order_id": d["order_id"], "effect_key": done_key(d, "authorize"), "amount": d["amount"]}),
-                Effect(key(r, "commit_stock"), "inventory", "commit", r["item_id"], r["trace_id"], {
-                    "order_id": d["order_id"], "effect_key": done_key(d, "reserve")}),
-                notice(r, "shipped", tracking=d.get("tracking_id") or "")]
+        out = [Effect(key(r, "commit_stock" + rnd), "inventory", "commit", r["item_id"], r["trace_id"], {
+                   "order_id": d["order_id"], "effect_key": current(d, "reserve")}),
+               _tag(notice(r, "shipped", tracking=d.get("tracking_id") or ""), rnd)]
+        if due > 0:
+            out.insert(0, Effect(key(r, "capture" + rnd), "payment_provider", "capture", r["item_id"], r["trace_id"],
+                                 {"order_id": d["order_id"], "effect_key": current(d, "authorize"), "amount": due}))
+        return out
 
     def shipped(d, at):
-        record_done(d, "capture", key(r, "capture"))
-        record_done(d, "commit_stock", key(r, "commit_stock"))
+        if due > 0:
+            record_done(d, "capture" + rnd, key(r, "capture" + rnd))
+        record_done(d, "commit_stock" + rnd, key(r, "commit_stock" + rnd))
         d["shipped_at"] = at
-        mark(d, "shipped: payment captured, stock committed", by, now)
+        mark(d, "shipped: " + (f"{due:.2f} captured" if due > 0 else "nothing more to capture") + ", stock committed",
+             by, now)
 
     # a return's parcel can arrive (be recorded) before the request: it waits for it
     pending = [e for e in pending if not (e["type"] == "returned" and status == "delivered")]
+    if d.get("change"):  # a change in progress goes first (it is a small saga of its own)
+        pending = [e for e in pending if e["event_id"] == d["change"]["event"]] or pending
     if pending:
         ev = pending[0]
         t = ev["type"]
-        if ev["source"] == "payment":  # the embedded provider answers at once: a late answer changes nothing
+        if ev["source"] == "payment":  # the authorize step reads the provider's record; the event woke the flow
             def apply(d):
-                mark(d, f"payment event {t} ignored: the authorisation was already answered", by, now,
-                     event=ev["event_id"])
+                mark(d, f"payment event {t} noted (the provider's record decides)", by, now, event=ev["event_id"])
                 return status
             return Move([], apply, ev["event_id"])
+        if t in ("modify_payment", "modify_items", "exchange"):
+            return change_move(r, ev, facts, now, cfg, shop, refuse)
         if t == "shipped" or (t in ("delivered", "lost") and status == "in_fulfilment"):
             if status != "in_fulfilment":
                 return Move([], lambda d: status, ev["event_id"])  # a repeat of what already happened
@@ -561,7 +582,7 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str
                 d["delivered_at"] = ev["occurred_at"]
                 mark(d, "delivered", by, now)
                 return "delivered"
-            return Move([notice(r, "delivered")], apply, ev["event_id"])
+            return Move([_tag(notice(r, "delivered"), rnd)], apply, ev["event_id"])
         if t == "lost":
             if status != "shipped":
                 return Move([], lambda d: status, ev["event_id"])
@@ -579,8 +600,8 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str
                 return refuse(ev, f"only a pending order can be cancelled; this one is {status.replace('_', ' ')}")
             if fulfilment is None or fulfilment["status"] == "requested":
                 # ask the warehouse to stop the parcel first; its answer decides on the next pass
-                stop = Effect(key(r, "cancel_fulfilment"), "warehouse", "cancel_fulfilment", r["item_id"],
-                              r["trace_id"], {"effect_key": done_key(d, "fulfil"), "reason": "customer cancel"})
+                stop = Effect(key(r, "cancel_fulfilment" + rnd), "warehouse", "cancel_fulfilment", r["item_id"],
+                              r["trace_id"], {"effect_key": current(d, "fulfil"), "reason": "customer cancel"})
                 return Move([stop], lambda d: status, None)
             if fulfilment["status"] == "cancelled":
                 comp = undo(r, d, f"cancelled by the customer ({ev['reason']})", skip=("fulfil",))
@@ -617,6 +638,35 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str
                 mark(d, f"return requested: {len(ev['item_ids'])} item(s)", f"customer:{d['customer_ref'][:12]}", now)
                 return "return_requested"
             return Move([notice(r, "return_instructions")], apply, ev["event_id"])
+        if t == "returned" and status == "exchange_requested":
+            x = d["exchange"]
+            tg = x["tag"]
+            effs = [Effect(key(r, f"restock_exchange{tg}"), "inventory", "restock", r["item_id"], r["trace_id"], {
+                        "order_id": d["order_id"], "effect_key": current(d, "reserve"),
+                        "lines": [{"sku": ln["sku"], "qty": ln["qty"]} for ln in x["returned"]]}),
+                    Effect(key(r, f"fulfil{tg}"), "warehouse", "ship", r["item_id"], r["trace_id"], {
+                        "order_id": d["order_id"], "round": tg, "lines": [{"sku": ln["sku"], "qty": ln["qty"]}
+                                                             for ln in x["replacement"]]})]
+            if x["diff"] < 0:
+                effs.append(Effect(key(r, f"refund_exchange{tg}"), "payment_provider", "refund", r["item_id"],
+                                   r["trace_id"], {"order_id": d["order_id"], "effect_key": key(r, "capture"),
+                                                   "amount": -x["diff"]}))
+            def apply(d):
+                record_done(d, f"reserve{tg}", x["keys"]["reserve"])
+                record_done(d, f"fulfil{tg}", key(r, f"fulfil{tg}"))
+                cur = {"reserve": x["keys"]["reserve"], "fulfil": key(r, f"fulfil{tg}")}
+                if "authorize" in x["keys"]:
+                    record_done(d, f"authorize{tg}", x["keys"]["authorize"])
+                    cur["authorize"] = x["keys"]["authorize"]
+                d["current"] = {**d.get("current", {}), **cur}
+                if x["diff"] < 0:
+                    d["refunded"] = round(d.get("refunded", 0.0) + -x["diff"], 2)
+                d.update(round=tg, due=max(x["diff"], 0.0), lines=x["lines"], amount=x["amount"])
+                for k in ("shipped_at", "delivered_at"):
+                    d.pop(k, None)
+                mark(d, "exchange: returned items received and restocked, the replacement sent to the warehouse", by, now)
+                return "in_fulfilment"
+            return Move(effs, apply, ev["event_id"])
         if t == "returned":
             if status != "return_requested":
                 return Move([], lambda d: status, ev["event_id"])
@@ -640,8 +690,8 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str
     if status == "in_fulfilment" and d.get("authorized_at") and now > datetime.fromisoformat(
             d["authorized_at"]) + timedelta(days=s.capture_deadline_days):
         if fulfilment is None or fulfilment["status"] == "requested":
-            stop = Effect(key(r, "cancel_fulfilment"), "warehouse", "cancel_fulfilment", r["item_id"], r["trace_id"],
-                          {"effect_key": done_key(d, "fulfil"), "reason": "capture deadline"})
+            stop = Effect(key(r, "cancel_fulfilment" + rnd), "warehouse", "cancel_fulfilment", r["item_id"],
+                          r["trace_id"], {"effect_key": current(d, "fulfil"), "reason": "capture deadline"})
             return Move([stop], lambda d: status, None)
         if fulfilment["status"] == "cancelled":
             why = f"not shipped within {s.capture_deadline_days:g} days: the authorisation is voided"
@@ -664,6 +714,186 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], fulfilment: dict[str
                 return "resolved:fulfilled"
             return Move([], apply, None)
     return None
+
+
+def _new_lines(d: dict[str, Any], ev: dict[str, Any], shop) -> tuple[list[dict[str, Any]], list[str], str | None]:
+    """The order's lines with ``item_ids`` swapped for ``new_item_ids`` (other options of the same product, in
+    stock at the store), the skus swapped, or why the swap breaks the policy."""
+    old, new = ev.get("item_ids") or [], ev.get("new_item_ids") or []
+    skus = [ln["sku"] for ln in d["lines"]]
+    if not old or len(old) != len(new):
+        return [], [], "name each item to change (item_ids) and what it becomes (new_item_ids), one for one"
+    if not set(old) <= set(skus):
+        return [], [], "only items of this order can be changed"
+    swap = dict(zip(old, new))
+    lines = []
+    for ln in d["lines"]:
+        if ln["sku"] not in swap:
+            lines.append(ln)
+            continue
+        v = shop.variants.get(swap[ln["sku"]])
+        if v is None or v["product_id"] != ln["product_id"]:
+            return [], [], "an item can only become another option of the same product"
+        if swap[ln["sku"]] == ln["sku"]:
+            return [], [], "the new item must be a different option"
+        if not v["available"]:
+            return [], [], f"the option {swap[ln['sku']]} of {v['name']} is not available"
+        lines.append({**ln, "sku": swap[ln["sku"]], "price": v["price"]})
+    return lines, old, None
+
+
+def change_move(r: dict[str, Any], ev: dict[str, Any], facts: dict[str, Any], now: datetime, cfg: OrdersConfig,
+                shop, refuse: Callable[[dict, str], Move]) -> Move:
+    """The store's policy for changing an order, as a small saga of its own. New records first (a reservation of
+    the new items, an authorisation of the new amount or method), the old ones given up only once the new ones
+    stand (and, for items, once the warehouse stopped the old parcel); a change that cannot finish undoes its
+    new records and is refused with the rule.
+
+    - modify_payment (pending order): one other method of the customer's; a gift card must cover the total;
+    - modify_items (pending order, once): other options of the same products, available; the new total
+      authorised;
+    - exchange (delivered order, within the return window): other options of the same products; a higher
+      price authorised now and captured when the replacement ships, a lower one refunded when the return
+      arrives; the replacement ships when the returned items are received."""
+    d = r["data"]
+    status, t = r["status"], ev["type"]
+    tag = "#" + ev["item_id"].rsplit("-", 1)[1][:8]
+    by = f"customer:{d['customer_ref'][:12]}"
+    ch = d.get("change")
+    recs = facts.get("records") or {}
+    cust = shop.customers.get(d["customer_ref"])
+
+    def eff(step: str, connector: str, action: str, **payload) -> Effect:
+        return Effect(key(r, step), connector, action, r["item_id"], r["trace_id"], {"order_id": d["order_id"], **payload})
+
+    def give_up(why: str, keys: dict[str, str]) -> Move:
+        undo_new = ([eff(f"release{tag}", "inventory", "release", effect_key=keys["reserve"])] if "reserve" in keys else [])
+        undo_new += ([eff(f"void{tag}", "payment_provider", "void", effect_key=keys["authorize"])]
+                     if "authorize" in keys else [])
+        m = refuse(ev, why)
+        inner = m.apply
+
+        def apply(dd):
+            dd.pop("change", None)
+            return inner(dd)
+        return Move(undo_new + m.effects, apply, ev["event_id"])
+
+    if ch is None:  # phase 0: check the rules, then create the new records
+        if t in ("modify_payment", "modify_items"):
+            if status != "in_fulfilment" or (facts.get("fulfilment") or {}).get("status", "requested") != "requested":
+                return refuse(ev, "only a pending order (not shipped yet) can be modified")
+            if t == "modify_items" and d.get("items_modified"):
+                return refuse(ev, "an order's items can be modified once")
+        elif status != "delivered":
+            return refuse(ev, f"only a delivered order can be exchanged; this one is {status.replace('_', ' ')}")
+        elif datetime.fromisoformat(ev["occurred_at"]) > datetime.fromisoformat(d["delivered_at"]) + timedelta(
+                days=cfg.settings.return_window_days):
+            return refuse(ev, f"exchanges are accepted within {cfg.settings.return_window_days:g} days of delivery")
+        method = ev.get("method_id") or d["method_id"]
+        m = (cust.methods.get(method) if cust else None)
+        if m is None:
+            return refuse(ev, "the payment method is not one of the customer's")
+        gift = m.get("balance") if m.get("source") == "gift_card" else None
+        if t == "modify_payment":
+            if method == d["method_id"]:
+                return refuse(ev, "the new payment method must differ from the original one")
+            new = {"authorize": key(r, f"authorize{tag}")}
+            effects = [eff(f"authorize{tag}", "payment_provider", "authorize", method_id=method, amount=d["amount"],
+                           gift_card_balance=gift, round=tag)]
+            plan = {"method_id": method}
+        else:
+            lines, old, why = _new_lines(d, ev, shop)
+            if why:
+                return refuse(ev, why)
+            amount = round(sum(ln["price"] * ln["qty"] for ln in lines), 2)
+            diff = round(amount - d["amount"], 2)
+            new = {"reserve": key(r, f"reserve{tag}")}
+            changed = [ln for ln in lines if ln["sku"] not in {x["sku"] for x in d["lines"]}]
+            effects = [eff(f"reserve{tag}", "inventory", "reserve", round=tag,
+                           lines=[{"sku": ln["sku"], "qty": ln["qty"]} for ln in (lines if t == "modify_items" else changed)])]
+            pay = amount if t == "modify_items" else diff
+            if pay > 0:
+                new["authorize"] = key(r, f"authorize{tag}")
+                effects.append(eff(f"authorize{tag}", "payment_provider", "authorize", method_id=method, amount=pay,
+                                   gift_card_balance=gift, round=tag))
+            plan = {"lines": lines, "amount": amount, "diff": diff, "old_skus": old, "method_id": method,
+                    "returned": [ln for ln in d["lines"] if ln["sku"] in old], "replacement": changed}
+
+        def start(dd):
+            dd["change"] = {"event": ev["event_id"], "type": t, "tag": tag, "keys": new, **plan}
+            mark(dd, f"{t.replace('_', ' ')} requested: new records asked for", by, now, event=ev["event_id"])
+            return status
+        return Move(effects, start, None)
+
+    keys = ch["keys"]
+    states = {k: (recs.get(v) or {}).get("status") for k, v in keys.items()}
+    if None in states.values():  # the systems have not recorded the new ones yet
+        return Move([], lambda dd: status, None)
+    if states.get("reserve") == "short":
+        return give_up("the new items are out of stock", {k: v for k, v in keys.items() if k != "reserve"})
+    if states.get("authorize") in ("declined", "pending"):
+        return give_up("the payment provider did not approve the new payment"
+                       + (f" ({recs[keys['authorize']].get('reason')})" if recs[keys['authorize']].get("reason") else ""),
+                       keys)
+    if t == "modify_payment":
+        def apply(dd):
+            record_done(dd, f"authorize{tag}", keys["authorize"])
+            dd.setdefault("current", {})["authorize"] = keys["authorize"]
+            dd["method_id"] = ch["method_id"]
+            dd.pop("change", None)
+            mark(dd, "payment method changed: the new one authorised, the old one voided", by, now,
+                 event=ev["event_id"])
+            return status
+        return Move([eff(f"void_previous{tag}", "payment_provider", "void", effect_key=current(d, "authorize")),
+                     _tag(notice(r, "payment_changed"), tag)], apply, ev["event_id"])
+    if t == "modify_items":
+        ful = facts.get("fulfilment") or {}
+        if ful.get("status") == "requested" and not ch.get("stop_asked"):  # stop the old parcel first
+            def ask(dd):
+                dd["change"]["stop_asked"] = True
+                return status
+            return Move([eff(f"cancel_fulfilment{tag}", "warehouse", "cancel_fulfilment",
+                             effect_key=current(d, "fulfil"), reason="items modified")], ask, None)
+        if ful.get("status") == "requested":  # asked, not answered yet
+            return Move([], lambda dd: status, None)
+        if ful.get("status") != "cancelled":
+            return give_up("the parcel has already left the warehouse", keys)
+
+        def apply(dd):
+            record_done(dd, f"reserve{tag}", keys["reserve"])
+            record_done(dd, f"authorize{tag}", keys["authorize"])
+            record_done(dd, f"fulfil{tag}", key(r, f"fulfil{tag}"))
+            dd["current"] = {**dd.get("current", {}), "reserve": keys["reserve"], "authorize": keys["authorize"],
+                             "fulfil": key(r, f"fulfil{tag}")}
+            dd.update(lines=ch["lines"], amount=ch["amount"], items_modified=True, method_id=ch["method_id"])
+            dd.pop("change", None)
+            mark(dd, f"items modified: new total {ch['amount']:.2f} authorised, the old parcel, reservation and "
+                     "authorisation given up", by, now, event=ev["event_id"])
+            return status
+        return Move([eff(f"release_previous{tag}", "inventory", "release", effect_key=current(d, "reserve")),
+                     eff(f"void_previous{tag}", "payment_provider", "void", effect_key=current(d, "authorize")),
+                     eff(f"fulfil{tag}", "warehouse", "ship", round=tag,
+                         lines=[{"sku": ln["sku"], "qty": ln["qty"]} for ln in ch["lines"]]),
+                     _tag(notice(r, "items_changed"), tag)], apply, ev["event_id"])
+
+    # exchange accepted: the customer sends the items back; the replacement ships when they arrive
+    def accept(dd):
+        dd["exchange"] = {**{k: ch[k] for k in ("lines", "amount", "diff", "returned", "replacement", "method_id")},
+                          "tag": tag,
+                          "keys": keys, "event": ev["event_id"]}
+        dd.pop("change", None)
+        mark(dd, f"exchange requested: {len(ch['returned'])} item(s); price difference {ch['diff']:+.2f}", by, now,
+             event=ev["event_id"])
+        return "exchange_requested"
+    return Move([_tag(notice(r, "return_instructions"), tag)], accept, ev["event_id"])
+
+
+def _tag(e: Effect, rnd: str) -> Effect:
+    """A notice of a later round (an exchange's replacement parcel) under its own key."""
+    if rnd:
+        e.idempotency_key += rnd.replace("#", "_")
+        e.payload["kind"] = e.payload["kind"][:20] + rnd.replace("#", "_")[:10]
+    return e
 
 
 def _once(e: Effect, ev: dict[str, Any]) -> Effect:
@@ -691,16 +921,20 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
     live = {r["item_id"]: {**r, "data": dict(r["data"])} for r in rows}
     changed, dead, counts = set(), {}, Counter()
     for _ in range(max_passes):
-        ship_keys = [done_key(r["data"], "fulfil") for r in live.values() if done_key(r["data"], "fulfil")]
+        ship_keys = [current(r["data"], "fulfil") for r in live.values() if current(r["data"], "fulfil")]
         ful, unread = _read(connectors, "warehouse", "fulfilments", ship_keys)
-        if unread:  # without the warehouse's word nothing that depends on the parcel can be decided: wait
-            counts["warehouse_unreachable"] += 1
+        change_keys = {k for r in live.values() for k in ((r["data"].get("change") or {}).get("keys") or {}).values()}
+        tx, unread_tx = _read(connectors, "payment_provider", "transactions", sorted(change_keys))
+        res, unread_res = _read(connectors, "inventory", "reservations", sorted(change_keys))
+        if unread or unread_tx or unread_res:  # without the systems' word nothing can be decided: wait
+            counts["systems_unreachable"] += 1
             break
         moves = {}
         for iid, r in live.items():
             if r["status"] in ("resolved", "dead_lettered"):
                 continue
-            m = next_move(r, evs[r["data"]["order_id"]], ful.get(done_key(r["data"], "fulfil")), now, cfg, shop)
+            facts = {"fulfilment": ful.get(current(r["data"], "fulfil")), "records": {**tx, **res}}
+            m = next_move(r, evs[r["data"]["order_id"]], facts, now, cfg, shop)
             if m is not None:
                 moves[iid] = m
         if not moves:

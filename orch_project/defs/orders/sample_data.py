@@ -2,11 +2,12 @@
 ``samples/`` from the store in ``$ORCH_DATA_DIR/retail``): new orders by the store's customers over four days
 (ordinary ones, a grey-zone and a red fraud case, a gift card that cannot cover its order, items out of stock,
 an unknown customer and someone else's payment method), customer requests (a cancel that comes in time, one
-racing the shipment, a new address, a cancel without an allowed reason), and broken records.
+racing the shipment, a new address, other items, another payment method, a cancel without an allowed reason),
+and broken records.
 
 The demo's world (``demo_world``) plays the risk analyst (decides the fraud reviews), the warehouse and the
 carriers (ships what was requested, delivers what shipped, loses one parcel, sends one delivery before its
-shipment) and a customer who returns an item. Every event it sends has a fixed id: a second run adds nothing.
+shipment), a customer who returns an item and one who exchanges one. Every event it sends has a fixed id: a second run adds nothing.
 """
 
 from __future__ import annotations
@@ -81,7 +82,16 @@ def generate() -> dict[str, Any]:
     other = order(uids[1], [avail[4][1]])
     other["payment_method_id"] = sorted(users[uids[2]]["payment_methods"])[0]
     plain = [o for o in orders[:40]]
-    scenario = {"hold": [plain[0]["order_id"], plain[2]["order_id"]], "race": plain[1]["order_id"],
+
+    def other_option(sku: str) -> str | None:
+        pid = next(p for p, prod in products.items() if sku in prod["variants"])
+        return next((k for k, v in sorted(products[pid]["variants"].items()) if k != sku and v["available"]), None)
+
+    swap = next(o for o in plain[8:] if other_option(o["items"][0]["item_id"]))
+    two = next(o for o in plain[8:] if o is not swap and len(users[o["user_id"]]["payment_methods"]) >= 2)
+    exch = next(o for o in plain[7:] if o is not swap and o is not two and other_option(o["items"][0]["item_id"]))
+    scenario = {"hold": [plain[0]["order_id"], plain[2]["order_id"], swap["order_id"], two["order_id"]],
+                "race": plain[1]["order_id"], "exchange": exch["order_id"],
                 "lost": plain[3]["order_id"], "late_shipped_event": plain[4]["order_id"],
                 "return": plain[5]["order_id"], "grey": grey["order_id"], "red": red["order_id"],
                 "declined": declined["order_id"], "split": split["order_id"], "out_of_stock": oos["order_id"]}
@@ -95,7 +105,14 @@ def generate() -> dict[str, Any]:
          "type": "modify_address", "address": new_addr, "occurred_at": _ts(later)},
         {"kind": "request", "id": "rq-4", "event_id": "req-cancel-4", "order_id": plain[6]["order_id"], "type": "cancel",
          "reason": "found it cheaper", "occurred_at": _ts(later)},
+        {"kind": "request", "id": "rq-5", "event_id": "req-items-5", "order_id": swap["order_id"], "type": "modify_items",
+         "item_ids": [swap["items"][0]["item_id"]], "new_item_ids": [other_option(swap["items"][0]["item_id"])],
+         "occurred_at": _ts(later)},
+        {"kind": "request", "id": "rq-6", "event_id": "req-payment-6", "order_id": two["order_id"],
+         "type": "modify_payment", "payment_method_id": sorted(users[two["user_id"]]["payment_methods"])[1],
+         "occurred_at": _ts(later)},
     ]
+    scenario["exchange_to"] = other_option(exch["items"][0]["item_id"])
     orders.sort(key=lambda o: o["created_at"])
     return {"orders": orders, "requests": requests, "scenario": scenario}
 
@@ -189,6 +206,13 @@ def demo_world(settings, db) -> str | None:
                 etype = "lost" if lost else "delivered"
                 events.append(_event("carrier", etype, oid, base + timedelta(days=3), f"car-{f['tracking_id']}-{etype}",
                                      tracking_id=f["tracking_id"]))
+                if oid == scen.get("exchange") and f["purpose"] == "order":  # another option of the product; sent back
+                    old = [ln["sku"] for ln in f["lines"]][:1]
+                    events.append(_event("request", "exchange", oid, base + timedelta(days=4),
+                                         f"req-exchange-{f['tracking_id']}", item_ids=old,
+                                         new_item_ids=[scen["exchange_to"]]))
+                    events.append(_event("carrier", "returned", oid, base + timedelta(days=7),
+                                         f"car-{f['tracking_id']}-returned", tracking_id=f["tracking_id"]))
                 if oid == scen["return"]:  # the customer sends one item back; the parcel arrives three days later
                     skus = [ln["sku"] for ln in f["lines"]][:1]
                     events.append(_event("request", "return", oid, base + timedelta(days=5),

@@ -110,6 +110,8 @@ inventory_reservations = system_table(
     "inventory_reservations",
     sa.Column("order_id", sa.String(64), nullable=False),
     sa.Column("lines", sa.JSON, nullable=False, doc="[{sku, qty}]"),
+    sa.Column("purpose", sa.String(16), nullable=False, server_default="order",
+              doc="order, or the change (new items, an exchange's replacement) it was made for"),
     sa.Column("status", sa.String(16), nullable=False, doc="reserved | short | committed | released | restocked"),
     sa.Column("short", sa.JSON, doc="skus without enough stock"),
     sa.Column("created_at", TS, nullable=False),
@@ -123,7 +125,8 @@ payment_transactions = system_table(
     sa.Column("amount", sa.Float, nullable=False),
     sa.Column("status", sa.String(16), nullable=False, doc="approved | declined | voided"),
     sa.Column("reason", sa.Text),
-    sa.Column("ref_key", sa.String(512), doc="the authorisation (capture, void) or capture (refund) it acts on"),
+    sa.Column("ref_key", sa.String(512), doc="the authorisation (capture, void) or capture (refund) it acts on; "
+                                             "for an authorisation of a change, the change"),
     sa.Column("created_at", TS, nullable=False),
 )
 fulfilments = system_table(
@@ -131,6 +134,8 @@ fulfilments = system_table(
     sa.Column("order_id", sa.String(64), nullable=False),
     sa.Column("lines", sa.JSON, nullable=False),
     sa.Column("tracking_id", sa.String(32), nullable=False),
+    sa.Column("purpose", sa.String(16), nullable=False, server_default="order",
+              doc="order, or the change (new items, an exchange's replacement) it was sent for"),
     sa.Column("status", sa.String(16), nullable=False, doc="requested | shipped | delivered | lost | cancelled"),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
@@ -234,7 +239,7 @@ def _inventory(conn, effects) -> list[Delivery]:
                 available[sku] -= q
             move(e.payload["lines"], 0, +1)
         rows.append({**base_row(e), "order_id": e.payload["order_id"], "lines": e.payload["lines"],
-                     "status": "short" if short else "reserved", "short": short or None, "created_at": now,
+                     "purpose": e.payload.get("round") or "order", "status": "short" if short else "reserved", "short": short or None, "created_at": now,
                      "updated_at": now})
     known.update(_insert(conn, t, rows))
     out, status_updates = [], []
@@ -302,6 +307,7 @@ def _payments(conn, effects) -> list[Delivery]:
         status, reason, ref = "approved", None, None
         amount, method, order_id = float(p.get("amount") or 0), p.get("method_id"), p.get("order_id")
         if e.action == "authorize":
+            ref = p.get("round")  # a change's authorisation (new method, items, exchange) names its change
             mode = (sim.get(method) or {}).get("mode")
             if mode == "timeout" and (sim[method]["remaining"] or 0) > 0:  # the provider does not answer this call
                 sim[method]["remaining"] -= 1
@@ -383,7 +389,7 @@ def _warehouse(conn, effects) -> list[Delivery]:
     known = _by_key(conn, fulfilments, [e.idempotency_key for e in effects] +
                     [e.payload["effect_key"] for e in effects if e.payload.get("effect_key")])
     rows = [{**base_row(e), "order_id": e.payload["order_id"], "lines": e.payload["lines"],
-             "tracking_id": tracking_id(e.idempotency_key), "status": "requested", "created_at": now, "updated_at": now}
+             "purpose": e.payload.get("round") or "order", "tracking_id": tracking_id(e.idempotency_key), "status": "requested", "created_at": now, "updated_at": now}
             for e in {e.idempotency_key: e for e in effects if e.action == "ship" and e.idempotency_key not in known}.values()]
     known.update(_insert(conn, fulfilments, rows))
     out = []
@@ -412,15 +418,20 @@ def _read_fulfilments(conn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 INVENTORY = System("inventory", inventory_reservations, row=lambda e, now: {},
                    handlers={a: _inventory for a in ("reserve", "commit", "release", "restock")},
-                   same_record=("item_id",), counts_as_duplicate=lambda t: t.c.status != "short",
+                   # one reservation per order and purpose (a short one does not count: the split follows it)
+                   same_record=("item_id", "purpose"), counts_as_duplicate=lambda t: t.c.status != "short",
                    readers={"reservations": _read_reservations})
 PAYMENTS = System("payment_provider", payment_transactions, row=lambda e, now: {},
                   handlers={a: _payments for a in ("authorize", "capture", "void", "refund")},
-                  same_record=("item_id", "kind", "ref_key"), counts_as_duplicate=lambda t: t.c.kind != "refund",
+                  # per order: one standing authorisation per round (a change's carries it in ref_key), one capture
+                  # per authorisation; refunds may be several (a loss, a return, an exchange)
+                  same_record=("item_id", "kind", "ref_key"),
+                  counts_as_duplicate=lambda t: sa.and_(t.c.kind != "refund", t.c.status == "approved"),
                   readers={"transactions": _read_transactions})
 WAREHOUSE = System("warehouse", fulfilments, row=lambda e, now: {},
                    handlers={"ship": _warehouse, "cancel_fulfilment": _warehouse},
-                   same_record=("item_id", "order_id"), readers={"fulfilments": _read_fulfilments})
+                   # one parcel per order and purpose (the order, a change of items, an exchange's replacement)
+                   same_record=("item_id", "purpose"), readers={"fulfilments": _read_fulfilments})
 SYSTEMS = (INVENTORY, PAYMENTS, WAREHOUSE)
 
 
