@@ -316,3 +316,67 @@ def test_requests_modify_payment_items_and_exchange_through_the_cli(orch_home, d
     refunds = sum(t["amount"] for t in tx if t["order_id"] == "#T0052" and t["kind"] == "refund")
     assert refunds == pytest.approx(max(price_a - price_b, 0.0))
     assert audit(db, orch_home)["violations"] == []
+
+
+RULES = [  # (status, event fields, rule the refusal names)
+    ("in_fulfilment", {"type": "cancel", "reason": "too slow"}, "needs one of the reasons"),
+    ("shipped", {"type": "cancel", "reason": "no longer needed"}, "only a pending order can be cancelled"),
+    ("shipped", {"type": "modify_address"}, "only change before it ships"),
+    ("in_fulfilment", {"type": "modify_payment", "method_id": "METHOD"}, "must differ from the original"),
+    ("in_fulfilment", {"type": "modify_payment", "method_id": "credit_card_0000001"}, "not one of the customer's"),
+    ("shipped", {"type": "modify_items", "item_ids": ["SKU"], "new_item_ids": ["OTHER"]}, "only a pending order"),
+    ("in_fulfilment", {"type": "modify_items", "item_ids": ["SKU"], "new_item_ids": ["SKU"]}, "a different option"),
+    ("in_fulfilment", {"type": "modify_items", "item_ids": ["SKU"], "new_item_ids": ["ELSEWHERE"]},
+     "another option of the same product"),
+    ("in_fulfilment", {"type": "modify_items", "item_ids": ["NOT_MINE"], "new_item_ids": ["OTHER"]},
+     "only items of this order"),
+    ("in_fulfilment", {"type": "return", "item_ids": ["SKU"]}, "only a delivered order can be returned"),
+    ("delivered", {"type": "return", "item_ids": ["NOT_MINE"]}, "items of this order only"),
+    ("delivered", {"type": "return", "item_ids": ["SKU"], "method_id": "CARD2"}, "original payment method or one"),
+    ("delivered_long_ago", {"type": "return", "item_ids": ["SKU"]}, "within 30 days of delivery"),
+    ("in_fulfilment", {"type": "exchange", "item_ids": ["SKU"], "new_item_ids": ["OTHER"]},
+     "only a delivered order can be exchanged"),
+    ("delivered_long_ago", {"type": "exchange", "item_ids": ["SKU"], "new_item_ids": ["OTHER"]}, "within 30 days"),
+]
+
+
+@pytest.mark.parametrize("status,fields,rule", RULES, ids=[f"{r[1]['type']}-{i}" for i, r in enumerate(RULES)])
+def test_each_policy_rule_refuses_with_its_reason(shop, status, fields, rule):
+    """Every rule of the store's policy, one request each: the settle step refuses it with the rule's words,
+    sends the customer one notice and changes nothing else."""
+    from orch_project.defs.orders import saga
+    from orch_project.defs.orders.logic import CFG
+    from orch_project.defs.orders.store import directory
+
+    shop_dir = directory()
+    uid = next(u for u in shop["plain"] if len(shop["users"][u]["payment_methods"]) >= 2
+               and any(m["source"] == "credit_card" for m in shop["users"][u]["payment_methods"].values()))
+    from orch_project.lib.guardrails.pii import customer_ref
+    from orch_project.lib.settings import Settings
+
+    ref = customer_ref(uid, Settings.from_env().pii_salt)
+    methods = sorted(shop["users"][uid]["payment_methods"])
+    card2 = next(m for m in methods[1:] if shop["users"][uid]["payment_methods"][m]["source"] != "gift_card")
+    sku = shop["avail"][40][1]
+    pid = shop_dir.variants[sku]["product_id"]
+    other = next(s for s in shop_dir.products[pid]["variants"] if s != sku and shop_dir.variants[s]["available"])
+    elsewhere = next(s for s, v in shop_dir.variants.items() if v["product_id"] != pid and v["available"])
+    sub = {"SKU": sku, "OTHER": other, "ELSEWHERE": elsewhere, "NOT_MINE": elsewhere, "METHOD": methods[0],
+           "CARD2": card2}
+    now = datetime.now(timezone.utc)
+    delivered = now - timedelta(days=40 if status == "delivered_long_ago" else 1)
+    data = {"order_id": "#R1", "customer_ref": ref, "customer_token": "tok_x", "method_id": methods[0],
+            "amount": 10.0, "lines": [{"sku": sku, "qty": 1, "product_id": pid, "name": "x", "price": 10.0}],
+            "delivered_at": delivered.isoformat(), "saga": {"done": [["fulfil", "orders:order-R1:fulfil"]],
+                                                             "events": [], "undone": []}}
+    ev = {"kind": "event", "source": "request", "event_id": "ev-r1", "item_id": "evt-R1-abcdef012345",
+          "order_id": "#R1", "occurred_at": now.isoformat(),
+          **{k: ([sub.get(x, x) for x in v] if isinstance(v, list) else sub.get(v, v)) for k, v in fields.items()}}
+    row = {"item_id": "order-R1", "trace_id": "t", "status": status.replace("_long_ago", ""), "data": data}
+    facts = {"fulfilment": {"status": "shipped" if status == "shipped" else "requested"}, "records": {}}
+    move = saga.next_move(row, [ev], facts, now, CFG, shop_dir)
+    assert move is not None and move.event == "ev-r1"
+    assert [e.action for e in move.effects] == ["send_message"]  # the customer's notice, nothing else
+    d = dict(data)
+    assert move.apply(d) == row["status"]
+    assert rule in d["refusals"][0]["rule"], d["refusals"]
