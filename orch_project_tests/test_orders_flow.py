@@ -380,3 +380,42 @@ def test_each_policy_rule_refuses_with_its_reason(shop, status, fields, rule):
     d = dict(data)
     assert move.apply(d) == row["status"]
     assert rule in d["refusals"][0]["rule"], d["refusals"]
+
+
+def test_orders_on_postgresql_app_and_connector_databases(orch_home, defs, instance, shop, monkeypatch, pg_database):
+    """The production path: the app database and the store's systems on PostgreSQL; placing, a cancel in time,
+    a cancel after the parcel left, a duplicate event and a re-run, with the invariants holding."""
+    from .conftest import postgres_url
+    from orch_project.defs.orders.invariants import audit as run_audit
+    from orch_project.defs.orders.logic import CFG
+    from orch_project.defs.orders.store import carrier_moves, fulfilments, payment_transactions
+    from orch_project.defs.resources import _embedded, reset_process_caches
+    from orch_project.lib.store import Database
+
+    app, conns = postgres_url(pg_database("orch_orders")), postgres_url(pg_database("orch_conn"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", app)
+    monkeypatch.setenv("ORCH_CONNECTORS_URL", conns)
+    reset_process_caches()
+    db, cdb = Database(app), _embedded(conns).db
+    assert db.dialect == "postgresql"
+    drop(orch_home, "pg.jsonl", [order(shop, 60 + i) for i in range(4)])
+    assert run_flow(defs, instance, DAY, FLOW).success
+    with cdb.begin() as conn:
+        carrier_moves(conn, ["#T0061"], "shipped")
+    evs = [event("request", "cancel", "#T0060", "ev-pg60", reason="no longer needed"),
+           event("request", "cancel", "#T0061", "ev-pg61", reason="no longer needed"),
+           event("carrier", "shipped", "#T0061", "ev-pg61s"), event("carrier", "shipped", "#T0061", "ev-pg61s")]
+    drop(orch_home, "pg-events.jsonl", evs)
+    today = datetime.now(timezone.utc).date().isoformat()
+    for _ in range(2):  # the second time changes nothing
+        assert run_flow(defs, instance, today, FLOW).success and run_ops(defs, instance, FLOW).success
+    st = orders(db)
+    assert st["#T0060"][1]["outcome"] == "cancelled" and st["#T0061"][0] == "shipped"
+    with cdb.begin() as conn:
+        tx = conn.execute(sa.select(payment_transactions.c.order_id, payment_transactions.c.kind,
+                                    payment_transactions.c.status)).all()
+        ful = dict(conn.execute(sa.select(fulfilments.c.order_id, fulfilments.c.status)).all())
+    assert ("#T0060", "authorize", "voided") in tx and ("#T0061", "capture", "approved") in tx
+    assert sum(1 for o, k, _ in tx if k == "capture") == 1
+    assert ful["#T0060"] == "cancelled" and ful["#T0061"] == "shipped"
+    assert run_audit(db, cdb, CFG)["violations"] == []
