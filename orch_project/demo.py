@@ -156,4 +156,11 @@ def _round(s: Settings, db, defs, instance, spec) -> bool:
     _step(f"[{name}] {name}_ops_job: fold-backs, escalation, redelivery, DLQ backlog, KPI report")
     ops = defs.resolve_job_def(f"{name}_ops_job").execute_in_process(instance=instance, run_config=QUIET,
                                                                     raise_on_error=False)
-    return not failed and ops.success
+    ok = ops.success
+    if demo is not None and demo.weeks is not None and any(o.partitions == "weekly" for o in spec.ops):
+        weekly = defs.resolve_job_def(f"{name}_weekly_job")
+        for week in demo.weeks(s, db):
+            _step(f"[{name}] {name}_weekly_job partition {week} (the week starting that Monday)")
+            ok = weekly.execute_in_process(instance=instance, partition_key=week, run_config=QUIET,
+                                           raise_on_error=False).success and ok
+    return not failed and ok

@@ -22,7 +22,8 @@ def test_definitions_load_with_expected_objects(defs):
         "intake_sensor", "ops_after_flow", "approval_resume_sensor", "approval_escalation_sensor", "alerts_sensor",
         "run_failure_alerts")}
     assert {s.name for s in defs.schedules} == {f"{f}_{s}" for f in flows for s in (
-        "ops_job_schedule", "retention_purge_job_schedule")}
+        "ops_job_schedule", "retention_purge_job_schedule")} | {"marketing_weekly_job_schedule"}
+    assert isinstance(defs.resolve_job_def("marketing_weekly_job").partitions_def, dg.WeeklyPartitionsDefinition)
     assert {"documents_intake_documents", "documents_extract", "documents_validate", "documents_review_gate",
             "documents_post", "documents_outbox_redelivery", "documents_labelled_examples",
             "documents_kpi_report"} <= keys

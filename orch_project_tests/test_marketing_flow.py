@@ -300,3 +300,32 @@ def _write(home, name: str, text: str):
     p = home.home / name
     p.write_text(text, encoding="utf-8")
     return p
+
+
+def test_idea_brief_is_a_weekly_partition_briefed_once_and_only_when_the_week_is_over(home, db, defs, instance):
+    """marketing_weekly_job partition = one ISO week (Monday): the week's listened posts become one brief and one
+    asset request per channel, once however often the partition runs; a week with no posts briefs nothing."""
+    import dagster as dg
+
+    from .conftest import QUIET
+
+    drop_feed(home, "week.jsonl", FEED)
+    assert run_flow(defs, instance, DAY, FLOW).success
+    job = defs.resolve_job_def("marketing_weekly_job")
+    assert isinstance(job.partitions_def, dg.WeeklyPartitionsDefinition)
+    monday = "2026-11-30"  # DAY's ISO week, 2026-W49
+    assert monday in job.partitions_def.get_partition_keys()
+
+    def briefs() -> list[str]:
+        with db.begin() as conn:
+            return sorted(conn.execute(sa.select(inbox.c.external_id).where(
+                inbox.c.flow == FLOW, inbox.c.external_id.like("brief:%"))).scalars())
+
+    for _ in range(2):  # the second run of the partition adds nothing
+        assert job.execute_in_process(instance=instance, partition_key=monday, run_config=QUIET).success
+        assert briefs() and all(b.startswith("brief:2026-W49:") for b in briefs())
+    n = len(briefs())
+    assert job.execute_in_process(instance=instance, partition_key="2026-11-23", run_config=QUIET).success
+    assert len(briefs()) == n  # no listened posts that week: nothing to brief
+    mat = instance.get_latest_materialization_event(dg.AssetKey("marketing_idea_brief"))
+    assert mat is not None

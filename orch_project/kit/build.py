@@ -33,9 +33,23 @@ def partitions(spec: FlowSpec) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(start_date=spec.first_day.isoformat(), end_offset=1)
 
 
+def weekly_partitions(spec: FlowSpec) -> dg.WeeklyPartitionsDefinition:
+    """ISO weeks (Monday to Sunday, UTC) from the week of the flow's first day; a week is a partition once over."""
+    from datetime import timedelta
+
+    monday = spec.first_day - timedelta(days=spec.first_day.weekday())
+    return dg.WeeklyPartitionsDefinition(start_date=monday.isoformat(), day_offset=1)
+
+
 def stage_env(context, spec: FlowSpec, app_db: AppDatabase, workspace: Workspace, *, partitioned: bool = True
               ) -> StageEnv:
-    days = list(context.partition_keys) if partitioned else []
+    if partitioned == "weekly":  # the seven days of each week partition
+        from datetime import date, timedelta
+
+        days = [(date.fromisoformat(k) + timedelta(days=i)).isoformat() for k in context.partition_keys
+                for i in range(7)]
+    else:
+        days = list(context.partition_keys) if partitioned else []
     return StageEnv(db=app_db.database(), flow=spec.name, days=days, run_id=context.run_id,
                     attempt=context.retry_number + 1, logger=get_logger(workspace.settings().logs_dir), spec=spec)
 
@@ -87,7 +101,7 @@ def _resources(kind: str, llm: LLMGateway | None, connectors: Connectors | None,
     return ()
 
 
-def _stage_callable(spec: FlowSpec, stage: Stage | OpsStage, partitioned: bool) -> Callable:
+def _stage_callable(spec: FlowSpec, stage: Stage | OpsStage, partitioned: bool | str) -> Callable:
     """The asset body of a stage; its signature names exactly the resources the stage kind needs."""
     cfg = spec.config
 
@@ -146,18 +160,27 @@ def flow_assets(spec: FlowSpec, daily) -> list[dg.AssetsDefinition]:
     return out
 
 
-def ops_assets(spec: FlowSpec) -> list[dg.AssetsDefinition]:
-    """Across partitions: the flow's ops stages, SLA escalation, DLQ backlog and the KPI report."""
+def ops_assets(spec: FlowSpec) -> tuple[list[dg.AssetsDefinition], list[dg.AssetsDefinition]]:
+    """Across partitions: the flow's ops stages, SLA escalation, DLQ backlog and the KPI report; and, apart,
+    the weekly-partitioned ops stages (``OpsStage(partitions="weekly")``)."""
     from . import operations
 
     group = f"{spec.name}_ops"
     out: list[dg.AssetsDefinition] = []
+    weekly: list[dg.AssetsDefinition] = []
     names: list[dg.AssetKey] = []
     for op in spec.ops:
         kw: dict[str, Any] = {"retry_policy": EXTERNAL_RETRY} if op.kind in ("model", "connector") else {}
         if op.kind == "model":
             kw["pool"] = "llm"
         key = stage_asset_key(spec, op.name)
+        if op.partitions == "weekly":
+            weekly.append(dg.asset(name=key.path[-1], group_name=group, kinds={"python"},
+                                   partitions_def=weekly_partitions(spec),
+                                   backfill_policy=dg.BackfillPolicy.single_run(),
+                                   deps=[stage_asset_key(spec, a) for a in op.after],
+                                   description=op.description or op.name, **kw)(_stage_callable(spec, op, "weekly")))
+            continue
         out.append(dg.asset(name=key.path[-1], group_name=group, kinds={"python"},
                             deps=[stage_asset_key(spec, a) for a in op.after], description=op.description or op.name,
                             **kw)(_stage_callable(spec, op, False)))
@@ -167,7 +190,7 @@ def ops_assets(spec: FlowSpec) -> list[dg.AssetsDefinition]:
         names.append(out[-1].key)
     out.append(operations.dlq_backlog_asset(spec, group, deps=[k for k in names]))
     out.append(operations.kpi_report_asset(spec, group, deps=names))
-    return out
+    return out, weekly
 
 
 def scan_new_sources(spec: FlowSpec, db, inbox_dir, cursor: dict) -> tuple[dict[str, list[str]], dict]:
@@ -233,7 +256,7 @@ def _build(spec: FlowSpec) -> dg.Definitions:
 
     daily = partitions(spec)
     stages = flow_assets(spec, daily)
-    ops = ops_assets(spec)
+    ops, weekly = ops_assets(spec)
     retention = operations.retention_asset(spec)
     tags = {"orch/flow": spec.name}
     flow_job = dg.define_asset_job(
@@ -284,6 +307,18 @@ def _build(spec: FlowSpec) -> dg.Definitions:
                                                cron_schedule="30 2 * * *", execution_timezone="UTC",
                                                default_status=dg.DefaultScheduleStatus.RUNNING)
     jobs = [flow_job, ops_job, dlq_job, retention_job, *hitl.jobs]
+    schedules = [ops_schedule, retention_schedule]
+    if weekly:
+        weekly_job = dg.define_asset_job(
+            f"{spec.name}_weekly_job", selection=dg.AssetSelection.assets(*weekly), partitions_def=weekly_partitions(spec),
+            executor_def=dg.in_process_executor, tags=tags,
+            description=f"{spec.title}, once per ISO week (Monday to Sunday): "
+                        + ", ".join(a.key.path[-1] for a in weekly) + "; backfillable by week.")
+        jobs.append(weekly_job)
+        schedules.append(dg.build_schedule_from_partitioned_job(
+            weekly_job, name=f"{spec.name}_weekly_job_schedule", hour_of_day=5,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description="When a week is over (Monday 05:00 UTC), the weekly stages for the week just ended."))
     alert_sensors = operations.alert_sensors(spec, jobs)
     model_assets, model_checks, model_jobs = [], [], []
     for model in spec.models:
@@ -292,9 +327,9 @@ def _build(spec: FlowSpec) -> dg.Definitions:
         model_checks += c
         model_jobs += j
     return dg.Definitions(
-        assets=[*stages, *ops, retention, *model_assets],
+        assets=[*stages, *ops, *weekly, retention, *model_assets],
         asset_checks=[*checks.flow_checks(spec, daily, stages), *model_checks],
         jobs=[*jobs, *model_jobs],
-        schedules=[ops_schedule, retention_schedule],
+        schedules=schedules,
         sensors=[intake_sensor, ops_after_flow, *hitl.sensors, *alert_sensors],
     )

@@ -87,6 +87,9 @@ class OpsStage:
     kind: StageKind = "plain"
     description: str = ""
     after: tuple[str, ...] = ()  # stages or ops stages (by name) whose assets it depends on
+    # "weekly": an asset partitioned by ISO week (Monday to Sunday) in ``<flow>_weekly_job``, scheduled when a
+    # week ends and backfillable; ``fn`` gets the week's seven days as ``env.days``. None: in the ops job.
+    partitions: Literal["weekly"] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ class DemoSpec:
     (``submit(paths)`` returns counts); ``setup_jobs(db)`` names jobs to run first when needed (e.g.
     train a model none is promoted for); ``before_ops(settings, db)`` simulates the world between the
     flow run and the ops job (e.g. customers answering surveys) and returns a line to show;
-    ``summary(settings)`` adds (label, value) lines to the flow's summary. ``rounds``: how many times the
+    ``summary(settings)`` adds (label, value) lines to the flow's summary; ``weeks(settings, db)`` names the
+    week partitions (their Mondays) of the flow's weekly ops stages the demo runs after each ops job. ``rounds``: how many times the
     demo runs sensor -> flow -> world -> ops (a flow whose ops stages write records back into its own intake,
     e.g. a weekly brief that requests assets, needs more than one); ``feeds``: flows this one hands records to
     (``lib.intake.hand_over``), which the demo runs after it so they pick those records up."""
@@ -193,6 +197,7 @@ class DemoSpec:
     summary: Callable[[Any], list[tuple[str, str]]] | None = None
     rounds: int = 1
     feeds: tuple[str, ...] = ()
+    weeks: Callable[[Any, Any], list[str]] | None = None
 
 
 @dataclass

@@ -3,8 +3,9 @@
 posts:       marketing_intake -> screen -> sentiment -> topics -> handoff (complaints to support)
 assets:                          screen -> compose -> brand_check -> review_gate -> schedule -> publish
 allocations:                     screen ---------------------------> review_gate -> schedule -> publish
-ops:         publisher (the calendar publishes when a slot comes), idea_brief (weekly), performance,
-             reallocate (next week's budget), segments (nurture audiences to the leads flow)
+ops:         publisher (the calendar publishes when a slot comes), performance, reallocate (next week's
+             budget), segments (nurture audiences to the leads flow)
+weekly:      idea_brief (one partition per ISO week, marketing_weekly_job)
 """
 
 from __future__ import annotations
@@ -109,10 +110,11 @@ SPEC = FlowSpec(
         OpsStage("publisher", fn=program.publisher_stage, kind="connector", after=("publish",),
                  description="On the ops schedule: publishes every scheduled item whose slot has come and redelivers "
                              "what the outbox still holds."),
-        OpsStage("idea_brief", fn=program.idea_brief_stage, kind="model", after=("topics",),
-                 description="Weekly: top and rising topics with evidence (mentions, growth, sentiment shift, masked "
-                             "quotes) -> a brief (objective, audience, message, channels) through the gateway -> one "
-                             "asset request per channel."),
+        OpsStage("idea_brief", fn=program.idea_brief_stage, kind="model", after=("topics",), partitions="weekly",
+                 description="Weekly partition (ISO week, scheduled when the week is over, backfillable): top and "
+                             "rising topics with evidence (mentions, growth, sentiment shift, masked quotes) -> a brief "
+                             "(objective, audience, message, channels) through the gateway -> one asset request per "
+                             "channel."),
         OpsStage("performance", fn=program.performance_stage, kind="connector", after=("publisher",),
                  description="The channels' metrics per channel, variant and day: CTR, CVR, CPA and ROAS with 90 % "
                              "intervals."),
@@ -144,7 +146,8 @@ SPEC = FlowSpec(
     report=reporting.kpi_report,
     demo=DemoSpec(seed=lazy(f"{__package__}.sample_data:seed_demo"),
                   before_ops=lazy(f"{__package__}.sample_data:demo_world"),
-                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=2, feeds=("support", "leads")),
+                  summary=lazy(f"{__package__}.sample_data:demo_summary"), rounds=2, feeds=("support", "leads"),
+                  weeks=lazy(f"{__package__}.sample_data:demo_weeks")),
 )
 
 defs = build_flow(SPEC)

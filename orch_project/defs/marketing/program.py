@@ -147,16 +147,26 @@ def brief_local_task(db):
 
 
 def idea_brief_stage(env: StageEnv, cfg: MarketingConfig, gateway, *, now: datetime | None = None) -> StageReport:
-    """The brief of the latest complete ISO week with listened posts (once per week): top and rising topics with
-    their evidence (mentions, growth, sentiment shift, masked quotes) turned into a brief (objective, audience,
-    message, channels) through the gateway (task ``marketing_brief``), then one asset request per channel into
-    the program's own intake."""
+    """The brief of one ISO week (the week partition's: ``env.days``; without days, the latest complete week with
+    listened posts), once per week: top and rising topics with their evidence (mentions, growth, sentiment shift,
+    masked quotes) turned into a brief (objective, audience, message, channels) through the gateway (task
+    ``marketing_brief``), then one asset request per channel into the program's own intake."""
     started = utcnow()
     now = now or started
     s = cfg.settings
-    weeks = _post_weeks(env)
+    weeks = _post_weeks(env.across_partitions())
     done = [w for w in sorted(weeks) if week_days(w)[-1] < now.date()]
     md: dict[str, Any] = {"weeks_with_posts": len(weeks)}
+    if env.days:
+        asked = iso_week(date.fromisoformat(env.days[0]))
+        md["week"] = asked
+        if week_days(asked)[-1] >= now.date():
+            md["brief"] = f"{asked} is not over yet"
+            return StageReport("idea_brief", 0, Counter(), (utcnow() - started).total_seconds() * 1000.0, md)
+        if asked not in weeks:
+            md["brief"] = f"no listened posts in {asked}: nothing to brief"
+            return StageReport("idea_brief", 0, Counter(), (utcnow() - started).total_seconds() * 1000.0, md)
+        done = [asked]
     if not done:
         md["brief"] = "no complete week of listened posts yet"
         return StageReport("idea_brief", 0, Counter(), (utcnow() - started).total_seconds() * 1000.0, md)

@@ -303,6 +303,16 @@ def demo_world(settings, db) -> str:
             f"waiting items; the e-mail platform reports {added} contacts who clicked the last campaign")
 
 
+def demo_weeks(settings, db) -> list[str]:
+    """The week partition the demo briefs: the latest complete ISO week with listened posts (its Monday)."""
+    from ...lib.pipeline import StageEnv
+    from .logic import FLOW, week_days
+    from .program import _post_weeks
+
+    weeks = sorted(w for w in _post_weeks(StageEnv(db, FLOW, [])) if week_days(w)[-1] < datetime.now(timezone.utc).date())
+    return [week_days(weeks[-1])[0].isoformat()] if weeks else []
+
+
 def demo_summary(settings) -> list[tuple[str, str]]:
     import sqlalchemy as sa
 
