@@ -47,9 +47,27 @@ class _Gated:
 
 
 class LuhnCardRecognizer(_Gated, CreditCardRecognizer):
-    """Presidio's card recogniser (13 to 17 digits in groups, Luhn checksum), gated."""
+    """Presidio's card recogniser (13 to 17 digits in groups, Luhn checksum), gated, plus the groupings it
+    misses: 13 to 19 digits (Maestro, UnionPay) in groups of 2 to 6 separated by up to two spaces, dashes,
+    dots or underscores, and a number glued to the word after it ("...1111exp 12/27"). Every candidate
+    must pass the Luhn checksum; the new pattern also needs a card's first digit (2 to 6)."""
 
-    GATE = re.compile(r"\d(?:[ -]?\d){12}")
+    GATE = re.compile(r"\d(?:[ ._-]{0,2}\d){12}")
+    # not the account part of an IBAN-looking string ("DE89 3704 ..." whose check digits fail)
+    _ANY_GROUPING = Pattern("Cards, any grouping",
+                            r"(?<![\d.,-])(?<![A-Za-z]{2}\d\d )[2-6]\d{1,5}(?:[ ._-]{1,2}\d{2,6}){1,5}(?![\d]|[.,-]\d)"
+                            r"|(?<![\d.,-])[2-6]\d{11,18}(?!\d)", 0.3)
+
+    def __init__(self) -> None:
+        super().__init__(patterns=[*CreditCardRecognizer.PATTERNS, self._ANY_GROUPING],
+                         replacement_pairs=[("-", ""), (" ", ""), (".", ""), ("_", "")])
+
+    _DATE_FIRST = re.compile(r"(?:19|20)\d\d[ ._-]\d\d[ ._-]\d\d")  # "2024-11-05-0042" is a reference
+
+    def validate_result(self, pattern_text: str) -> bool | None:
+        if not 13 <= len(re.sub(r"\D", "", pattern_text)) <= 19 or self._DATE_FIRST.match(pattern_text):
+            return False
+        return super().validate_result(pattern_text)
 
 
 class GatedIpRecognizer(_Gated, IpRecognizer):
@@ -130,7 +148,11 @@ class FastPhoneRecognizer(PhoneRecognizer):
     - written in international form (``+CC`` or ``00CC``) and a POSSIBLE number for that country
       (score 0.6; covers unassigned and fictional ranges such as +44 7700 900xxx), or
     - a POSSIBLE number right after a phone word on the same line ("Phone:", "call me on",
-      "Tel.", "mobile", ...) (score 0.5).
+      "Tel.", "mobile", ...) (score 0.5), or
+    - written exactly in the North American plan's shape, 3-3-4 digits with one separator throughout
+      (``751-954-9268``, ``(833) 719-3994``, ``833.719.3994x1887``, ``+1-743-438-6774``, ``001-748-088-2851``),
+      whether or not the area code is assigned (score 0.5: fictional and new ranges are still someone's
+      number); a reference number after "order", "ticket", ... is still left alone.
     """
 
     REGIONS = ("GB", "US", "DE", "FR", "ES", "IT")
@@ -138,9 +160,11 @@ class FastPhoneRecognizer(PhoneRecognizer):
                "reach me", "contact", "telefon", "handy", "téléphone", "portable", "teléfono", "móvil",
                "telefono", "cellulare"]
     _CANDIDATE = regex.compile(
-        r"(?<![\w+.,/#-])(?:\+|\b00)?\(?\d[\d \t().-]{5,24}\d"
+        r"(?<![\w+./#-])(?<!\d,)(?:\+|\b00)?\(?\d[\d \t().-]{5,24}\d"
         r"(?:[ \t]?(?:x|ext\.?|extension)[ \t]?\d{1,6})?(?![\w/]|[.,]\d)")
     _DIGITS = regex.compile(r"\d")
+    _NANP = regex.compile(r"(?:(?:\+|00)?1[ .-]?)?(?:\(\d{3}\)[ ]?\d{3}-\d{4}|\d{3}([.-])\d{3}\1\d{4}|\d{3} \d{3} \d{4})"
+                          r"(?:[ \t]?(?:x|ext\.?|extension)[ \t]?\d{1,6})?")
     # SSNs (3-2-4) and dotted quads parse as valid numbers in some regions (their own recognisers own
     # them); ISO dates start reference numbers ("2024-11-05-0042").
     _NOT_PHONE = regex.compile(r"\d{3}-\d{2}-\d{4}|\d{1,3}(?:\.\d{1,3}){3}|(?:19|20)\d\d-\d\d-\d\d\b.*")
@@ -168,6 +192,8 @@ class FastPhoneRecognizer(PhoneRecognizer):
             if not found:
                 if international or self._context_before.search(text, max(0, cand.start() - 40), cand.start()):
                     found, score = self._numbers(chunk, possible=True), (0.6 if international else 0.5)
+            if not found and self._NANP.fullmatch(chunk):
+                found, score = [(0, len(chunk))], 0.5
             for start, end in found:
                 results.append(RecognizerResult(
                     self.supported_entities[0], cand.start() + start, cand.start() + end, score,
