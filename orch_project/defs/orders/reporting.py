@@ -1,4 +1,5 @@
-"""The order flow's KPIs on top of the platform's (lib/kpis.py): revenue by day (captured less refunded), the
+"""The order flow's KPIs on top of the platform's (lib/kpis.py): revenue by day (captured less refunded) and per
+run (what each run captured), the
 saga's cycle time by step (p50/p95), payment decline, fraud review and refusal, out-of-stock and return rates,
 refund time, and the compensations run."""
 
@@ -46,6 +47,11 @@ def order_kpis(it) -> dict[str, Any]:
         if d.get("refunded"):
             revenue[(d.get("timeline") or [{}])[-1].get("at", "")[:10]] -= d["refunded"]
     k["revenue_by_day"] = {day: round(v, 2) for day, v in sorted(revenue.items()) if day}
+    by_run: dict[str, float] = defaultdict(float)
+    for d in orders:
+        if d.get("captured_in_run"):
+            by_run[d["captured_in_run"]] += d.get("amount", 0.0)
+    k["revenue_by_run"] = {run[:8]: round(v, 2) for run, v in sorted(by_run.items(), key=lambda kv: -kv[1])[:10]}
     k["revenue"] = round(sum(revenue.values()), 2)
     steps: dict[str, list[float]] = defaultdict(list)
     refund_h = []
@@ -54,11 +60,10 @@ def order_kpis(it) -> dict[str, Any]:
         for a, b in zip(tl, tl[1:]):
             step = b["what"].split(":")[0][:40]
             steps[step].append((datetime.fromisoformat(b["at"]) - datetime.fromisoformat(a["at"])).total_seconds())
-        for a in tl:
-            if a["what"].startswith("return requested"):
-                end = next((b for b in tl if b["what"].startswith("return received")), None)
-                if end:
-                    refund_h.append((datetime.fromisoformat(end["at"]) - datetime.fromisoformat(a["at"])).total_seconds() / 3600)
+        ret = d.get("return") or {}
+        if ret.get("requested_at") and ret.get("refunded_at"):  # the customer's request to the money back
+            refund_h.append((datetime.fromisoformat(ret["refunded_at"])
+                             - datetime.fromisoformat(ret["requested_at"])).total_seconds() / 3600)
     k["cycle_time_s"] = {s: {"p50": round(_q(v, .5), 1), "p95": round(_q(v, .95), 1), "n": len(v)}
                          for s, v in sorted(steps.items(), key=lambda kv: -len(kv[1]))[:10]}
     k["refund_time_h_p50"] = _q(refund_h, .5)
@@ -71,6 +76,8 @@ def _rows(k: dict[str, Any]) -> list[str]:
     return [f"| orders | {k['orders']} (events {k['events']}) |",
             f"| outcomes | {', '.join(f'{o} {n}' for o, n in sorted(k['outcomes'].items())) or 'none yet'} |",
             f"| revenue (captured less refunded) | {k['revenue']:,.2f} |",
+            f"| revenue captured per run (top runs) | "
+            f"{', '.join(f'{r} {v:,.2f}' for r, v in k['revenue_by_run'].items()) or 'none yet'} |",
             f"| payment decline rate / failure rate (declined or no answer) | {pct(k['payment_decline_rate'])} / "
             f"{pct(k['payment_failure_rate'])} |",
             f"| fraud review rate / refusal rate | {pct(k['fraud_review_rate'])} / {pct(k['fraud_refusal_rate'])} |",

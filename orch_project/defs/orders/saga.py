@@ -634,7 +634,8 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
             if why:
                 return refuse(ev, why)
             def apply(d):
-                d["return"] = {"event": ev["event_id"], "item_ids": ev["item_ids"], "method_id": method}
+                d["return"] = {"event": ev["event_id"], "item_ids": ev["item_ids"], "method_id": method,
+                               "requested_at": ev["occurred_at"]}
                 mark(d, f"return requested: {len(ev['item_ids'])} item(s)", f"customer:{d['customer_ref'][:12]}", now)
                 return "return_requested"
             return Move([notice(r, "return_instructions")], apply, ev["event_id"])
@@ -682,6 +683,7 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                     notice(r, "refunded", amount=amount, method=ret["method_id"].split("_")[0].replace("paypal", "PayPal"))]
             def apply(d):
                 d["refunded"] = round(d.get("refunded", 0.0) + amount, 2)
+                d["return"]["refunded_at"] = now.isoformat()
                 mark(d, f"return received: {amount:.2f} refunded, {len(lines)} item(s) restocked", by, now)
                 return "resolved:returned"
             return Move(effs, apply, ev["event_id"])
@@ -972,6 +974,8 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
     for iid in changed:
         r = live[iid]
         d = r["data"]
+        if d.get("shipped_at") and not d.get("captured_in_run"):  # revenue per run (the KPI report)
+            d["captured_in_run"] = env.run_id or "outside a run"
         if iid in dead:
             comp = undo(r, d, dead[iid])
             effects += comp

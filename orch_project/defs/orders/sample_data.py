@@ -152,6 +152,12 @@ def seed_demo(submit) -> dict:
     return submit([SAMPLES_DIR / "orders", SAMPLES_DIR / "malformed"])
 
 
+def _when(base: datetime, days: int, now: datetime) -> datetime:
+    """``days`` after the order, but never in the future: the samples' later events happen in the last hours,
+    in the same order."""
+    return min(base + timedelta(days=days), now - timedelta(hours=12 - days))
+
+
 def _event(kind: str, etype: str, order_id: str, at: datetime, eid: str, **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "id": f"w-{eid}", "event_id": eid, "order_id": order_id, "type": etype,
             "occurred_at": _ts(at), **extra}
@@ -194,33 +200,33 @@ def demo_world(settings, db) -> str | None:
                 conn.execute(fulfilments.update().where(fulfilments.c.id == f["id"]).values(
                     status="delivered" if late else "shipped", updated_at=now))
                 if late:
-                    events.append(_event("carrier", "delivered", oid, base + timedelta(days=3),
+                    events.append(_event("carrier", "delivered", oid, _when(base, 3, now),
                                          f"car-{f['tracking_id']}-delivered", tracking_id=f["tracking_id"]))
                     continue
-                events.append(_event("carrier", "shipped", oid, base + timedelta(days=1), f"car-{f['tracking_id']}-shipped",
+                events.append(_event("carrier", "shipped", oid, _when(base, 1, now), f"car-{f['tracking_id']}-shipped",
                                      tracking_id=f["tracking_id"]))
             elif f["status"] == "shipped":
                 lost = oid == scen["lost"]
                 conn.execute(fulfilments.update().where(fulfilments.c.id == f["id"]).values(
                     status="lost" if lost else "delivered", updated_at=now))
                 etype = "lost" if lost else "delivered"
-                events.append(_event("carrier", etype, oid, base + timedelta(days=3), f"car-{f['tracking_id']}-{etype}",
+                events.append(_event("carrier", etype, oid, _when(base, 3, now), f"car-{f['tracking_id']}-{etype}",
                                      tracking_id=f["tracking_id"]))
                 if oid == scen.get("exchange") and f["purpose"] == "order":  # another option of the product; sent back
                     old = [ln["sku"] for ln in f["lines"]][:1]
-                    events.append(_event("request", "exchange", oid, base + timedelta(days=4),
+                    events.append(_event("request", "exchange", oid, _when(base, 4, now),
                                          f"req-exchange-{f['tracking_id']}", item_ids=old,
                                          new_item_ids=[scen["exchange_to"]]))
-                    events.append(_event("carrier", "returned", oid, base + timedelta(days=7),
+                    events.append(_event("carrier", "returned", oid, _when(base, 7, now),
                                          f"car-{f['tracking_id']}-returned", tracking_id=f["tracking_id"]))
                 if oid == scen["return"]:  # the customer sends one item back; the parcel arrives three days later
                     skus = [ln["sku"] for ln in f["lines"]][:1]
-                    events.append(_event("request", "return", oid, base + timedelta(days=5),
+                    events.append(_event("request", "return", oid, _when(base, 5, now),
                                          f"req-return-{f['tracking_id']}", item_ids=skus))
-                    events.append(_event("carrier", "returned", oid, base + timedelta(days=8),
+                    events.append(_event("carrier", "returned", oid, _when(base, 8, now),
                                          f"car-{f['tracking_id']}-returned", tracking_id=f["tracking_id"]))
             elif f["status"] == "delivered" and oid == scen["late_shipped_event"]:
-                events.append(_event("carrier", "shipped", oid, base + timedelta(days=1),
+                events.append(_event("carrier", "shipped", oid, _when(base, 1, now),
                                      f"car-{f['tracking_id']}-shipped", tracking_id=f["tracking_id"]))
     # carriers redeliver: the race order's shipment reported again under another delivery id (one event)
     events += [{**e, "id": e["id"] + "-again"} for e in events if e["order_id"] == scen["race"] and e["type"] == "shipped"]
