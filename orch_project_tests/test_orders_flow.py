@@ -193,6 +193,22 @@ def test_payment_outage_failed_for_good_compensates_the_reservation(orch_home, d
     assert st == "dead_lettered" and "compensate_reserve" in d["saga"]["undone"]
     _, tx, _, res = systems(orch_home)
     assert {r["order_id"]: r["status"] for r in res}["#T0030"] == "released" and not tx
+    # the provider is back: the failed authorisation is out of delivery, nothing is charged behind the DLQ's back
+    assert run_ops(defs, instance, FLOW).success
+    assert not systems(orch_home)[1] and orders(db)["#T0030"][0] == "dead_lettered"
+    # a replay starts the saga again at the reservation (a new one: the first was released) and goes through
+    from orch_project.lib import dlq as dlq_lib
+
+    with db.begin() as conn:
+        row = conn.execute(sa.select(dlq.c.id, dlq.c.stage).where(dlq.c.item_id == "order-T0030")).one()
+    assert row.stage == "reserve"
+    dlq_lib.replay(db, row.id, actor="test")
+    assert run_flow(defs, instance, DAY, FLOW).success
+    assert orders(db)["#T0030"][0] == "in_fulfilment"
+    _, tx, _, res = systems(orch_home)
+    assert sorted(r["status"] for r in res if r["order_id"] == "#T0030") == ["released", "reserved"]
+    assert [t["status"] for t in tx if t["order_id"] == "#T0030"] == ["approved"]
+    assert audit(db, orch_home)["violations"] == []
 
 
 
@@ -316,6 +332,14 @@ def test_requests_modify_payment_items_and_exchange_through_the_cli(orch_home, d
     refunds = sum(t["amount"] for t in tx if t["order_id"] == "#T0052" and t["kind"] == "refund")
     assert refunds == pytest.approx(max(price_a - price_b, 0.0))
     assert audit(db, orch_home)["violations"] == []
+    # the replacement is a round of its own: it cannot be cancelled, and nothing of the first round is undone
+    f.write_text(json.dumps({"request_id": "c52", "order_id": "#T0052", "action": "cancel",
+                             "reason": "no longer needed"}) + "\n")
+    assert CliRunner().invoke(main, ["orders", "request", str(f)]).exit_code == 0
+    assert run_flow(defs, instance, day.date().isoformat(), FLOW).success and run_ops(defs, instance, FLOW).success
+    st52, d52 = orders(db)["#T0052"]
+    assert st52 == "in_fulfilment" and "replacement cannot be cancelled" in d52["refusals"][-1]["rule"]
+    assert d52["round_start"] > 0 and not d52["saga"]["undone"]
 
 
 RULES = [  # (status, event fields, rule the refusal names)
@@ -376,7 +400,8 @@ def test_each_policy_rule_refuses_with_its_reason(shop, status, fields, rule):
     facts = {"fulfilment": {"status": "shipped" if status == "shipped" else "requested"}, "records": {}}
     move = saga.next_move(row, [ev], facts, now, CFG, shop_dir)
     assert move is not None and move.event == "ev-r1"
-    assert [e.action for e in move.effects] == ["send_message"]  # the customer's notice, nothing else
+    actions = [e.action for e in move.effects]  # the customer's notice; a change also withdraws what it might
+    assert actions[-1] == "send_message" and set(actions[:-1]) <= {"release", "void"}  # have created, nothing else
     d = dict(data)
     assert move.apply(d) == row["status"]
     assert rule in d["refusals"][0]["rule"], d["refusals"]

@@ -65,12 +65,13 @@ def audit(app_db, conn_db, cfg, flow: str = "orders", now: datetime | None = Non
     for f in ful:
         by[f["item_id"]]["left"] |= f["status"] in ("shipped", "delivered", "lost")
         # the flow hears of a shipment from the carrier: within the grace a parcel may be out before its capture
-        by[f["item_id"]]["left_long_ago"] = (f["status"] in ("shipped", "delivered", "lost")
-                                             and now - as_utc(f["updated_at"]) > grace)
+        by[f["item_id"]]["left_long_ago"] = by[f["item_id"]].get("left_long_ago", False) or (
+            f["status"] in ("shipped", "delivered", "lost") and now - as_utc(f["updated_at"]) > grace)
         by[f["item_id"]]["requested"] |= f["status"] == "requested"
-    for r in res:
+    for r in res:  # the oldest reservation still held
         if r["status"] == "reserved":
-            by[r["item_id"]]["reserved_since"] = as_utc(r["created_at"])
+            since = by[r["item_id"]]["reserved_since"]
+            by[r["item_id"]]["reserved_since"] = min(filter(None, (since, as_utc(r["created_at"]))))
     deadline = timedelta(days=cfg.settings.capture_deadline_days)
     violations, rows = [], []
     for iid in sorted(set(by) | set(orders)):

@@ -27,7 +27,8 @@ import sqlalchemy as sa
 from ...lib.connectors.embedded import Effect
 from ...lib.outbox import dispatch, idempotency_key
 from ...lib.pipeline import ItemUpdate, StageEnv, StageReport, commit_stage, dead_letter, load_stage_items
-from ...lib.saga import deliver_effects, failed_for_good, undo_effects
+from ...lib.outbox import settle as take_out_of_delivery
+from ...lib.saga import deliver_effects, failed_for_good, step_name, undo_effects
 from ...lib.store import items, utcnow
 from .logic import CANCEL_REASONS, FLOW, OrdersConfig, event_prefix
 
@@ -65,7 +66,8 @@ NOTICES = {
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 def key(row: dict[str, Any], step: str) -> str:
-    return idempotency_key(FLOW, row["item_id"], step)
+    """The step's idempotency key; after a DLQ replay of an undone step, its new generation (lib.saga.step_name)."""
+    return idempotency_key(FLOW, row["item_id"], step_name(row["data"], step))
 
 
 def notice(row: dict[str, Any], kind: str, **fmt: Any) -> Effect:
@@ -105,8 +107,10 @@ def current(d: dict[str, Any], step: str) -> str | None:
 
 
 def undo(row: dict[str, Any], d: dict[str, Any], reason: str, skip: Sequence[str] = ()) -> list[Effect]:
-    """The compensations of every step done so far (except ``skip``), recorded on the order."""
-    effects, kept = undo_effects(FLOW, row, [x for x in done(d) if x[0] not in skip], COMPENSATIONS, reason)
+    """The compensations of every step done in the order's current round (an exchange's replacement is a round
+    of its own: what was captured and delivered before it stands), except ``skip``, recorded on the order."""
+    steps = done(d)[int(d.get("round_start", 0)):]
+    effects, kept = undo_effects(FLOW, row, [x for x in steps if x[0] not in skip], COMPENSATIONS, reason)
     saga = d.setdefault("saga", {"done": [], "events": [], "undone": []})
     saga["undone"] = sorted(set(saga.get("undone", [])) | {e.idempotency_key.rsplit(":", 1)[1] for e in effects})
     return effects
@@ -314,7 +318,7 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
             states.update(deliver_effects(env, connectors, list(retries.values()), policy))
             more, unread = _read(connectors, step.connector, step.reader, [e.idempotency_key for e in retries.values()])
             records.update(more)
-    updates, effects, audit = [], [], []
+    updates, effects, audit, dead_keys, restart, restart_effects = [], [], [], [], [], []
     counts = Counter()
     for r in rows:
         e = retries.get(r["item_id"]) or planned[r["item_id"]]
@@ -325,12 +329,21 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
                 why = (f"{step.name} ({e.connector} {e.action}) failed {st.get('attempts')} times: "
                        f"{(st.get('last_error') or '')[:160]}")
                 comp = undo(r, d, why)
-                effects += comp
+                restart_effects += comp
+                dead_keys.append(e.idempotency_key)
+                d["compensation"] = {"failed": [step.name], "compensated": [
+                    f"{c.idempotency_key.rsplit(':', 1)[1].removeprefix('compensate_').split('#')[0]}:{c.action}"
+                    for c in comp], "compensation_keys": [c.idempotency_key for c in comp]}
                 mark(d, f"{step.name} failed for good; undone: {', '.join(c.action for c in comp) or 'nothing'}",
                      f"system:{step.stage}", started)
                 counts["failed_for_good"] += 1
-                updates.append(ItemUpdate(r["item_id"], "dead_lettered", d, "dead_lettered",
-                                          dead_letter=("effect_failed", why + "; compensated")))
+                # the undone steps are no longer the order's; a DLQ replay starts the saga again at reserve
+                d["saga"]["done"] = done(d)[: int(d.get("round_start", 0))]
+                for k in ("current", "authorized_at", "waiting_since", "tracking_id"):
+                    d.pop(k, None)
+                restart.append(ItemUpdate(r["item_id"], "dead_lettered", d, "dead_lettered",
+                                          dead_letter=("effect_failed", why + "; compensated; a replay starts again "
+                                                                             "at the stock reservation")))
             else:
                 counts["waiting"] += 1
                 updates.append(ItemUpdate(r["item_id"], r["status"], d, "waiting"))
@@ -366,8 +379,14 @@ def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageR
         updates.append(ItemUpdate(r["item_id"], step.next_status, d))
     if unread:
         counts["read_failed"] = 1
-    return _finish(env, step.stage, started, rows, updates, connectors, cfg, effects=effects, audit=audit,
-                   md={**counts, **({"read_error": unread} if unread else {})})
+    if restart:  # dead letters of the saga's first step (reserve), so a replay goes back there; with their undo
+        _finish(env, "reserve", started, [r for r in rows if r["item_id"] in {u.item_id for u in restart}], restart,
+                connectors, cfg, effects=restart_effects)
+    report = _finish(env, step.stage, started, rows, updates, connectors, cfg, effects=effects, audit=audit,
+                     md={**counts, **({"read_error": unread} if unread else {})})
+    if dead_keys:  # failed for good: never delivered later (its order is undone and dead-lettered)
+        take_out_of_delivery(env.db, dead_keys, "dead")
+    return report
 
 
 def _read(connectors, system: str, reader: str, keys: Sequence[str]) -> tuple[dict[str, Any], str | None]:
@@ -593,6 +612,8 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                 d["refunded"] = round(d.get("refunded", 0.0) + d["amount"], 2)
                 return "resolved:lost_refunded"
             return Move([refund, notice(r, "lost", amount=d["amount"])], apply, ev["event_id"])
+        if t in ("cancel", "modify_address", "modify_payment", "modify_items") and rnd:
+            return refuse(ev, "an exchange's replacement cannot be cancelled or changed; return it once it arrives")
         if t == "cancel":
             if ev.get("reason") not in CANCEL_REASONS:
                 return refuse(ev, "a cancellation needs one of the reasons: " + ", ".join(CANCEL_REASONS))
@@ -653,6 +674,7 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                                    r["trace_id"], {"order_id": d["order_id"], "effect_key": key(r, "capture"),
                                                    "amount": -x["diff"]}))
             def apply(d):
+                d["round_start"] = len(done(d))  # the replacement's steps are a round of their own
                 record_done(d, f"reserve{tg}", x["keys"]["reserve"])
                 record_done(d, f"fulfil{tg}", key(r, f"fulfil{tg}"))
                 cur = {"reserve": x["keys"]["reserve"], "fulfil": key(r, f"fulfil{tg}")}
@@ -662,7 +684,8 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                 d["current"] = {**d.get("current", {}), **cur}
                 if x["diff"] < 0:
                     d["refunded"] = round(d.get("refunded", 0.0) + -x["diff"], 2)
-                d.update(round=tg, due=max(x["diff"], 0.0), lines=x["lines"], amount=x["amount"])
+                d.update(round=tg, due=max(x["diff"], 0.0), lines=x["lines"], amount=x["amount"],
+                         authorized_at=now.isoformat())
                 for k in ("shipped_at", "delivered_at"):
                     d.pop(k, None)
                 mark(d, "exchange: returned items received and restocked, the replacement sent to the warehouse", by, now)
@@ -678,7 +701,7 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                         "order_id": d["order_id"], "effect_key": key(r, "capture"), "amount": amount,
                         "method_id": ret["method_id"]}),
                     Effect(key(r, "restock_return"), "inventory", "restock", r["item_id"], r["trace_id"], {
-                        "order_id": d["order_id"], "effect_key": done_key(d, "reserve"),
+                        "order_id": d["order_id"], "effect_key": current(d, "reserve"),
                         "lines": [{"sku": ln["sku"], "qty": ln["qty"]} for ln in lines]}),
                     notice(r, "refunded", amount=amount, method=ret["method_id"].split("_")[0].replace("paypal", "PayPal"))]
             def apply(d):
@@ -702,6 +725,23 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                 mark(d, why + "; stock released", by, now)
                 return "resolved:expired"
             return Move(comp + [notice(r, "cancelled", why="We could not ship it in time.")], apply, None)
+    if status == "exchange_requested" and now > datetime.fromisoformat(d["delivered_at"]) + timedelta(
+            days=s.return_window_days):
+        x = d["exchange"]
+        tg = x["tag"]
+        held = [Effect(key(r, f"release{tg}"), "inventory", "release", r["item_id"], r["trace_id"],
+                       {"order_id": d["order_id"], "effect_key": x["keys"]["reserve"]})]
+        if "authorize" in x["keys"]:
+            held.append(Effect(key(r, f"void{tg}"), "payment_provider", "void", r["item_id"], r["trace_id"],
+                               {"order_id": d["order_id"], "effect_key": x["keys"]["authorize"]}))
+
+        def expire(d):
+            d.pop("exchange", None)
+            mark(d, "exchange expired: the items did not come back within the return window; what it held is "
+                    "released", by, now)
+            return "delivered"
+        return Move(held + [_tag(notice(r, "request_refused", why="the items did not come back in time, so the "
+                                         "exchange lapsed"), tg)], expire, None)
     if status == "delivered" and d.get("delivered_at"):
         delivered_at = datetime.fromisoformat(d["delivered_at"])
         if now >= delivered_at + timedelta(days=s.review_after_days) and not d.get("review_requested"):
@@ -780,25 +820,28 @@ def change_move(r: dict[str, Any], ev: dict[str, Any], facts: dict[str, Any], no
             return inner(dd)
         return Move(undo_new + m.effects, apply, ev["event_id"])
 
+    def refuse_change(why: str) -> Move:  # also withdraws what a crashed earlier attempt may have created
+        return give_up(why, {"reserve": key(r, f"reserve{tag}"), "authorize": key(r, f"authorize{tag}")})
+
     if ch is None:  # phase 0: check the rules, then create the new records
         if t in ("modify_payment", "modify_items"):
             if status != "in_fulfilment" or (facts.get("fulfilment") or {}).get("status", "requested") != "requested":
-                return refuse(ev, "only a pending order (not shipped yet) can be modified")
+                return refuse_change("only a pending order (not shipped yet) can be modified")
             if t == "modify_items" and d.get("items_modified"):
-                return refuse(ev, "an order's items can be modified once")
+                return refuse_change("an order's items can be modified once")
         elif status != "delivered":
-            return refuse(ev, f"only a delivered order can be exchanged; this one is {status.replace('_', ' ')}")
+            return refuse_change(f"only a delivered order can be exchanged; this one is {status.replace('_', ' ')}")
         elif datetime.fromisoformat(ev["occurred_at"]) > datetime.fromisoformat(d["delivered_at"]) + timedelta(
                 days=cfg.settings.return_window_days):
-            return refuse(ev, f"exchanges are accepted within {cfg.settings.return_window_days:g} days of delivery")
+            return refuse_change(f"exchanges are accepted within {cfg.settings.return_window_days:g} days of delivery")
         method = ev.get("method_id") or d["method_id"]
         m = (cust.methods.get(method) if cust else None)
         if m is None:
-            return refuse(ev, "the payment method is not one of the customer's")
+            return refuse_change("the payment method is not one of the customer's")
         gift = m.get("balance") if m.get("source") == "gift_card" else None
         if t == "modify_payment":
             if method == d["method_id"]:
-                return refuse(ev, "the new payment method must differ from the original one")
+                return refuse_change("the new payment method must differ from the original one")
             new = {"authorize": key(r, f"authorize{tag}")}
             effects = [eff(f"authorize{tag}", "payment_provider", "authorize", method_id=method, amount=d["amount"],
                            gift_card_balance=gift, round=tag)]
@@ -806,7 +849,7 @@ def change_move(r: dict[str, Any], ev: dict[str, Any], facts: dict[str, Any], no
         else:
             lines, old, why = _new_lines(d, ev, shop)
             if why:
-                return refuse(ev, why)
+                return refuse_change(why)
             amount = round(sum(ln["price"] * ln["qty"] for ln in lines), 2)
             diff = round(amount - d["amount"], 2)
             new = {"reserve": key(r, f"reserve{tag}")}
@@ -921,7 +964,7 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
     shop = directory()
     evs = order_events(env, [r["data"]["order_id"] for r in rows])
     live = {r["item_id"]: {**r, "data": dict(r["data"])} for r in rows}
-    changed, dead, counts = set(), {}, Counter()
+    changed, counts = set(), Counter()
     for _ in range(max_passes):
         ship_keys = [current(r["data"], "fulfil") for r in live.values() if current(r["data"], "fulfil")]
         ful, unread = _read(connectors, "warehouse", "fulfilments", ship_keys)
@@ -945,7 +988,8 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
         progressed = False
         for iid, m in moves.items():
             r = live[iid]
-            st = [states.get(e.idempotency_key, {}) for e in m.effects]
+            # a notice to the customer does not hold the order up: it stays in the outbox until it goes out
+            st = [states.get(e.idempotency_key, {}) for e in m.effects if e.connector != "messaging"]
             if all(x.get("status") == "delivered" for x in st):
                 d = r["data"]
                 new = m.apply(d)
@@ -961,13 +1005,11 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
                     changed.add(iid)
                     counts[new] += new != r["status"]
                 r["status"] = new
-            elif any(failed_for_good(x, policy) for x in st):
-                bad = [e for e, x in zip(m.effects, st) if failed_for_good(x, policy)]
-                dead[iid] = "; ".join(f"{e.connector} {e.action} failed for good" for e in bad)
-                r["status"] = "dead_lettered"
-                changed.add(iid)
             else:
+                # after the goods moved nothing is undone automatically: a capture, refund or stop that keeps
+                # failing is retried (fresh attempts each pass, behind the breaker) and counted until it goes
                 counts["waiting_on_connector"] += 1
+                counts["effects_failing_for_good"] += sum(1 for x in st if failed_for_good(x, policy))
         if not progressed:
             break
     updates, effects = [], []
@@ -976,13 +1018,7 @@ def settle_stage(env: StageEnv, cfg: OrdersConfig, connectors, *, now: datetime 
         d = r["data"]
         if d.get("shipped_at") and not d.get("captured_in_run"):  # revenue per run (the KPI report)
             d["captured_in_run"] = env.run_id or "outside a run"
-        if iid in dead:
-            comp = undo(r, d, dead[iid])
-            effects += comp
-            mark(d, f"{dead[iid]}; undone: {', '.join(c.action for c in comp) or 'nothing'}", "system:settle", now)
-            updates.append(ItemUpdate(iid, "dead_lettered", d, "dead_lettered",
-                                      dead_letter=("effect_failed", dead[iid] + "; compensated")))
-        elif r["status"] == "resolved":
+        if r["status"] == "resolved":
             updates.append(ItemUpdate(iid, "resolved", d, "ok", columns={"resolved_at": now}))
         else:
             updates.append(ItemUpdate(iid, r["status"], d, "waiting"))

@@ -182,7 +182,7 @@ def _stock(conn, skus: Sequence[str]) -> dict[str, int]:
     for chunk in chunked(sorted(set(skus)), 900):
         have.update({sku: on_hand - reserved for sku, on_hand, reserved in conn.execute(sa.select(
             inventory_stock.c.sku, inventory_stock.c.on_hand, inventory_stock.c.reserved).where(
-            inventory_stock.c.sku.in_(chunk))).all()})
+            inventory_stock.c.sku.in_(chunk)).with_for_update()).all()})
     missing = sorted(set(skus) - set(have))
     if missing:
         try:
@@ -329,7 +329,10 @@ def _payments(conn, effects) -> list[Delivery]:
         else:
             ref = p["effect_key"]
             target = known.get(ref)
-            if e.action == "void" and target is not None and target["status"] in ("pending", "voided", "declined"):
+            if e.action == "void" and target is None:  # nothing was authorised under that key: nothing to void
+                out.append(Delivery(e.idempotency_key, True, "payment_provider:void:none"))
+                continue
+            if e.action == "void" and target["status"] in ("pending", "voided", "declined"):
                 if target["status"] == "pending":  # a late authorisation is withdrawn before the provider answers
                     conn.execute(t.update().where(t.c.id == target["id"]).values(status="voided"))
                     target["status"] = "voided"
@@ -340,6 +343,12 @@ def _payments(conn, effects) -> list[Delivery]:
                 continue
             order_id = order_id or target["order_id"]
             if e.action == "capture":
+                if conn.execute(sa.select(t.c.id).where(t.c.ref_key == ref, t.c.kind == "capture",
+                                                        t.c.status == "approved")).first() or any(
+                        x["ref_key"] == ref and x["kind"] == "capture" for x in rows):
+                    out.append(Delivery(e.idempotency_key, False, error="capture: this authorisation was captured "
+                                                                        "already (under another key)"))
+                    continue
                 method, amount = target["method_id"], amount or target["amount"]
                 if amount > target["amount"] + 1e-9:
                     out.append(Delivery(e.idempotency_key, False, error="capture above the authorised amount"))
@@ -418,8 +427,10 @@ def _read_fulfilments(conn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 INVENTORY = System("inventory", inventory_reservations, row=lambda e, now: {},
                    handlers={a: _inventory for a in ("reserve", "commit", "release", "restock")},
-                   # one reservation per order and purpose (a short one does not count: the split follows it)
-                   same_record=("item_id", "purpose"), counts_as_duplicate=lambda t: t.c.status != "short",
+                   # one standing reservation per order and purpose (a short one holds nothing, a released one was
+                   # undone: neither counts)
+                   same_record=("item_id", "purpose"),
+                   counts_as_duplicate=lambda t: t.c.status.notin_(("short", "released")),
                    readers={"reservations": _read_reservations})
 PAYMENTS = System("payment_provider", payment_transactions, row=lambda e, now: {},
                   handlers={a: _payments for a in ("authorize", "capture", "void", "refund")},
@@ -430,8 +441,9 @@ PAYMENTS = System("payment_provider", payment_transactions, row=lambda e, now: {
                   readers={"transactions": _read_transactions})
 WAREHOUSE = System("warehouse", fulfilments, row=lambda e, now: {},
                    handlers={"ship": _warehouse, "cancel_fulfilment": _warehouse},
-                   # one parcel per order and purpose (the order, a change of items, an exchange's replacement)
-                   same_record=("item_id", "purpose"), readers={"fulfilments": _read_fulfilments})
+                   # one parcel per order and purpose (the order, a change of items, an exchange's replacement); a
+                   # cancelled one was stopped before it left
+                   same_record=("item_id", "purpose"), counts_as_duplicate=lambda t: t.c.status != "cancelled", readers={"fulfilments": _read_fulfilments})
 SYSTEMS = (INVENTORY, PAYMENTS, WAREHOUSE)
 
 
