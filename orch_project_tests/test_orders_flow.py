@@ -444,3 +444,19 @@ def test_orders_on_postgresql_app_and_connector_databases(orch_home, defs, insta
     assert sum(1 for o, k, _ in tx if k == "capture") == 1
     assert ful["#T0060"] == "cancelled" and ful["#T0061"] == "shipped"
     assert run_audit(db, cdb, CFG)["violations"] == []
+
+
+def test_a_parcel_back_to_the_sender_is_refunded_and_restocked(orch_home, db, defs, instance, shop):
+    drop(orch_home, "rts.jsonl", [order(shop, 70)])
+    assert run_flow(defs, instance, DAY, FLOW).success
+    ship(orch_home, ["#T0070"])
+    drop(orch_home, "rts-events.jsonl", [event("carrier", "shipped", "#T0070", "ev-rts-s"),
+                                         event("carrier", "returned", "#T0070", "ev-rts-r", AT + timedelta(days=4))])
+    assert run_flow(defs, instance, datetime.now(timezone.utc).date().isoformat(), FLOW).success
+    assert run_ops(defs, instance, FLOW).success
+    st, d = orders(db)["#T0070"]
+    assert st == "resolved" and d["outcome"] == "returned_to_sender"
+    _, tx, _, res = systems(orch_home)
+    kinds = sorted(t["kind"] for t in tx if t["order_id"] == "#T0070")
+    assert kinds == ["authorize", "capture", "refund"] and {r["order_id"]: r["status"] for r in res}["#T0070"] == "restocked"
+    assert audit(db, orch_home)["violations"] == []

@@ -585,7 +585,7 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
             return Move([], apply, ev["event_id"])
         if t in ("modify_payment", "modify_items", "exchange"):
             return change_move(r, ev, facts, now, cfg, shop, refuse)
-        if t == "shipped" or (t in ("delivered", "lost") and status == "in_fulfilment"):
+        if t == "shipped" or (t in ("delivered", "lost", "returned") and status == "in_fulfilment"):
             if status != "in_fulfilment":
                 return Move([], lambda d: status, ev["event_id"])  # a repeat of what already happened
             def apply(d):
@@ -690,6 +690,19 @@ def next_move(r: dict[str, Any], evs: list[dict[str, Any]], facts: dict[str, Any
                     d.pop(k, None)
                 mark(d, "exchange: returned items received and restocked, the replacement sent to the warehouse", by, now)
                 return "in_fulfilment"
+            return Move(effs, apply, ev["event_id"])
+        if t == "returned" and status == "shipped" and not rnd:  # back to the sender: undeliverable
+            amount = d["amount"]
+            effs = [Effect(key(r, "refund_undeliverable"), "payment_provider", "refund", r["item_id"], r["trace_id"],
+                           {"order_id": d["order_id"], "effect_key": key(r, "capture"), "amount": amount}),
+                    Effect(key(r, "restock_undeliverable"), "inventory", "restock", r["item_id"], r["trace_id"],
+                           {"order_id": d["order_id"], "effect_key": current(d, "reserve")}),
+                    notice(r, "refunded", amount=amount, method="original payment method")]
+
+            def apply(d):
+                d["refunded"] = round(d.get("refunded", 0.0) + amount, 2)
+                mark(d, f"the parcel came back undelivered: {amount:.2f} refunded, items restocked", by, now)
+                return "resolved:returned_to_sender"
             return Move(effs, apply, ev["event_id"])
         if t == "returned":
             if status != "return_requested":
