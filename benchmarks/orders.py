@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -67,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--orders", type=int, default=5000)
     args = ap.parse_args(argv)
+    from flow_process import work_env
+
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "orch"
-        os.environ.update(ORCH_HOME=str(home), ORCH_DATABASE_URL=f"sqlite:///{home / 'app.sqlite'}",
-                          ORCH_CONNECTORS_URL=f"sqlite:///{home / 'connectors.sqlite'}",
-                          ORCH_INBOX_DIR=str(home / "inbox"), DAGSTER_HOME=str(Path(tmp) / "dagster"))
+        work_env(Path(tmp) / "orch", DAGSTER_HOME=str(Path(tmp) / "dagster"))
         (Path(tmp) / "dagster").mkdir()
         return run(args)
 

@@ -69,7 +69,7 @@ def run_effects_stage(env: StageEnv, stage: str, rows: Sequence[dict[str, Any]],
             audit_rows.append({"actor": actor, "action": "completed", "flow": flow, "item_id": iid,
                                "trace_id": tr, "reason": done_reason, "outputs": {"steps": list(keys)}})
             continue
-        broken = [s for s, x in st.items() if x.get("status") == "failed" and x.get("attempts", 0) >= policy.max_attempts]
+        broken = [s for s, x in st.items() if failed_for_good(x, policy)]
         if not broken:
             updates.append(ItemUpdate(iid, waiting_status or r["status"], r["data"], "waiting"))
             continue

@@ -21,9 +21,9 @@ def _invariants_frame(db, flow: str, days: list[str], cfg) -> Any:
 
     from ...lib.settings import Settings
     from ..resources import _embedded
+    from .invariants import audit
 
-    report = __import__(f"{__package__}.invariants", fromlist=["audit"]).audit(
-        db, _embedded(Settings.from_env().connectors_url).db, cfg, flow)
+    report = audit(db, _embedded(Settings.from_env().connectors_url).db, cfg, flow)
     return pd.DataFrame(report["rows"] or [], columns=["item_id", "violations"])
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from statistics import median
 from typing import Any
@@ -294,7 +294,6 @@ class Step:
     on_done: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], list[Effect]] = lambda r, d, rec: []
     label: str = ""
     retry: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], Effect | None] | None = None
-    counts: Counter = field(default_factory=Counter)
 
 
 def run_step(env: StageEnv, cfg: OrdersConfig, connectors, step: Step) -> StageReport:

@@ -272,11 +272,6 @@ def _inventory(conn, effects) -> list[Delivery]:
     return out
 
 
-def _read_reservations(conn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {r["idempotency_key"]: dict(r) for r in conn.execute(sa.select(inventory_reservations).where(
-        inventory_reservations.c.idempotency_key.in_(list(keys)))).mappings()}
-
-
 def gift_card_balance(conn, method_id: str, start: float) -> float:
     t = payment_transactions
     held = conn.execute(sa.select(t.c.kind, sa.func.coalesce(sa.func.sum(t.c.amount), 0.0)).where(
@@ -382,11 +377,6 @@ def _payments(conn, effects) -> list[Delivery]:
     return out
 
 
-def _read_transactions(conn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {r["idempotency_key"]: dict(r) for r in conn.execute(sa.select(payment_transactions).where(
-        payment_transactions.c.idempotency_key.in_(list(keys)))).mappings()}
-
-
 def tracking_id(key: str) -> str:
     return "1Z" + str(int(hashlib.sha256(key.encode()).hexdigest(), 16))[:14]
 
@@ -420,30 +410,26 @@ def _warehouse(conn, effects) -> list[Delivery]:
     return out
 
 
-def _read_fulfilments(conn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {r["idempotency_key"]: dict(r) for r in conn.execute(sa.select(fulfilments).where(
-        fulfilments.c.idempotency_key.in_(list(keys)))).mappings()}
-
-
 INVENTORY = System("inventory", inventory_reservations, row=lambda e, now: {},
                    handlers={a: _inventory for a in ("reserve", "commit", "release", "restock")},
                    # one standing reservation per order and purpose (a short one holds nothing, a released one was
                    # undone: neither counts)
                    same_record=("item_id", "purpose"),
                    counts_as_duplicate=lambda t: t.c.status.notin_(("short", "released")),
-                   readers={"reservations": _read_reservations})
+                   readers={"reservations": lambda conn, keys: _by_key(conn, inventory_reservations, keys)})
 PAYMENTS = System("payment_provider", payment_transactions, row=lambda e, now: {},
                   handlers={a: _payments for a in ("authorize", "capture", "void", "refund")},
                   # per order: one standing authorisation per round (a change's carries it in ref_key), one capture
                   # per authorisation; refunds may be several (a loss, a return, an exchange)
                   same_record=("item_id", "kind", "ref_key"),
                   counts_as_duplicate=lambda t: sa.and_(t.c.kind != "refund", t.c.status == "approved"),
-                  readers={"transactions": _read_transactions})
+                  readers={"transactions": lambda conn, keys: _by_key(conn, payment_transactions, keys)})
 WAREHOUSE = System("warehouse", fulfilments, row=lambda e, now: {},
                    handlers={"ship": _warehouse, "cancel_fulfilment": _warehouse},
                    # one parcel per order and purpose (the order, a change of items, an exchange's replacement); a
                    # cancelled one was stopped before it left
-                   same_record=("item_id", "purpose"), counts_as_duplicate=lambda t: t.c.status != "cancelled", readers={"fulfilments": _read_fulfilments})
+                   same_record=("item_id", "purpose"), counts_as_duplicate=lambda t: t.c.status != "cancelled",
+                   readers={"fulfilments": lambda conn, keys: _by_key(conn, fulfilments, keys)})
 SYSTEMS = (INVENTORY, PAYMENTS, WAREHOUSE)
 
 
